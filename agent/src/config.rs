@@ -1,0 +1,187 @@
+//! Typed configuration: a TOML file with a default for every field, validated
+//! at start with errors that name the field; CLI flags override it.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub probes: ProbesConfig,
+    pub pipeline: PipelineConfig,
+    pub enrich: EnrichConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the Prometheus endpoint listens.
+    pub metrics_addr: SocketAddr,
+    /// When set, every decoded event is appended to this file as one JSON line.
+    pub event_log: Option<PathBuf>,
+    /// How long shutdown may take to drain and flush before the agent exits anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            event_log: None,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbesConfig {
+    /// Kernel-to-agent ring buffer; a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// Sockets whose owner the kernel remembers (LRU beyond this).
+    pub owner_table_entries: u32,
+    /// Hooks not to attach, by name (see `vigil hooks`).
+    pub disable_hooks: Vec<String>,
+    /// Let the kernel programs' aya-log debug messages through (costly; for debugging).
+    pub kernel_debug_logs: bool,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            ring_buffer_bytes: 4 << 20,
+            owner_table_entries: 65_536,
+            disable_hooks: Vec::new(),
+            kernel_debug_logs: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Batches the source may queue for the state owner before it drops (and counts).
+    pub channel_capacity_batches: usize,
+    /// Events per batch handed from a source to the state owner.
+    pub batch_max_events: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { channel_capacity_batches: 1_024, batch_max_events: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Least time between two /proc rescans triggered by unattributed events.
+    pub proc_rescan_min_interval_ms: u64,
+    /// Cached cgroup id -> path entries.
+    pub cgroup_cache_entries: usize,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        EnrichConfig { proc_rescan_min_interval_ms: 1_000, cgroup_cache_entries: 4_096 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Checks every policy value; `hook_names` are the hooks this build knows.
+    pub fn validate<'a>(&self, hook_names: impl Iterator<Item = &'a str> + Clone) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let ring = self.probes.ring_buffer_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            return invalid("probes.ring_buffer_bytes", format!("{ring} is not a power of two >= 4096"));
+        }
+        if self.probes.owner_table_entries == 0 {
+            return invalid("probes.owner_table_entries", "must be at least 1".into());
+        }
+        for hook in &self.probes.disable_hooks {
+            if !hook_names.clone().any(|h| h == hook) {
+                let known: Vec<&str> = hook_names.clone().collect();
+                return invalid("probes.disable_hooks", format!("unknown hook `{hook}`; known hooks: {}", known.join(", ")));
+            }
+        }
+        if self.pipeline.channel_capacity_batches == 0 {
+            return invalid("pipeline.channel_capacity_batches", "must be at least 1".into());
+        }
+        if self.pipeline.batch_max_events == 0 {
+            return invalid("pipeline.batch_max_events", "must be at least 1".into());
+        }
+        if self.enrich.cgroup_cache_entries == 0 {
+            return invalid("enrich.cgroup_cache_entries", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOOKS: [&str; 1] = ["tp_btf/tcp_retransmit_skb"];
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::from_toml("").expect("parses"), Config::default());
+        Config::default().validate(HOOKS.iter().copied()).expect("defaults are valid");
+    }
+
+    #[test]
+    fn default_config_round_trips() {
+        let text = toml::to_string(&Config::default()).expect("serializes");
+        assert_eq!(Config::from_toml(&text).expect("parses"), Config::default());
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_named() {
+        let err = Config::from_toml("[probes]\nring_bufer_bytes = 4096\n").expect_err("typo rejected");
+        assert!(err.contains("ring_bufer_bytes"), "{err}");
+        let err = Config::from_toml("[agent]\nmetrics_addr = \"not an address\"\n").expect_err("bad addr rejected");
+        assert!(err.contains("metrics_addr"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = Config::default();
+        c.probes.ring_buffer_bytes = 5000;
+        let err = c.validate(HOOKS.iter().copied()).expect_err("not a power of two").to_string();
+        assert!(err.contains("probes.ring_buffer_bytes"), "{err}");
+        let mut c = Config::default();
+        c.probes.disable_hooks = vec!["kprobe/nope".into()];
+        let err = c.validate(HOOKS.iter().copied()).expect_err("unknown hook").to_string();
+        assert!(err.contains("probes.disable_hooks") && err.contains("tp_btf/tcp_retransmit_skb"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let err = Config::from_file(Path::new("/nonexistent/vigil.toml")).expect_err("missing file").to_string();
+        assert!(err.contains("/nonexistent/vigil.toml"), "{err}");
+    }
+}

@@ -1,0 +1,130 @@
+//! cgroup v2 id <-> path. The id the kernel reports (bpf_get_current_cgroup_id)
+//! is the inode number of the cgroup's directory in the cgroup2 filesystem.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+const MAX_WALK_DEPTH: usize = 16;
+
+/// The cgroup2 mount point from a mountinfo text (field 5 is the mount point,
+/// the filesystem type follows the " - " separator).
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+pub struct CgroupResolver {
+    root: Option<PathBuf>,
+    cache: HashMap<u64, String>,
+    capacity: usize,
+    last_walk: Option<Instant>,
+    min_walk_interval: Duration,
+}
+
+impl CgroupResolver {
+    pub fn new(capacity: usize, min_walk_interval: Duration) -> CgroupResolver {
+        let root = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| cgroup2_mount(&m));
+        CgroupResolver { root, cache: HashMap::new(), capacity, last_walk: None, min_walk_interval }
+    }
+
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The id of a cgroup path as /proc/PID/cgroup prints it ("/a/b"), and caches the pair.
+    pub fn id_of(&mut self, path: &str) -> Option<u64> {
+        let root = self.root.as_ref()?;
+        let id = std::fs::metadata(root.join(path.trim_start_matches('/'))).ok()?.ino();
+        self.remember(id, path.to_owned());
+        Some(id)
+    }
+
+    /// The path of a cgroup id; walks the hierarchy on a miss, at most once per interval.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(p) = self.cache.get(&id) {
+            return Some(p.clone());
+        }
+        let now = Instant::now();
+        if self.last_walk.is_some_and(|t| now.duration_since(t) < self.min_walk_interval) {
+            return None;
+        }
+        self.last_walk = Some(now);
+        let root = self.root.clone()?;
+        let found = walk(&root, &root, id, 0)?;
+        self.remember(id, found.clone());
+        Some(found)
+    }
+
+    fn remember(&mut self, id: u64, path: String) {
+        if self.cache.len() >= self.capacity && !self.cache.contains_key(&id) {
+            // Bounded: forget everything rather than track recency; refills are cheap.
+            self.cache.clear();
+        }
+        self.cache.insert(id, path);
+    }
+}
+
+fn walk(root: &Path, dir: &Path, id: u64, depth: usize) -> Option<String> {
+    let meta = std::fs::metadata(dir).ok()?;
+    if meta.ino() == id {
+        let rel = dir.strip_prefix(root).ok()?;
+        return Some(format!("/{}", rel.display()));
+    }
+    if depth >= MAX_WALK_DEPTH {
+        return None;
+    }
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Some(p) = walk(root, &entry.path(), id, depth + 1) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount_in_hybrid_layout() {
+        let mountinfo = "\
+30 25 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+";
+        assert_eq!(cgroup2_mount(mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(cgroup2_mount("garbage\n - \n"), None);
+    }
+
+    #[test]
+    fn own_cgroup_round_trips() {
+        let mut r = CgroupResolver::new(16, Duration::ZERO);
+        let Some(_) = r.root() else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have a cgroup2 mount");
+            return;
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+        let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("v2 entry").to_owned();
+        let id = r.id_of(&path).expect("id of own cgroup");
+        let mut fresh = CgroupResolver::new(16, Duration::ZERO);
+        assert_eq!(fresh.path_of(id).as_deref(), Some(path.as_str()));
+    }
+}

@@ -1,0 +1,102 @@
+//! Who an event happened to: socket -> owning process -> cgroup.
+//!
+//! Owned by the state task alone (no locks). The kernel's own record of the
+//! owner wins; /proc answers for sockets that predate the agent, and is
+//! rescanned on a miss, at most once per configured interval.
+
+pub mod cgroups;
+pub mod proc_sockets;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use crate::events::{Owner, RetransmitEvent, RetransmitKind};
+use cgroups::CgroupResolver;
+use proc_sockets::ProcSocketTable;
+
+/// The identity of an event's owner as it appears in metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Identity {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+pub struct Enricher {
+    proc_root: PathBuf,
+    proc_table: ProcSocketTable,
+    last_scan: Instant,
+    rescan_interval: Duration,
+    pub cgroups: CgroupResolver,
+}
+
+impl Enricher {
+    /// Bootstraps from /proc so sockets opened before the agent are attributed.
+    pub fn bootstrap(rescan_interval: Duration, cgroup_cache_entries: usize) -> Enricher {
+        let proc_root = PathBuf::from("/proc");
+        let proc_table = ProcSocketTable::scan(&proc_root).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot scan /proc; pre-existing sockets stay unattributed");
+            ProcSocketTable::default()
+        });
+        info!(processes = proc_table.processes_scanned, sockets = proc_table.len(), "bootstrapped socket owners from /proc");
+        let cgroups = CgroupResolver::new(cgroup_cache_entries, rescan_interval);
+        if cgroups.root().is_none() {
+            warn!("no cgroup2 mount found; events carry no cgroup");
+        }
+        Enricher { proc_root, proc_table, last_scan: Instant::now(), rescan_interval, cgroups }
+    }
+
+    pub fn proc_sockets(&self) -> usize {
+        self.proc_table.len()
+    }
+
+    fn from_proc(&mut self, e: &RetransmitEvent) -> Option<Owner> {
+        let found = match e.kind {
+            RetransmitKind::Segment => self.proc_table.connection_owner(e.netns, e.endpoints.local, e.endpoints.remote),
+            RetransmitKind::SynAck => self.proc_table.listener_owner(e.netns, e.endpoints.local.port()),
+        }
+        .cloned()?;
+        let cgroup_id = found.cgroup_path.as_deref().and_then(|p| self.cgroups.id_of(p)).unwrap_or(0);
+        Some(found.to_owner(cgroup_id))
+    }
+
+    fn rescan_if_due(&mut self) -> bool {
+        if self.last_scan.elapsed() < self.rescan_interval {
+            return false;
+        }
+        self.last_scan = Instant::now();
+        match ProcSocketTable::scan(&self.proc_root) {
+            Ok(t) => {
+                debug!(sockets = t.len(), "rescanned /proc for socket owners");
+                self.proc_table = t;
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "rescan of /proc failed");
+                false
+            }
+        }
+    }
+
+    /// Fills `e.owner` when the kernel did not know it, and resolves the identity.
+    pub fn attribute(&mut self, e: &mut RetransmitEvent) -> Identity {
+        if e.owner.is_none() {
+            e.owner = self.from_proc(e);
+            if e.owner.is_none() && self.rescan_if_due() {
+                e.owner = self.from_proc(e);
+            }
+        }
+        match &e.owner {
+            Some(o) => Identity {
+                pid: Some(o.pid),
+                comm: Some(o.comm.clone()),
+                cgroup: self.cgroups.path_of(o.cgroup_id),
+            },
+            None => Identity::default(),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Domain events, decoded once from the kernel's ring-buffer records.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use vigil_abi::{EventKind, RetransmitRecord, SockOwner, AF_INET, AF_INET6};
+
+/// A connection's endpoints, `local` being this node's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoints {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// The process that owned a socket when it connected, listened or was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
+    /// cgroup v2 id (inode of the cgroup directory); 0 when unknown.
+    pub cgroup_id: u64,
+    /// How the owner was learnt; for diagnostics and tests.
+    pub source: OwnerSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerSource {
+    /// Recorded by the kernel programs at connect/listen/accept.
+    Kernel,
+    /// Found in /proc (sockets that existed before the agent, or were missed).
+    Proc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetransmitKind {
+    /// A data, FIN or SYN segment from the retransmit queue.
+    Segment,
+    /// A SYN-ACK for a connection still in the listener's request queue.
+    SynAck,
+}
+
+/// Errnos with which `__tcp_retransmit_skb` gives up *before* it adds to
+/// Tcp RetransSegs (Linux net/ipv4/tcp_output.c): host queue busy, window
+/// closed, allocation failures, route rebuild failure, sequence sanity check.
+/// Any other error comes from transmitting a segment already counted.
+const NOT_COUNTED_ERRNOS: [i32; 5] = [libc::EBUSY, libc::EAGAIN, libc::ENOMEM, libc::EHOSTUNREACH, libc::EINVAL];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetransmitEvent {
+    pub kind: RetransmitKind,
+    /// CLOCK_MONOTONIC nanoseconds of the kernel event.
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub sk_addr: u64,
+    pub netns: u32,
+    pub tcp_state: u32,
+    pub segs: u32,
+    /// 0, or the negative errno of a failed attempt.
+    pub err: i32,
+    pub endpoints: Endpoints,
+    pub owner: Option<Owner>,
+}
+
+impl RetransmitEvent {
+    /// Segments the kernel added to Tcp RetransSegs for this event.
+    pub fn counted_segments(&self) -> u32 {
+        match self.kind {
+            RetransmitKind::SynAck => 1,
+            RetransmitKind::Segment if NOT_COUNTED_ERRNOS.contains(&-self.err) => 0,
+            RetransmitKind::Segment => self.segs,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes, expected {expected}")]
+    Size { len: usize, expected: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+fn addr(family: u16, bytes: [u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical(),
+        other => return Err(DecodeError::Family(other)),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+impl Owner {
+    fn from_kernel(o: &SockOwner) -> Option<Owner> {
+        (o.known == 1).then(|| Owner {
+            pid: o.tgid,
+            comm: comm(&o.comm),
+            cgroup_id: o.cgroup_id,
+            source: OwnerSource::Kernel,
+        })
+    }
+}
+
+impl RetransmitEvent {
+    /// Decodes one ring-buffer record; never panics on malformed bytes.
+    pub fn decode(bytes: &[u8]) -> Result<RetransmitEvent, DecodeError> {
+        let expected = std::mem::size_of::<RetransmitRecord>();
+        if bytes.len() != expected {
+            return Err(DecodeError::Size { len: bytes.len(), expected });
+        }
+        // SAFETY: length checked; RetransmitRecord is plain old data, any bit pattern is valid.
+        let r: RetransmitRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = match r.kind {
+            k if k == EventKind::Retransmit as u32 => RetransmitKind::Segment,
+            k if k == EventKind::SynAckRetransmit as u32 => RetransmitKind::SynAck,
+            other => return Err(DecodeError::Kind(other)),
+        };
+        let t = r.tuple;
+        Ok(RetransmitEvent {
+            kind,
+            ts_ns: r.ts_ns,
+            cookie: r.cookie,
+            sk_addr: r.sk_addr,
+            netns: r.netns,
+            tcp_state: r.state,
+            segs: r.segs,
+            err: r.err,
+            endpoints: Endpoints {
+                local: addr(t.family, t.local_addr, t.local_port)?,
+                remote: addr(t.family, t.remote_addr, t.remote_port)?,
+            },
+            owner: Owner::from_kernel(&r.owner),
+        })
+    }
+}
+
+/// TCP state names as `ss` prints them.
+pub fn tcp_state_name(state: u32) -> &'static str {
+    match state {
+        1 => "ESTAB",
+        2 => "SYN-SENT",
+        3 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        6 => "TIME-WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE-WAIT",
+        9 => "LAST-ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW-SYN-RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_abi::SockTuple;
+
+    fn record(kind: u32, family: u16) -> RetransmitRecord {
+        let mut local_addr = [0u8; 16];
+        local_addr[..4].copy_from_slice(&[198, 18, 1, 1]);
+        let mut remote_addr = [0u8; 16];
+        remote_addr[..4].copy_from_slice(&[198, 18, 1, 2]);
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"origin");
+        RetransmitRecord {
+            kind,
+            state: 1,
+            ts_ns: 42,
+            cookie: 7,
+            sk_addr: 0xffff_0000,
+            netns: 4026531840,
+            segs: 3,
+            err: 0,
+            _pad: 0,
+            tuple: SockTuple { local_addr, remote_addr, local_port: 8080, remote_port: 40000, family, _pad: 0 },
+            owner: SockOwner { tgid: 99, known: 1, cgroup_id: 5, comm },
+        }
+    }
+
+    fn bytes(r: &RetransmitRecord) -> Vec<u8> {
+        // SAFETY: reading a repr(C) POD value as bytes.
+        unsafe { std::slice::from_raw_parts((r as *const RetransmitRecord).cast::<u8>(), std::mem::size_of_val(r)) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_record() {
+        let e = RetransmitEvent::decode(&bytes(&record(1, AF_INET))).expect("decodes");
+        assert_eq!(e.kind, RetransmitKind::Segment);
+        assert_eq!(e.endpoints.local, "198.18.1.1:8080".parse().expect("addr"));
+        assert_eq!(e.endpoints.remote, "198.18.1.2:40000".parse().expect("addr"));
+        let owner = e.owner.expect("owner known");
+        assert_eq!((owner.pid, owner.comm.as_str(), owner.cgroup_id), (99, "origin", 5));
+        assert_eq!(e.counted_segments(), 3);
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert!(matches!(RetransmitEvent::decode(&[0u8; 3]), Err(DecodeError::Size { .. })));
+        assert_eq!(RetransmitEvent::decode(&bytes(&record(9, AF_INET))), Err(DecodeError::Kind(9)));
+        assert_eq!(RetransmitEvent::decode(&bytes(&record(1, 77))), Err(DecodeError::Family(77)));
+    }
+
+    #[test]
+    fn counts_like_the_kernel() {
+        let mut e = RetransmitEvent::decode(&bytes(&record(1, AF_INET))).expect("decodes");
+        e.err = -libc::EBUSY;
+        assert_eq!(e.counted_segments(), 0, "EBUSY returns before RetransSegs is updated");
+        e.err = -libc::EPERM;
+        assert_eq!(e.counted_segments(), 3, "a netfilter drop happens after counting");
+        e.kind = RetransmitKind::SynAck;
+        assert_eq!(e.counted_segments(), 1);
+    }
+}

@@ -1,0 +1,123 @@
+//! The Prometheus scrape endpoint: GET /metrics over plain HTTP/1.1.
+//!
+//! Hand-rolled on purpose: one route, bounded request size and time, no
+//! keep-alive; a full HTTP stack would be most of the agent's dependencies.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::metrics::{PipelineStats, Registry};
+
+const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {addr}: {source} (choose another address with --metrics-addr or agent.metrics_addr)")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+}
+
+#[derive(Clone)]
+pub struct MetricsSource {
+    pub registry: Arc<Mutex<Registry>>,
+    pub stats: Arc<PipelineStats>,
+}
+
+pub async fn serve(listener: TcpListener, source: MetricsSource, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let source = source.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &source)).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+                            debug!(error = %e, "metrics request failed");
+                        }
+                    });
+                }
+                Err(e) => debug!(error = %e, "accept failed"),
+            },
+        }
+    }
+}
+
+/// Parses the request line; returns the path of a GET.
+fn request_path(head: &[u8]) -> Option<&str> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("GET"), Some(path), Some(v)) if v.starts_with("HTTP/1.") => Some(path),
+        _ => None,
+    }
+}
+
+async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST_HEAD_BYTES {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "request too large\n").await;
+        }
+    }
+    match request_path(&head) {
+        Some("/metrics") => {
+            let body = source.registry.lock().map(|r| r.render(&source.stats)).ok();
+            match body {
+                Some(body) => respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await,
+                None => respond(&mut stream, "500 Internal Server Error", "text/plain", "registry unavailable\n").await,
+            }
+        }
+        Some("/") => respond(&mut stream, "200 OK", "text/plain", "Vigil agent. Metrics: /metrics\n").await,
+        Some(_) => respond(&mut stream, "404 Not Found", "text/plain", "not found; try /metrics\n").await,
+        None => respond(&mut stream, "400 Bad Request", "text/plain", "bad request\n").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_request_line() {
+        assert_eq!(request_path(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some("/metrics"));
+        assert_eq!(request_path(b"POST /metrics HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(request_path(b"GET /metrics\r\n\r\n"), None);
+        assert_eq!(request_path(b"\xff\xfe\r\n\r\n"), None);
+    }
+}

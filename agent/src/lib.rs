@@ -1,0 +1,12 @@
+//! The Vigil node agent as a library; `main.rs` is a thin CLI over it.
+
+pub mod agent;
+pub mod clock;
+pub mod config;
+pub mod enrich;
+pub mod events;
+pub mod export;
+pub mod loader;
+pub mod metrics;
+pub mod sources;
+pub mod state;

@@ -1,0 +1,97 @@
+//! Resolves the offsets the kernel programs read (`vigil_abi::KernelLayout`)
+//! from the running kernel's BTF, checking each field's size, so one object
+//! runs on every kernel whose BTF names these fields.
+
+use vigil_abi::KernelLayout;
+
+use super::btf::{Btf, BtfError, Field};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("cannot read kernel BTF at /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")]
+    NoBtf(#[source] std::io::Error),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("kernel field `{path}` is {actual} bytes, the probes expect {expected}")]
+    Size { path: &'static str, expected: u32, actual: u32 },
+    #[error("kernel field `{path}` is at offset {actual}, the probes expect {expected}")]
+    Offset { path: &'static str, expected: u32, actual: u32 },
+}
+
+/// Reads /sys/kernel/btf/vmlinux and resolves the layout.
+pub fn from_running_kernel() -> Result<KernelLayout, LayoutError> {
+    let data = Btf::from_sys_fs().map_err(LayoutError::NoBtf)?;
+    resolve(&Btf::parse(&data)?)
+}
+
+fn sized(btf: &Btf, path: &'static str, expected: u32) -> Result<u32, LayoutError> {
+    let Field { offset, size } = btf.field(path)?;
+    if size != expected {
+        return Err(LayoutError::Size { path, expected, actual: size });
+    }
+    Ok(offset)
+}
+
+/// Offset-only check for members the programs rely on being at a fixed place.
+fn at(btf: &Btf, path: &'static str, expected: u32) -> Result<(), LayoutError> {
+    let actual = btf.field(path)?.offset;
+    if actual != expected {
+        return Err(LayoutError::Offset { path, expected, actual });
+    }
+    Ok(())
+}
+
+pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
+    // The programs read sock_common fields straight from `struct sock *` and
+    // `struct request_sock *`, and the net pointer straight from possible_net_t.
+    at(btf, "sock.__sk_common", 0)?;
+    at(btf, "request_sock.__req_common", 0)?;
+    at(btf, "sock_common.skc_net.net", btf.field("sock_common.skc_net")?.offset)?;
+    Ok(KernelLayout {
+        ready: 1,
+        skc_daddr: sized(btf, "sock_common.skc_daddr", 4)?,
+        skc_rcv_saddr: sized(btf, "sock_common.skc_rcv_saddr", 4)?,
+        skc_dport: sized(btf, "sock_common.skc_dport", 2)?,
+        skc_num: sized(btf, "sock_common.skc_num", 2)?,
+        skc_family: sized(btf, "sock_common.skc_family", 2)?,
+        skc_state: sized(btf, "sock_common.skc_state", 1)?,
+        skc_net: sized(btf, "sock_common.skc_net.net", 8)?,
+        skc_v6_daddr: sized(btf, "sock_common.skc_v6_daddr", 16)?,
+        skc_v6_rcv_saddr: sized(btf, "sock_common.skc_v6_rcv_saddr", 16)?,
+        sk_protocol: sized(btf, "sock.sk_protocol", 2)?,
+        net_ns_inum: sized(btf, "net.ns.inum", 4)?,
+        skb_cb: sized(btf, "sk_buff.cb", 48)?,
+        tcp_skb_cb_gso_segs: sized(btf, "tcp_skb_cb.tcp_gso_segs", 2)?,
+        task_files: sized(btf, "task_struct.files", 8)?,
+        files_fdt: sized(btf, "files_struct.fdt", 8)?,
+        fdtable_fd: sized(btf, "fdtable.fd", 8)?,
+        fdtable_max_fds: sized(btf, "fdtable.max_fds", 4)?,
+        file_private_data: sized(btf, "file.private_data", 8)?,
+        socket_sk: sized(btf, "socket.sk", 8)?,
+        task_group_leader: sized(btf, "task_struct.group_leader", 8)?,
+        task_comm: sized(btf, "task_struct.comm", 16)?,
+        _pad: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine with BTF, every field resolves and the well-known fixed
+    /// offsets come out as the kernel headers define them.
+    #[test]
+    fn running_kernel_layout_resolves() {
+        let Ok(data) = Btf::from_sys_fs() else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI requires /sys/kernel/btf/vmlinux");
+            return;
+        };
+        let layout = resolve(&Btf::parse(&data).expect("kernel BTF parses")).expect("layout resolves");
+        assert_eq!(layout.ready, 1);
+        // struct sock_common begins with the address pair: daddr then rcv_saddr.
+        assert_eq!(layout.skc_daddr, 0);
+        assert_eq!(layout.skc_rcv_saddr, 4);
+        // tcp_skb_cb: seq, end_seq, then the gso_segs union.
+        assert_eq!(layout.tcp_skb_cb_gso_segs, 8);
+    }
+}

@@ -1,0 +1,301 @@
+//! Sole owner of the eBPF object: load, feature-probe, attach, report, detach.
+//!
+//! Every kernel object is tied to a file descriptor this process holds (no
+//! pinning, no legacy cgroup attachment), so exit — clean or SIGKILL — removes
+//! all of them; `Probes::detach` does it explicitly and logs what went away.
+
+mod btf;
+pub mod kernel_layout;
+pub mod tracefs;
+
+use std::fmt;
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use tracing::{info, warn};
+use vigil_abi::tp_offsets;
+
+/// The compiled kernel programs, embedded at build time (agent/build.rs).
+static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
+
+/// What the agent observes; each is served by one or more hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    Retransmit,
+    SynAckRetransmit,
+    SocketOwnership,
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signal::Retransmit => "retransmit",
+            Signal::SynAckRetransmit => "synack_retransmit",
+            Signal::SocketOwnership => "socket_ownership",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Attach {
+    /// BTF-typed raw tracepoint on a kernel function's tracepoint.
+    BtfTracepoint { function: &'static str },
+    /// Classic tracepoint; `fields` are the record offsets the program reads.
+    Tracepoint { category: &'static str, name: &'static str, fields: &'static [(&'static str, usize)] },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HookSpec {
+    /// Name operators use (`probes.disable_hooks`), e.g. `tp_btf/tcp_retransmit_skb`.
+    name: &'static str,
+    signal: Signal,
+    program: &'static str,
+    attach: Attach,
+}
+
+const SET_STATE_FIELDS: &[(&str, usize)] = &[
+    ("skaddr", tp_offsets::SET_STATE_SKADDR),
+    ("oldstate", tp_offsets::SET_STATE_OLDSTATE),
+    ("newstate", tp_offsets::SET_STATE_NEWSTATE),
+    ("protocol", tp_offsets::SET_STATE_PROTOCOL),
+];
+const SYS_EXIT_FIELDS: &[(&str, usize)] = &[("ret", tp_offsets::SYS_EXIT_RET)];
+
+const HOOKS: &[HookSpec] = &[
+    HookSpec {
+        name: "tp_btf/tcp_retransmit_skb",
+        signal: Signal::Retransmit,
+        program: "vigil_retx",
+        attach: Attach::BtfTracepoint { function: "tcp_retransmit_skb" },
+    },
+    HookSpec {
+        name: "tp_btf/tcp_retransmit_synack",
+        signal: Signal::SynAckRetransmit,
+        program: "vigil_synack",
+        attach: Attach::BtfTracepoint { function: "tcp_retransmit_synack" },
+    },
+    HookSpec {
+        name: "tracepoint/sock/inet_sock_set_state",
+        signal: Signal::SocketOwnership,
+        program: "vigil_sk_state",
+        attach: Attach::Tracepoint { category: "sock", name: "inet_sock_set_state", fields: SET_STATE_FIELDS },
+    },
+    HookSpec {
+        name: "tracepoint/syscalls/sys_exit_accept4",
+        signal: Signal::SocketOwnership,
+        program: "vigil_accept4",
+        attach: Attach::Tracepoint { category: "syscalls", name: "sys_exit_accept4", fields: SYS_EXIT_FIELDS },
+    },
+    HookSpec {
+        name: "tracepoint/syscalls/sys_exit_accept",
+        signal: Signal::SocketOwnership,
+        program: "vigil_accept",
+        attach: Attach::Tracepoint { category: "syscalls", name: "sys_exit_accept", fields: SYS_EXIT_FIELDS },
+    },
+];
+
+/// Names accepted in `probes.disable_hooks`.
+pub fn hook_names() -> impl Iterator<Item = &'static str> + Clone {
+    HOOKS.iter().map(|h| h.name)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum HookStatus {
+    Active,
+    Disabled,
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HookReport {
+    pub hook: &'static str,
+    pub signal: Signal,
+    pub status: HookStatus,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this agent was built without its eBPF programs (bpf-linker was missing at build time); run `cargo xtask setup` and rebuild")]
+    NoObject,
+    #[error("cannot resolve kernel structure layout")]
+    Layout(#[from] kernel_layout::LayoutError),
+    #[error("cannot read kernel BTF for BTF tracepoints")]
+    KernelBtf(#[source] aya::BtfError),
+    #[error("the kernel refused to load the eBPF object (are you root, with CAP_BPF and CAP_PERFMON?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("eBPF map `{name}`")]
+    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error("no hook for signal `{signal}` could be attached: {}", .reasons.join("; "))]
+    SignalUnavailable { signal: Signal, reasons: Vec<String> },
+}
+
+/// Sizes and switches the loader takes from the config.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub ring_buffer_bytes: u32,
+    pub owner_table_entries: u32,
+    pub disable_hooks: Vec<String>,
+    pub kernel_debug_logs: bool,
+}
+
+/// The loaded, attached programs. Dropping detaches everything.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub hooks: Vec<HookReport>,
+}
+
+/// Maps handed to the pipeline.
+pub struct ProbeMaps {
+    pub events: RingBuf<MapData>,
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
+impl Probes {
+    pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
+        if PROBES_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let layout = kernel_layout::from_running_kernel()?;
+        let kernel_btf = Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
+        // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
+        let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&kernel_btf))
+            .override_global("VIGIL_LAYOUT", &layout, true)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("VIGIL_OWNERS", opts.owner_table_entries)
+            .load(PROBES_OBJECT)
+            .map_err(LoadError::Load)?;
+
+        if opts.kernel_debug_logs {
+            if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+                warn!(error = %e, "kernel-side debug logs unavailable");
+            }
+        }
+
+        let mut hooks = Vec::with_capacity(HOOKS.len());
+        for spec in HOOKS {
+            let status = if opts.disable_hooks.iter().any(|d| d == spec.name) {
+                HookStatus::Disabled
+            } else {
+                match attach(&mut ebpf, spec, &kernel_btf) {
+                    Ok(()) => HookStatus::Active,
+                    Err(reason) => HookStatus::Unavailable(reason),
+                }
+            };
+            match &status {
+                HookStatus::Active => info!(hook = spec.name, signal = %spec.signal, "hook attached"),
+                HookStatus::Disabled => info!(hook = spec.name, signal = %spec.signal, "hook disabled by config"),
+                HookStatus::Unavailable(reason) => {
+                    warn!(hook = spec.name, signal = %spec.signal, %reason, "hook unavailable")
+                }
+            }
+            hooks.push(HookReport { hook: spec.name, signal: spec.signal, status });
+        }
+        let probes = Probes { ebpf, hooks };
+        probes.require(Signal::Retransmit)?;
+        if !probes.signal_active(Signal::SynAckRetransmit) {
+            warn!("SYN-ACK retransmit hook missing: passive-open handshake retransmits are not counted");
+        }
+        if !probes.signal_active(Signal::SocketOwnership) {
+            warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
+        }
+        probes.log_kernel_objects();
+        Ok(probes)
+    }
+
+    fn signal_active(&self, signal: Signal) -> bool {
+        self.hooks.iter().any(|h| h.signal == signal && h.status == HookStatus::Active)
+    }
+
+    fn require(&self, signal: Signal) -> Result<(), LoadError> {
+        if self.signal_active(signal) {
+            return Ok(());
+        }
+        let reasons = self
+            .hooks
+            .iter()
+            .filter(|h| h.signal == signal)
+            .map(|h| match &h.status {
+                HookStatus::Disabled => format!("{} disabled by config", h.hook),
+                HookStatus::Unavailable(r) => format!("{}: {r}", h.hook),
+                HookStatus::Active => String::new(),
+            })
+            .collect();
+        Err(LoadError::SignalUnavailable { signal, reasons })
+    }
+
+    /// One log line per kernel object, so operators (and tests) can account for them.
+    fn log_kernel_objects(&self) {
+        for (name, program) in self.ebpf.programs() {
+            if let Ok(info) = program.info() {
+                info!(kind = "program", id = info.id(), name, "kernel object created");
+            }
+        }
+        for (name, map) in self.ebpf.maps() {
+            let id = match map {
+                aya::maps::Map::RingBuf(m) | aya::maps::Map::PerCpuArray(m) | aya::maps::Map::LruHashMap(m) | aya::maps::Map::Array(m) => {
+                    m.info().map(|i| i.id()).ok()
+                }
+                _ => None,
+            };
+            if let Some(id) = id {
+                info!(kind = "map", id, name, "kernel object created");
+            }
+        }
+    }
+
+    /// Takes the maps the pipeline reads. Call once, before `detach`.
+    pub fn take_maps(&mut self) -> Result<ProbeMaps, LoadError> {
+        let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
+        let events = RingBuf::try_from(take("VIGIL_EVENTS")?).map_err(|source| LoadError::Map { name: "VIGIL_EVENTS", source })?;
+        let lost = PerCpuArray::try_from(take("VIGIL_LOST")?).map_err(|source| LoadError::Map { name: "VIGIL_LOST", source })?;
+        Ok(ProbeMaps { events, lost })
+    }
+
+    /// Detaches every hook and releases every program and map.
+    pub fn detach(self) {
+        let attached = self.hooks.iter().filter(|h| h.status == HookStatus::Active).count();
+        drop(self.ebpf);
+        info!(links = attached, "detached all hooks and released programs and maps");
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(spec.program)
+        .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
+    match spec.attach {
+        Attach::BtfTracepoint { function } => {
+            let p: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load(function, btf).map_err(|e| describe("load", &e))?;
+            p.attach().map_err(|e| describe("attach", &e))?;
+        }
+        Attach::Tracepoint { category, name, fields } => {
+            tracefs::check_fields(category, name, fields).map_err(|e| e.to_string())?;
+            let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load().map_err(|e| describe("load", &e))?;
+            p.attach(category, name).map_err(|e| describe("attach", &e))?;
+        }
+    }
+    Ok(())
+}
+
+/// An error with its whole source chain (aya nests the errno several levels deep).
+fn describe(step: &str, e: &dyn std::error::Error) -> String {
+    let mut s = format!("{step}: {e}");
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(&format!(": {inner}"));
+        cur = inner.source();
+    }
+    s
+}

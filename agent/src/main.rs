@@ -1,0 +1,138 @@
+//! `vigil`: the node agent and its CLI.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vigil::{config::Config, loader};
+
+/// Vigil: TCP health of video services, seen from the kernel.
+///
+/// The agent attaches eBPF programs to the kernel's TCP tracepoints, attributes
+/// every retransmission to the process and cgroup that own the socket, and
+/// serves the totals to Prometheus. It needs root (CAP_BPF, CAP_PERFMON,
+/// CAP_SYS_ADMIN for /proc of other processes).
+#[derive(Parser, Debug)]
+#[command(name = "vigil", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent in the foreground until SIGTERM or Ctrl-C.
+    ///
+    /// Example: vigil agent --metrics-addr 127.0.0.1:9464 --event-log /tmp/vigil-events.jsonl
+    Agent(AgentArgs),
+    /// List the kernel hooks this build can attach, by the names
+    /// `--disable-hook` and `probes.disable_hooks` accept.
+    Hooks,
+    /// Print the configuration with every default filled in, as TOML.
+    DefaultConfig,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// TOML config file; every field has a default (see `vigil default-config`).
+    #[arg(long, short, env = "VIGIL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the Prometheus endpoint [default: 127.0.0.1:9464].
+    #[arg(long, env = "VIGIL_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Append every kernel event, attributed, to this file as JSON lines.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// Do not attach this hook (repeatable); see `vigil hooks` for names.
+    #[arg(long = "disable-hook", value_name = "HOOK")]
+    disable_hooks: Vec<String>,
+    /// Let the kernel programs' debug messages through to the log (slow).
+    #[arg(long)]
+    kernel_debug_logs: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The whole error chain on one line, as operators read it in a pod log.
+fn report(e: &anyhow::Error) -> String {
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
+fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(addr) = args.metrics_addr {
+        config.agent.metrics_addr = addr;
+    }
+    if let Some(path) = &args.event_log {
+        config.agent.event_log = Some(path.clone());
+    }
+    config.probes.disable_hooks.extend(args.disable_hooks.iter().cloned());
+    config.probes.kernel_debug_logs |= args.kernel_debug_logs;
+    config.validate(loader::hook_names())?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Hooks => {
+            for name in loader::hook_names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::DefaultConfig => match toml::to_string(&Config::default()) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Agent(args) => {
+            init_logging(args.log_format);
+            let config = match load_config(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("vigil: invalid configuration: {}", report(&e));
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("vigil: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(vigil::agent::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vigil: {}", report(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Ring-buffer sources: one task per ring drains it when the kernel signals
+//! data, decodes each record once, and hands batches to the state owner over a
+//! bounded channel. A full channel drops the batch and counts it: the kernel
+//! must never wait for userspace.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    events::{RetransmitEvent, RetransmitKind},
+    metrics::PipelineStats,
+};
+
+pub type Batch = Vec<RetransmitEvent>;
+
+pub struct RingSource {
+    pub ring: RingBuf<MapData>,
+    pub tx: mpsc::Sender<Batch>,
+    pub stats: Arc<PipelineStats>,
+    pub batch_max_events: usize,
+}
+
+impl RingSource {
+    /// Runs until `stop`, then drains what the ring still holds and returns.
+    pub async fn run(self, stop: CancellationToken) -> std::io::Result<()> {
+        let RingSource { ring, tx, stats, batch_max_events } = self;
+        // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
+        let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                guard = fd.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
+                    guard.clear_ready();
+                }
+            }
+        }
+        drain(fd.get_mut(), &tx, &stats, batch_max_events);
+        debug!("retransmit source stopped");
+        Ok(())
+    }
+}
+
+fn send(tx: &mpsc::Sender<Batch>, stats: &PipelineStats, batch: Batch) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    if let Err(e) = tx.try_send(batch) {
+        stats.channel_dropped.fetch_add(n, Ordering::Relaxed);
+        if matches!(e, mpsc::error::TrySendError::Full(_)) {
+            warn!(events = n, "state owner is behind; dropped a batch of events (counted in vigil_events_dropped_total)");
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Batch>, stats: &PipelineStats, batch_max: usize) {
+    let mut batch = Vec::with_capacity(batch_max);
+    while let Some(item) = ring.next() {
+        match RetransmitEvent::decode(&item) {
+            Ok(e) => {
+                let counter = match e.kind {
+                    RetransmitKind::Segment => &stats.received_retransmit,
+                    RetransmitKind::SynAck => &stats.received_synack,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                batch.push(e);
+            }
+            Err(err) => {
+                stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %err, "undecodable ring record");
+            }
+        }
+        if batch.len() >= batch_max {
+            send(tx, stats, std::mem::replace(&mut batch, Vec::with_capacity(batch_max)));
+        }
+    }
+    send(tx, stats, batch);
+}

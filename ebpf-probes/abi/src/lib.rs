@@ -1,0 +1,195 @@
+//! Types shared by Vigil's kernel programs and its agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of implicit padding, so the
+//! kernel writes exactly the bytes the agent reads. `u32` stands in for `bool`.
+//! With the `user` feature the types implement `aya::Pod` for map access.
+#![no_std]
+
+/// Address families, as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states (include/net/tcp_states.h).
+pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_CLOSE: u32 = 7;
+pub const TCP_LISTEN: u32 = 10;
+
+/// Discriminant at the start of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A data or SYN segment went through `__tcp_retransmit_skb`.
+    Retransmit = 1,
+    /// A SYN-ACK of a pending (request) socket was retransmitted.
+    SynAckRetransmit = 2,
+}
+
+/// Index into the per-CPU `VIGIL_LOST` array: which program found the ring full.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossSlot {
+    Retransmit = 0,
+    SynAckRetransmit = 1,
+}
+pub const LOSS_SLOTS: u32 = 2;
+
+/// Connection endpoints. Addresses in network byte order (IPv4 in the first 4
+/// bytes), ports in host byte order; `local` is this host's side of the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Who owned a socket, captured in process context when the socket was
+/// connected, put into listen, or accepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOwner {
+    /// Thread-group id (the process id as userspace sees it, in the initial pid namespace).
+    pub tgid: u32,
+    /// 1 when the fields below were recorded; 0 when the owner is unknown.
+    pub known: u32,
+    /// cgroup v2 id (the inode of the cgroup's directory).
+    pub cgroup_id: u64,
+    /// Name of the process (its thread-group leader), not of the calling thread.
+    pub comm: [u8; 16],
+}
+
+/// One retransmission, data or SYN-ACK. Written by the kernel, read once by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RetransmitRecord {
+    /// `EventKind` as u32.
+    pub kind: u32,
+    /// TCP state of the socket (for SYN-ACK: of the listener).
+    pub state: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    /// Socket cookie (bpf_get_socket_cookie); 0 for SYN-ACKs (no full socket yet).
+    pub cookie: u64,
+    /// Kernel address of the socket, the key of the owner table.
+    pub sk_addr: u64,
+    /// Network namespace inode number (same as `readlink /proc/PID/ns/net`).
+    pub netns: u32,
+    /// Segments in this event (`tcp_skb_pcount` after any fragmentation).
+    pub segs: u32,
+    /// `err` of the tracepoint: 0 sent; negative errno otherwise.
+    pub err: i32,
+    pub _pad: u32,
+    pub tuple: SockTuple,
+    pub owner: SockOwner,
+}
+
+/// Byte offsets of the kernel fields the programs read, resolved by the agent from
+/// the running kernel's BTF (/sys/kernel/btf/vmlinux) and written into the
+/// programs' read-only data before load. This is how one object runs on many
+/// kernels without compile-time CO-RE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// 1 once the agent filled the struct; the programs do nothing while 0.
+    pub ready: u32,
+    // struct sock_common
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    // struct net -> ns.inum
+    pub net_ns_inum: u32,
+    // struct sk_buff -> cb, and struct tcp_skb_cb -> tcp_gso_segs
+    pub skb_cb: u32,
+    pub tcp_skb_cb_gso_segs: u32,
+    // current task -> files -> fdt -> fd[] -> file -> private_data (socket) -> sk
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    // current task -> group_leader -> comm: the process name, not the thread's
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    pub _pad: u32,
+}
+
+impl KernelLayout {
+    /// The value compiled into the object; the agent overrides it before load.
+    pub const UNSET: Self = Self {
+        ready: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_state: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        sk_protocol: 0,
+        net_ns_inum: 0,
+        skb_cb: 0,
+        tcp_skb_cb_gso_segs: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_fd: 0,
+        fdtable_max_fds: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+        task_group_leader: 0,
+        task_comm: 0,
+        _pad: 0,
+    };
+}
+
+/// Offsets inside tracepoint records that the classic tracepoint programs read.
+/// The agent checks them against /sys/kernel/tracing/events/*/format before
+/// attaching, and refuses the hook on a kernel where they differ.
+pub mod tp_offsets {
+    pub const SET_STATE_SKADDR: usize = 8;
+    pub const SET_STATE_OLDSTATE: usize = 16;
+    pub const SET_STATE_NEWSTATE: usize = 20;
+    pub const SET_STATE_PROTOCOL: usize = 30;
+    pub const SYS_EXIT_RET: usize = 16;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no padding or invalid bit patterns.
+    unsafe impl aya::Pod for super::SockOwner {}
+    unsafe impl aya::Pod for super::RetransmitRecord {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::SockTuple {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The kernel and the agent are compiled separately; fixed sizes catch a field
+    // added on one side only, and multiples of 8 rule out tail padding.
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<SockTuple>(), 16 + 16 + 2 + 2 + 2 + 2);
+        assert_eq!(size_of::<SockOwner>(), 4 + 4 + 8 + 16);
+        assert_eq!(
+            size_of::<RetransmitRecord>(),
+            4 * 2 + 8 * 3 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
+        );
+        assert_eq!(size_of::<KernelLayout>(), 4 * 24);
+    }
+}

@@ -1,0 +1,82 @@
+//! Reading kernel structures through offsets the agent resolved from BTF.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel,
+    },
+    Global,
+};
+use vigil_abi::{KernelLayout, SockOwner, SockTuple, AF_INET, AF_INET6};
+
+/// Field offsets of the running kernel, written by the agent before load.
+#[unsafe(no_mangle)]
+static VIGIL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
+
+#[inline(always)]
+pub fn layout() -> Option<KernelLayout> {
+    let l = VIGIL_LAYOUT.load();
+    (l.ready == 1).then_some(l)
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; faults become `Err`.
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
+    if base == 0 {
+        return Err(-14); // EFAULT: never dereference NULL, even through probe_read.
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address and returns an error on fault.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+}
+
+/// Address family of a `struct sock_common` (also the head of a request socket).
+#[inline(always)]
+pub fn family(l: &KernelLayout, skc: u64) -> Result<u16, i64> {
+    read::<u16>(skc, l.skc_family)
+}
+
+/// 4-tuple of a `struct sock_common`; `local` is this host's side.
+#[inline(always)]
+pub fn tuple(l: &KernelLayout, skc: u64) -> Result<SockTuple, i64> {
+    let family = family(l, skc)?;
+    let mut t = SockTuple {
+        family,
+        local_port: read::<u16>(skc, l.skc_num)?,
+        remote_port: u16::from_be(read::<u16>(skc, l.skc_dport)?),
+        ..SockTuple::default()
+    };
+    if family == AF_INET {
+        let local: [u8; 4] = read(skc, l.skc_rcv_saddr)?;
+        let remote: [u8; 4] = read(skc, l.skc_daddr)?;
+        t.local_addr[..4].copy_from_slice(&local);
+        t.remote_addr[..4].copy_from_slice(&remote);
+    } else if family == AF_INET6 {
+        t.local_addr = read(skc, l.skc_v6_rcv_saddr)?;
+        t.remote_addr = read(skc, l.skc_v6_daddr)?;
+    }
+    Ok(t)
+}
+
+/// Inode number of the network namespace a socket lives in.
+#[inline(always)]
+pub fn netns_inode(l: &KernelLayout, skc: u64) -> Result<u32, i64> {
+    // possible_net_t is a struct holding one `struct net *`.
+    let net: u64 = read(skc, l.skc_net)?;
+    read::<u32>(net, l.net_ns_inum)
+}
+
+/// The current process as a socket owner. Only meaningful in process context.
+#[inline(always)]
+pub fn current_owner(l: &KernelLayout) -> SockOwner {
+    // SAFETY: plain helper call without pointer arguments.
+    let task = unsafe { bpf_get_current_task() };
+    // Threads often carry their own names ("worker-3"); the leader's is the process's.
+    let process_comm = read::<u64>(task, l.task_group_leader).and_then(|leader| read::<[u8; 16]>(leader, l.task_comm));
+    SockOwner {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        known: 1,
+        // SAFETY: plain helper call without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: process_comm.or_else(|_| bpf_get_current_comm().map_err(i64::from)).unwrap_or([0; 16]),
+    }
+}

@@ -1,0 +1,19 @@
+//! Vigil's kernel programs. One module per hook; each entry point is a thin
+//! wrapper over a `try_` function so no path can panic.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod owners;
+mod retransmit;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it exists for the linker.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

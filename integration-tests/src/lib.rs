@@ -1,0 +1,263 @@
+//! Fixtures for the real-kernel tests: the agent as a child process whose JSON
+//! log is collected, a Prometheus scraper, and the BPF precondition check.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+pub use vigil_testbed::prom::{metric_sum, scrape};
+use vigil_testbed::netns::{bin_path, ChildGuard};
+
+/// True when this machine can run the real-kernel tests. In CI (CI=true) a
+/// missing prerequisite is a failure, never a skip.
+pub fn bpf_available(test: &str) -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let tracefs = Path::new("/sys/kernel/tracing/events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir();
+    if root && btf && tracefs {
+        return true;
+    }
+    let why = format!("{test}: needs root, /sys/kernel/btf/vmlinux and tracefs (root={root} btf={btf} tracefs={tracefs})");
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: {why}");
+    eprintln!("SKIPPED (not in CI): {why}");
+    false
+}
+
+/// A unique short tag for namespaces and cgroups of one test.
+pub fn tag(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id() % 100_000)
+}
+
+/// A running `vigil agent` with its JSON log lines collected.
+pub struct Agent {
+    child: ChildGuard,
+    log: Arc<Mutex<Vec<Value>>>,
+    pub metrics_addr: SocketAddr,
+}
+
+impl Agent {
+    /// Starts the agent with `args` (plus JSON logging and an ephemeral metrics
+    /// port) and waits until it reports it is running.
+    pub fn start(args: &[&str]) -> anyhow::Result<Agent> {
+        let mut cmd = Command::new(bin_path("vigil")?);
+        cmd.args(["agent", "--log-format", "json", "--metrics-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        let stderr = child.child_mut().stderr.take().context("agent stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if let Ok(mut l) = sink.lock() {
+                    l.push(value);
+                }
+            }
+        });
+        let mut agent = Agent { child, log, metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(addr) = agent.find_log("serving Prometheus metrics at /metrics").and_then(|v| v["addr"].as_str().map(str::to_owned)) {
+                if agent.find_log("vigil agent running").is_some() {
+                    agent.metrics_addr = addr.parse().context("metrics addr in log")?;
+                    return Ok(agent);
+                }
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited during start with {status}; log:\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not running after 30 s; log:\n{}", agent.log_text());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs().iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+    }
+
+    fn find_log(&self, message: &str) -> Option<Value> {
+        self.logs().into_iter().find(|v| v["message"].as_str().is_some_and(|m| m.starts_with(message)))
+    }
+
+    /// (kind, id, name) of every kernel object the agent said it created.
+    pub fn kernel_objects(&self) -> Vec<(String, u64, String)> {
+        self.logs()
+            .iter()
+            .filter(|v| v["message"].as_str() == Some("kernel object created"))
+            .filter_map(|v| Some((v["kind"].as_str()?.to_owned(), v["id"].as_u64()?, v["name"].as_str()?.to_owned())))
+            .collect()
+    }
+
+    pub fn scrape(&self) -> anyhow::Result<String> {
+        scrape(self.metrics_addr)
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.child.terminate(Duration::from_secs(15))
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.child_mut().kill().context("SIGKILL agent")?;
+        self.child.child_mut().wait().context("wait for killed agent")?;
+        Ok(())
+    }
+}
+
+/// Polls `f` until it returns Some, or fails after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads an event log (JSON lines) written by `vigil agent --event-log`.
+pub fn read_event_log(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad event line {l:?}"))).collect()
+}
+
+/// A temporary file path removed on drop.
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    pub fn new(name: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(format!("vigil-it-{}-{name}", std::process::id())))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// An origin in the server namespace of a fresh link pair, reached from the
+/// client namespace. Dropping it stops the origin and removes both namespaces.
+pub struct Scenario {
+    pub link: vigil_testbed::netns::LinkPair,
+    pub origin: Option<ChildGuard>,
+    pub origin_pid: u32,
+    pub port: u16,
+}
+
+pub const ORIGIN_PORT: u16 = 8080;
+
+impl Scenario {
+    /// `prefix` runs in the namespace before the origin (e.g. a cgroup move through `sh -c`).
+    pub fn start(tag: &str, index: u8, v6: bool) -> anyhow::Result<Scenario> {
+        Scenario::start_with(tag, index, v6, None)
+    }
+
+    pub fn start_with(tag: &str, index: u8, v6: bool, cgroup_procs: Option<&Path>) -> anyhow::Result<Scenario> {
+        let link = vigil_testbed::netns::LinkPair::create(tag, index)?;
+        let listen = SocketAddr::new(link.server_addr(v6), ORIGIN_PORT);
+        let origin_bin = bin_path("vigil-origin")?;
+        let mut cmd = match cgroup_procs {
+            // The shell joins the cgroup, then execs (same pid) into the namespace and the origin.
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("echo $$ > {} && exec ip netns exec {} \"$@\"", procs.display(), link.server.name()))
+                    .arg("sh")
+                    .arg(&origin_bin);
+                c
+            }
+            None => link.server.command(&origin_bin),
+        };
+        cmd.args(["--listen", &listen.to_string(), "--workers", "2", "--max-seconds", "300"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut origin = ChildGuard::spawn(&mut cmd)?;
+        let line = origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
+        let origin_pid = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no pid in {line:?}"))?;
+        Ok(Scenario { link, origin: Some(origin), origin_pid, port: ORIGIN_PORT })
+    }
+
+    pub fn server_netns(&self) -> anyhow::Result<u64> {
+        self.link.server.inode()
+    }
+
+    pub fn retrans_segs(&self) -> anyhow::Result<u64> {
+        self.link.server.mib()?.get("Tcp", "RetransSegs").ok_or_else(|| anyhow!("no Tcp RetransSegs"))
+    }
+
+    /// Starts the load generator in the client namespace (not waited for).
+    pub fn spawn_load(&self, v6: bool, connections: u32, requests: u32, max_secs: f64) -> anyhow::Result<ChildGuard> {
+        let target = SocketAddr::new(self.link.server_addr(v6), self.port);
+        let mut cmd = self.link.client.command(bin_path("vigil-loadgen")?);
+        cmd.args([
+            "--target",
+            &target.to_string(),
+            "--connections",
+            &connections.to_string(),
+            "--requests-per-connection",
+            &requests.to_string(),
+            "--max-duration-secs",
+            &max_secs.to_string(),
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        ChildGuard::spawn(&mut cmd)
+    }
+
+    /// Runs the load generator to completion and returns its JSON summary.
+    pub fn run_load(&self, v6: bool, connections: u32, requests: u32, max_secs: f64) -> anyhow::Result<Value> {
+        let mut load = self.spawn_load(v6, connections, requests, max_secs)?;
+        let mut out = String::new();
+        if let Some(mut stdout) = load.child_mut().stdout.take() {
+            stdout.read_to_string(&mut out)?;
+        }
+        load.terminate(Duration::from_secs(5))?;
+        let line = out.lines().last().ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+        serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
+    }
+
+    /// Ends all traffic: loss off, origin stopped, and waits until the server
+    /// namespace holds no TCP socket, so its counters are final.
+    pub fn quiesce(&mut self) -> anyhow::Result<()> {
+        self.link.set_loss(self.port, 0)?;
+        if let Some(mut origin) = self.origin.take() {
+            origin.terminate(Duration::from_secs(5))?;
+        }
+        wait_for(Duration::from_secs(30), "server namespace without TCP sockets", || {
+            // TIME-WAIT sockets never retransmit; everything else must be gone.
+            let out = self.link.server.run(&["ss", "-Htan", "exclude", "time-wait"])?;
+            Ok(out.trim().is_empty().then_some(()))
+        })
+    }
+}

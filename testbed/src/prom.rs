@@ -1,0 +1,40 @@
+//! A Prometheus scrape client for tests and the demo: GET /metrics and sum samples.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail};
+
+/// GET /metrics over plain HTTP.
+pub fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {head}");
+    }
+    Ok(body.to_owned())
+}
+
+/// Sum of a metric's samples whose labels include every `(name, value)` given.
+pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if name != metric {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum::<f64>() as u64
+}
+

@@ -1,0 +1,95 @@
+//! `cargo xtask`: the project's tasks. `setup` installs what the build needs
+//! (idempotent, seconds when already done); `demo` and `test` run it first.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Vigil project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and tools (LLVM 22, rust-src, bpf-linker, bpftool, nftables, ...).
+    Setup,
+    /// Set up, build, and run the agent on this node against the testbed with induced loss.
+    Demo(demo::DemoArgs),
+    /// Set up, build, and run every test: unit tests, then real-kernel integration tests.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command in the workspace root, inheriting stdio; fails on non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds every host binary (agent and testbed); the kernel programs are built by agent/build.rs.
+pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--workspace", "--exclude", "vigil-probes", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn test(filter: Option<String>) -> anyhow::Result<()> {
+    setup::ensure()?;
+    let bin_dir = build(false)?;
+    let filter_args: Vec<String> = filter.into_iter().collect();
+    // Unit tests (pure logic; some read the running kernel's BTF and /proc).
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--exclude", "vigil-probes", "--exclude", "vigil-integration-tests"])
+        .arg("--")
+        .args(&filter_args))?;
+    // Real-kernel integration tests: each builds its own namespaces, so two may
+    // run at once; more would only fight over the machine's two cores.
+    run(Command::new("cargo")
+        .args(["test", "-p", "vigil-integration-tests"])
+        .env("VIGIL_BIN_DIR", &bin_dir)
+        .arg("--")
+        .args(["--test-threads", "2"])
+        .args(&filter_args))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Demo(args) => demo::run(&args),
+        Task::Test { filter } => test(filter),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
