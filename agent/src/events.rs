@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(e.kind, RetransmitKind::Segment);
         assert_eq!(e.endpoints.local, "198.18.1.1:8080".parse().expect("addr"));
         assert_eq!(e.endpoints.remote, "198.18.1.2:40000".parse().expect("addr"));
-        let owner = e.owner.expect("owner known");
+        let owner = e.owner.clone().expect("owner known");
         assert_eq!((owner.pid, owner.comm.as_str(), owner.cgroup_id), (99, "origin", 5));
         assert_eq!(e.counted_segments(), 3);
     }

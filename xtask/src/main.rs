@@ -70,7 +70,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // Real-kernel integration tests: each builds its own namespaces, so two may
     // run at once; more would only fight over the machine's two cores.
     run(Command::new("cargo")
-        .args(["test", "-p", "vigil-integration-tests"])
+        .args(["test", "-p", "vigil-integration-tests", "--tests"])
         .env("VIGIL_BIN_DIR", &bin_dir)
         .arg("--")
         .args(["--test-threads", "2"])

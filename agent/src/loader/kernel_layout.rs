@@ -70,7 +70,6 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         socket_sk: sized(btf, "socket.sk", 8)?,
         task_group_leader: sized(btf, "task_struct.group_leader", 8)?,
         task_comm: sized(btf, "task_struct.comm", 16)?,
-        _pad: 0,
     })
 }
 

@@ -123,7 +123,6 @@ pub struct KernelLayout {
     // current task -> group_leader -> comm: the process name, not the thread's
     pub task_group_leader: u32,
     pub task_comm: u32,
-    pub _pad: u32,
 }
 
 impl KernelLayout {
@@ -151,7 +150,6 @@ impl KernelLayout {
         socket_sk: 0,
         task_group_leader: 0,
         task_comm: 0,
-        _pad: 0,
     };
 }
 
@@ -190,6 +188,6 @@ mod tests {
             size_of::<RetransmitRecord>(),
             4 * 2 + 8 * 3 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
-        assert_eq!(size_of::<KernelLayout>(), 4 * 24);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 22);
     }
 }
