@@ -211,8 +211,12 @@ impl Scenario {
         self.link.server.inode()
     }
 
-    pub fn retrans_segs(&self) -> anyhow::Result<u64> {
-        self.link.server.mib()?.get("Tcp", "RetransSegs").ok_or_else(|| anyhow!("no Tcp RetransSegs"))
+    /// (server, client) value of a MIB counter, e.g. ("Tcp", "RetransSegs").
+    pub fn mib(&self, section: &str, name: &str) -> anyhow::Result<(u64, u64)> {
+        let get = |ns: &vigil_testbed::netns::Netns| {
+            ns.mib()?.get(section, name).ok_or_else(|| anyhow!("no {section} {name} in {}", ns.name()))
+        };
+        Ok((get(&self.link.server)?, get(&self.link.client)?))
     }
 
     /// Starts the load generator in the client namespace (not waited for).
@@ -247,17 +251,20 @@ impl Scenario {
         serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
     }
 
-    /// Ends all traffic: loss off, origin stopped, and waits until the server
-    /// namespace holds no TCP socket, so its counters are final.
+    /// Ends all traffic: loss off, origin stopped, and waits until neither
+    /// namespace holds a TCP socket that could still send, so counters are final.
     pub fn quiesce(&mut self) -> anyhow::Result<()> {
         self.link.set_loss(self.port, 0)?;
         if let Some(mut origin) = self.origin.take() {
             origin.terminate(Duration::from_secs(5))?;
         }
-        wait_for(Duration::from_secs(30), "server namespace without TCP sockets", || {
-            // TIME-WAIT sockets never retransmit; everything else must be gone.
-            let out = self.link.server.run(&["ss", "-Htan", "exclude", "time-wait"])?;
-            Ok(out.trim().is_empty().then_some(()))
-        })
+        for ns in [&self.link.server, &self.link.client] {
+            wait_for(Duration::from_secs(30), "namespace without live TCP sockets", || {
+                // TIME-WAIT sockets never retransmit; everything else must be gone.
+                let out = ns.run(&["ss", "-Htan", "exclude", "time-wait"])?;
+                Ok(out.trim().is_empty().then_some(()))
+            })?;
+        }
+        Ok(())
     }
 }

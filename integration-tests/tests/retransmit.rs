@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use vigil_integration_tests::{bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath};
 
-/// Transfers through a lossy veth link, then compares the agent's segment total
-/// for the server namespace with that namespace's RetransSegs delta.
+/// Transfers through a lossy veth link, then compares the agent's segment
+/// totals for the server and the client namespace with each one's RetransSegs delta.
 ///
 /// Tolerance: none. Both numbers come from the same kernel code path: the probe
 /// reads `tcp_skb_pcount()` of each retransmitted skb and the agent applies the
@@ -18,30 +18,80 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
     let name = format!("{}{}{loss_percent}", tag("rx"), if v6 { "six" } else { "four" });
     let agent = Agent::start(&[])?;
     let mut scenario = Scenario::start(&name, index, v6)?;
-    let netns = scenario.server_netns()?.to_string();
-    let before = scenario.retrans_segs()?;
+    let before = scenario.mib("Tcp", "RetransSegs")?;
     scenario.link.set_loss(scenario.port, loss_percent)?;
     let summary = scenario.run_load(v6, 4, 8, 8.0)?;
     assert!(summary["requests_ok"].as_u64().unwrap_or(0) > 0, "load made progress: {summary}");
     scenario.quiesce()?;
-    let kernel = scenario.retrans_segs()? - before;
-    assert!(kernel > 0, "{loss_percent}% loss must cause retransmits (nft dropped {:?})", scenario.link.loss_drops());
+    let after = scenario.mib("Tcp", "RetransSegs")?;
+    let (server, client) = (after.0 - before.0, after.1 - before.1);
+    assert!(server > 0, "{loss_percent}% loss must cause retransmits (nft dropped {:?})", scenario.link.loss_drops());
 
-    let labels = [("netns", netns.as_str())];
-    let reported = wait_for(Duration::from_secs(10), "agent total to reach the kernel's", || {
-        let n = metric_sum(&agent.scrape()?, "vigil_tcp_retransmitted_segments_total", &labels);
-        Ok((n >= kernel).then_some(n))
-    })
-    .unwrap_or_else(|_| metric_sum(&agent.scrape().unwrap_or_default(), "vigil_tcp_retransmitted_segments_total", &labels));
-    let text = agent.scrape()?;
+    let server_ns = scenario.link.server.inode()?.to_string();
+    let client_ns = scenario.link.client.inode()?.to_string();
+    let text = wait_for_total(&agent, &server_ns, server)?;
     assert_eq!(metric_sum(&text, "vigil_events_lost_total", &[]), 0, "no ring-buffer loss");
-    assert_eq!(
-        reported, kernel,
-        "v6={v6} loss={loss_percent}%: agent {reported} vs kernel RetransSegs delta {kernel}\n{text}"
-    );
-    let events = metric_sum(&text, "vigil_tcp_retransmit_events_total", &labels);
-    assert!(events > 0 && events <= reported, "events {events} <= segments {reported}");
-    eprintln!("v6={v6} loss={loss_percent}%: {reported} segments in {events} events, equal to RetransSegs");
+    for (side, netns, kernel) in [("server", &server_ns, server), ("client", &client_ns, client)] {
+        let reported = metric_sum(&text, SEGMENTS, &[("netns", netns)]);
+        assert_eq!(reported, kernel, "v6={v6} loss={loss_percent}% {side}: agent {reported} vs kernel RetransSegs delta {kernel}\n{text}");
+    }
+    let events = metric_sum(&text, "vigil_tcp_retransmit_events_total", &[("netns", &server_ns)]);
+    assert!(events > 0 && events <= server, "events {events} <= segments {server}");
+    eprintln!("v6={v6} loss={loss_percent}%: server {server} segments in {events} events, client {client}; equal to RetransSegs");
+    Ok(())
+}
+
+const SEGMENTS: &str = "vigil_tcp_retransmitted_segments_total";
+
+/// Scrapes until the agent's total for `netns` reaches `kernel` (the ring is
+/// drained asynchronously), or 10 s pass; returns the last scrape either way.
+fn wait_for_total(agent: &Agent, netns: &str, kernel: u64) -> anyhow::Result<String> {
+    let reached = wait_for(Duration::from_secs(10), "agent total to reach the kernel's", || {
+        let text = agent.scrape()?;
+        Ok((metric_sum(&text, SEGMENTS, &[("netns", netns)]) >= kernel).then_some(text))
+    });
+    match reached {
+        Ok(text) => Ok(text),
+        Err(_) => agent.scrape(),
+    }
+}
+
+/// Handshakes through a link that loses everything the server sends: the
+/// server retransmits SYN-ACKs and the client its SYN. Each side's total must
+/// equal its RetransSegs, and the SYN-ACK count the server's TCPSynRetrans
+/// (which counts exactly SYN-ACK retransmits on a namespace that only listens).
+#[test]
+fn handshake_retransmits_equal_kernel_counters() -> anyhow::Result<()> {
+    if !bpf_available("handshake_retransmits_equal_kernel_counters") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let mut scenario = Scenario::start(&tag("hs"), 32, false)?;
+    let segs_before = scenario.mib("Tcp", "RetransSegs")?;
+    let syn_before = scenario.mib("TcpExt", "TCPSynRetrans")?;
+    scenario.link.set_loss(scenario.port, 100)?;
+    let mut load = scenario.spawn_load(false, 2, 1, 10.0)?;
+    std::thread::sleep(Duration::from_millis(3500));
+    scenario.link.set_loss(scenario.port, 0)?;
+    load.terminate(Duration::from_secs(10))?;
+    scenario.quiesce()?;
+    let segs_after = scenario.mib("Tcp", "RetransSegs")?;
+    let syn_after = scenario.mib("TcpExt", "TCPSynRetrans")?;
+    let server_synack = syn_after.0 - syn_before.0;
+    let client_syn = syn_after.1 - syn_before.1;
+    assert!(server_synack > 0 && client_syn > 0, "handshake retransmits happened: {server_synack} SYN-ACK, {client_syn} SYN");
+
+    let server_ns = scenario.link.server.inode()?.to_string();
+    let client_ns = scenario.link.client.inode()?.to_string();
+    let text = wait_for_total(&agent, &server_ns, segs_after.0 - segs_before.0)?;
+    assert_eq!(metric_sum(&text, "vigil_tcp_synack_retransmits_total", &[("netns", &server_ns)]), server_synack, "{text}");
+    assert_eq!(metric_sum(&text, SEGMENTS, &[("netns", &server_ns)]), segs_after.0 - segs_before.0, "{text}");
+    assert_eq!(metric_sum(&text, SEGMENTS, &[("netns", &client_ns)]), segs_after.1 - segs_before.1, "{text}");
+    // The SYN-ACKs belong to the listener's owner; the SYNs to the load generator.
+    assert!(text.contains(&format!("vigil_tcp_synack_retransmits_total{{netns=\"{server_ns}\",cgroup=\"")), "{text}");
+    assert!(!text.contains(&format!("{SEGMENTS}{{netns=\"{server_ns}\",cgroup=\"unknown\"")), "server side attributed: {text}");
+    assert!(!text.contains(&format!("{SEGMENTS}{{netns=\"{client_ns}\",cgroup=\"unknown\"")), "client side attributed: {text}");
+    eprintln!("{server_synack} SYN-ACK and {client_syn} SYN retransmits, equal to the kernel's counters");
     Ok(())
 }
 
