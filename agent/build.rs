@@ -9,10 +9,14 @@
 use std::{env, fs, path::PathBuf, process::Command};
 
 fn main() -> anyhow::Result<()> {
-    let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
+    let out_dir =
+        PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
     let object = out_dir.join("vigil-probes");
     println!("cargo:rerun-if-env-changed=PATH");
-    let have_linker = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !have_linker {
         println!("cargo:warning=bpf-linker not found: building the agent WITHOUT its eBPF programs; run `cargo xtask setup`");
         fs::write(&object, [])?;

@@ -24,13 +24,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a port in use must fail before any kernel object exists.
     let listener = prometheus::bind(config.agent.metrics_addr).await?;
     let event_log = match &config.agent.event_log {
-        Some(path) => Some(EventLog::open(path).map_err(|e| anyhow::anyhow!("cannot open event log {}: {e}", path.display()))?),
+        Some(path) => Some(
+            EventLog::open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open event log {}: {e}", path.display()))?,
+        ),
         None => None,
     };
 
     let mut probes = Probes::load(&LoadOptions {
         ring_buffer_bytes: config.probes.ring_buffer_bytes,
-        owner_table_entries: config.probes.owner_table_entries,
+        socket_table_entries: config.probes.socket_table_entries,
         disable_hooks: config.probes.disable_hooks.clone(),
         kernel_debug_logs: config.probes.kernel_debug_logs,
     })?;
@@ -42,14 +45,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let stats = Arc::new(PipelineStats::default());
-    let registry = Arc::new(Mutex::new(Registry::new(probes.hooks.clone(), Some(maps.lost))));
+    let registry = Arc::new(Mutex::new(Registry::new(
+        probes.hooks.clone(),
+        Some(maps.lost),
+        probes.program_handles(),
+    )));
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity_batches);
     let stop_sources = CancellationToken::new();
     let stop_exporters = CancellationToken::new();
 
-    let source = RingSource { ring: maps.events, tx, stats: stats.clone(), batch_max_events: config.pipeline.batch_max_events };
+    let source = RingSource {
+        ring: maps.events,
+        tx,
+        stats: stats.clone(),
+        batch_max_events: config.pipeline.batch_max_events,
+    };
     let source_task = tokio::spawn(source.run(stop_sources.clone()));
-    let state_task = tokio::spawn(StateOwner { enricher, registry: registry.clone(), event_log }.run(rx));
+    let state_task = tokio::spawn(
+        StateOwner {
+            enricher,
+            registry: registry.clone(),
+            event_log,
+        }
+        .run(rx),
+    );
     let metrics_task = tokio::spawn(prometheus::serve(
         listener,
         MetricsSource { registry, stats },

@@ -43,8 +43,8 @@ impl Default for AgentConfig {
 pub struct ProbesConfig {
     /// Kernel-to-agent ring buffer; a power of two, at least one page.
     pub ring_buffer_bytes: u32,
-    /// Sockets whose owner the kernel remembers (LRU beyond this).
-    pub owner_table_entries: u32,
+    /// Sockets the kernel tracks (owner, retransmit baseline); LRU beyond this.
+    pub socket_table_entries: u32,
     /// Hooks not to attach, by name (see `vigil hooks`).
     pub disable_hooks: Vec<String>,
     /// Let the kernel programs' aya-log debug messages through (costly; for debugging).
@@ -55,7 +55,7 @@ impl Default for ProbesConfig {
     fn default() -> Self {
         ProbesConfig {
             ring_buffer_bytes: 4 << 20,
-            owner_table_entries: 65_536,
+            socket_table_entries: 65_536,
             disable_hooks: Vec::new(),
             kernel_debug_logs: false,
         }
@@ -73,7 +73,10 @@ pub struct PipelineConfig {
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { channel_capacity_batches: 1_024, batch_max_events: 256 }
+        PipelineConfig {
+            channel_capacity_batches: 1_024,
+            batch_max_events: 256,
+        }
     }
 }
 
@@ -88,14 +91,21 @@ pub struct EnrichConfig {
 
 impl Default for EnrichConfig {
     fn default() -> Self {
-        EnrichConfig { proc_rescan_min_interval_ms: 1_000, cgroup_cache_entries: 4_096 }
+        EnrichConfig {
+            proc_rescan_min_interval_ms: 1_000,
+            cgroup_cache_entries: 4_096,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}`: {reason}")]
@@ -104,8 +114,14 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
@@ -113,23 +129,35 @@ impl Config {
     }
 
     /// Checks every policy value; `hook_names` are the hooks this build knows.
-    pub fn validate<'a>(&self, hook_names: impl Iterator<Item = &'a str> + Clone) -> Result<(), ConfigError> {
+    pub fn validate<'a>(
+        &self,
+        hook_names: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         let ring = self.probes.ring_buffer_bytes;
         if !ring.is_power_of_two() || ring < 4096 {
-            return invalid("probes.ring_buffer_bytes", format!("{ring} is not a power of two >= 4096"));
+            return invalid(
+                "probes.ring_buffer_bytes",
+                format!("{ring} is not a power of two >= 4096"),
+            );
         }
-        if self.probes.owner_table_entries == 0 {
-            return invalid("probes.owner_table_entries", "must be at least 1".into());
+        if self.probes.socket_table_entries == 0 {
+            return invalid("probes.socket_table_entries", "must be at least 1".into());
         }
         for hook in &self.probes.disable_hooks {
             if !hook_names.clone().any(|h| h == hook) {
                 let known: Vec<&str> = hook_names.clone().collect();
-                return invalid("probes.disable_hooks", format!("unknown hook `{hook}`; known hooks: {}", known.join(", ")));
+                return invalid(
+                    "probes.disable_hooks",
+                    format!("unknown hook `{hook}`; known hooks: {}", known.join(", ")),
+                );
             }
         }
         if self.pipeline.channel_capacity_batches == 0 {
-            return invalid("pipeline.channel_capacity_batches", "must be at least 1".into());
+            return invalid(
+                "pipeline.channel_capacity_batches",
+                "must be at least 1".into(),
+            );
         }
         if self.pipeline.batch_max_events == 0 {
             return invalid("pipeline.batch_max_events", "must be at least 1".into());
@@ -150,7 +178,9 @@ mod tests {
     #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(Config::from_toml("").expect("parses"), Config::default());
-        Config::default().validate(HOOKS.iter().copied()).expect("defaults are valid");
+        Config::default()
+            .validate(HOOKS.iter().copied())
+            .expect("defaults are valid");
     }
 
     #[test]
@@ -161,9 +191,11 @@ mod tests {
 
     #[test]
     fn unknown_and_mistyped_fields_are_named() {
-        let err = Config::from_toml("[probes]\nring_bufer_bytes = 4096\n").expect_err("typo rejected");
+        let err =
+            Config::from_toml("[probes]\nring_bufer_bytes = 4096\n").expect_err("typo rejected");
         assert!(err.contains("ring_bufer_bytes"), "{err}");
-        let err = Config::from_toml("[agent]\nmetrics_addr = \"not an address\"\n").expect_err("bad addr rejected");
+        let err = Config::from_toml("[agent]\nmetrics_addr = \"not an address\"\n")
+            .expect_err("bad addr rejected");
         assert!(err.contains("metrics_addr"), "{err}");
     }
 
@@ -171,17 +203,28 @@ mod tests {
     fn validation_names_the_field() {
         let mut c = Config::default();
         c.probes.ring_buffer_bytes = 5000;
-        let err = c.validate(HOOKS.iter().copied()).expect_err("not a power of two").to_string();
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("not a power of two")
+            .to_string();
         assert!(err.contains("probes.ring_buffer_bytes"), "{err}");
         let mut c = Config::default();
         c.probes.disable_hooks = vec!["kprobe/nope".into()];
-        let err = c.validate(HOOKS.iter().copied()).expect_err("unknown hook").to_string();
-        assert!(err.contains("probes.disable_hooks") && err.contains("tp_btf/tcp_retransmit_skb"), "{err}");
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("unknown hook")
+            .to_string();
+        assert!(
+            err.contains("probes.disable_hooks") && err.contains("tp_btf/tcp_retransmit_skb"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unreadable_file_names_the_path() {
-        let err = Config::from_file(Path::new("/nonexistent/vigil.toml")).expect_err("missing file").to_string();
+        let err = Config::from_file(Path::new("/nonexistent/vigil.toml"))
+            .expect_err("missing file")
+            .to_string();
         assert!(err.contains("/nonexistent/vigil.toml"), "{err}");
     }
 }

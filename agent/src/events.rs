@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use vigil_abi::{EventKind, RetransmitRecord, SockOwner, AF_INET, AF_INET6};
+use vigil_abi::{EventKind, RetransmitRecord, SockOwner, AF_INET, AF_INET6, COUNT_UNKNOWN};
 
 /// A connection's endpoints, `local` being this node's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,13 +38,23 @@ pub enum RetransmitKind {
     Segment,
     /// A SYN-ACK for a connection still in the listener's request queue.
     SynAck,
+    /// Segments the socket's own counter added after the last event Vigil saw,
+    /// found when the socket closed (no tracepoint reported them).
+    Unseen,
 }
 
-/// Errnos with which `__tcp_retransmit_skb` gives up *before* it adds to
+/// Without a per-socket baseline (a socket older than the agent), which
+/// attempts did the kernel count? Errnos with which `__tcp_retransmit_skb` gives up *before* it adds to
 /// Tcp RetransSegs (Linux net/ipv4/tcp_output.c): host queue busy, window
 /// closed, allocation failures, route rebuild failure, sequence sanity check.
 /// Any other error comes from transmitting a segment already counted.
-const NOT_COUNTED_ERRNOS: [i32; 5] = [libc::EBUSY, libc::EAGAIN, libc::ENOMEM, libc::EHOSTUNREACH, libc::EINVAL];
+const NOT_COUNTED_ERRNOS: [i32; 5] = [
+    libc::EBUSY,
+    libc::EAGAIN,
+    libc::ENOMEM,
+    libc::EHOSTUNREACH,
+    libc::EINVAL,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetransmitEvent {
@@ -58,17 +68,34 @@ pub struct RetransmitEvent {
     pub segs: u32,
     /// 0, or the negative errno of a failed attempt.
     pub err: i32,
+    /// The socket's running total of retransmitted segments after this event.
+    pub total_retrans: u32,
+    /// Segments the kernel counted since Vigil's previous look at the socket,
+    /// from `tcp_sock.total_retrans`; None when there was no baseline yet.
+    pub counted: Option<u32>,
     pub endpoints: Endpoints,
     pub owner: Option<Owner>,
 }
 
 impl RetransmitEvent {
-    /// Segments the kernel added to Tcp RetransSegs for this event.
+    /// Segments the kernel added to Tcp RetransSegs with this event: the
+    /// socket counter's delta when known (exact, and it includes segments no
+    /// tracepoint reported), else the event's own segments by the errno rule.
     pub fn counted_segments(&self) -> u32 {
+        match (self.kind, self.counted) {
+            (RetransmitKind::SynAck, _) => 1,
+            (_, Some(counted)) => counted,
+            (_, None) if NOT_COUNTED_ERRNOS.contains(&-self.err) => 0,
+            (_, None) => self.segs,
+        }
+    }
+
+    /// Counted segments that no tracepoint event carried.
+    pub fn unreported_segments(&self) -> u32 {
         match self.kind {
-            RetransmitKind::SynAck => 1,
-            RetransmitKind::Segment if NOT_COUNTED_ERRNOS.contains(&-self.err) => 0,
-            RetransmitKind::Segment => self.segs,
+            RetransmitKind::Unseen => self.counted_segments(),
+            RetransmitKind::Segment => self.counted_segments().saturating_sub(self.segs),
+            RetransmitKind::SynAck => 0,
         }
     }
 }
@@ -113,13 +140,17 @@ impl RetransmitEvent {
     pub fn decode(bytes: &[u8]) -> Result<RetransmitEvent, DecodeError> {
         let expected = std::mem::size_of::<RetransmitRecord>();
         if bytes.len() != expected {
-            return Err(DecodeError::Size { len: bytes.len(), expected });
+            return Err(DecodeError::Size {
+                len: bytes.len(),
+                expected,
+            });
         }
         // SAFETY: length checked; RetransmitRecord is plain old data, any bit pattern is valid.
         let r: RetransmitRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let kind = match r.kind {
             k if k == EventKind::Retransmit as u32 => RetransmitKind::Segment,
             k if k == EventKind::SynAckRetransmit as u32 => RetransmitKind::SynAck,
+            k if k == EventKind::RetransmitUnseen as u32 => RetransmitKind::Unseen,
             other => return Err(DecodeError::Kind(other)),
         };
         let t = r.tuple;
@@ -132,6 +163,8 @@ impl RetransmitEvent {
             tcp_state: r.state,
             segs: r.segs,
             err: r.err,
+            total_retrans: r.total_retrans,
+            counted: (r.counted != COUNT_UNKNOWN).then_some(r.counted),
             endpoints: Endpoints {
                 local: addr(t.family, t.local_addr, t.local_port)?,
                 remote: addr(t.family, t.remote_addr, t.remote_port)?,
@@ -181,16 +214,35 @@ mod tests {
             netns: 4026531840,
             segs: 3,
             err: 0,
+            total_retrans: 0,
+            counted: COUNT_UNKNOWN,
             _pad: 0,
-            tuple: SockTuple { local_addr, remote_addr, local_port: 8080, remote_port: 40000, family, _pad: 0 },
-            owner: SockOwner { tgid: 99, known: 1, cgroup_id: 5, comm },
+            tuple: SockTuple {
+                local_addr,
+                remote_addr,
+                local_port: 8080,
+                remote_port: 40000,
+                family,
+                _pad: 0,
+            },
+            owner: SockOwner {
+                tgid: 99,
+                known: 1,
+                cgroup_id: 5,
+                comm,
+            },
         }
     }
 
     fn bytes(r: &RetransmitRecord) -> Vec<u8> {
         // SAFETY: reading a repr(C) POD value as bytes.
-        unsafe { std::slice::from_raw_parts((r as *const RetransmitRecord).cast::<u8>(), std::mem::size_of_val(r)) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (r as *const RetransmitRecord).cast::<u8>(),
+                std::mem::size_of_val(r),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
@@ -198,26 +250,68 @@ mod tests {
         let e = RetransmitEvent::decode(&bytes(&record(1, AF_INET))).expect("decodes");
         assert_eq!(e.kind, RetransmitKind::Segment);
         assert_eq!(e.endpoints.local, "198.18.1.1:8080".parse().expect("addr"));
-        assert_eq!(e.endpoints.remote, "198.18.1.2:40000".parse().expect("addr"));
+        assert_eq!(
+            e.endpoints.remote,
+            "198.18.1.2:40000".parse().expect("addr")
+        );
         let owner = e.owner.clone().expect("owner known");
-        assert_eq!((owner.pid, owner.comm.as_str(), owner.cgroup_id), (99, "origin", 5));
+        assert_eq!(
+            (owner.pid, owner.comm.as_str(), owner.cgroup_id),
+            (99, "origin", 5)
+        );
         assert_eq!(e.counted_segments(), 3);
     }
 
     #[test]
     fn rejects_bad_records() {
-        assert!(matches!(RetransmitEvent::decode(&[0u8; 3]), Err(DecodeError::Size { .. })));
-        assert_eq!(RetransmitEvent::decode(&bytes(&record(9, AF_INET))), Err(DecodeError::Kind(9)));
-        assert_eq!(RetransmitEvent::decode(&bytes(&record(1, 77))), Err(DecodeError::Family(77)));
+        assert!(matches!(
+            RetransmitEvent::decode(&[0u8; 3]),
+            Err(DecodeError::Size { .. })
+        ));
+        assert_eq!(
+            RetransmitEvent::decode(&bytes(&record(9, AF_INET))),
+            Err(DecodeError::Kind(9))
+        );
+        assert_eq!(
+            RetransmitEvent::decode(&bytes(&record(1, 77))),
+            Err(DecodeError::Family(77))
+        );
+    }
+
+    #[test]
+    fn socket_counter_delta_wins_over_the_event() {
+        let mut r = record(1, AF_INET);
+        r.counted = 5;
+        let e = RetransmitEvent::decode(&bytes(&r)).expect("decodes");
+        assert_eq!(e.counted_segments(), 5, "delta of tcp_sock.total_retrans");
+        assert_eq!(
+            e.unreported_segments(),
+            2,
+            "3 in this event, 2 no tracepoint reported"
+        );
+        r.kind = 3;
+        let unseen = RetransmitEvent::decode(&bytes(&r)).expect("decodes");
+        assert_eq!(
+            (unseen.kind, unseen.unreported_segments()),
+            (RetransmitKind::Unseen, 5)
+        );
     }
 
     #[test]
     fn counts_like_the_kernel() {
         let mut e = RetransmitEvent::decode(&bytes(&record(1, AF_INET))).expect("decodes");
         e.err = -libc::EBUSY;
-        assert_eq!(e.counted_segments(), 0, "EBUSY returns before RetransSegs is updated");
+        assert_eq!(
+            e.counted_segments(),
+            0,
+            "EBUSY returns before RetransSegs is updated"
+        );
         e.err = -libc::EPERM;
-        assert_eq!(e.counted_segments(), 3, "a netfilter drop happens after counting");
+        assert_eq!(
+            e.counted_segments(),
+            3,
+            "a netfilter drop happens after counting"
+        );
         e.kind = RetransmitKind::SynAck;
         assert_eq!(e.counted_segments(), 1);
     }

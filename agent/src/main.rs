@@ -62,7 +62,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -71,7 +73,10 @@ fn init_logging(format: LogFormat) {
 
 /// The whole error chain on one line, as operators read it in a pod log.
 fn report(e: &anyhow::Error) -> String {
-    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
@@ -85,7 +90,10 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     if let Some(path) = &args.event_log {
         config.agent.event_log = Some(path.clone());
     }
-    config.probes.disable_hooks.extend(args.disable_hooks.iter().cloned());
+    config
+        .probes
+        .disable_hooks
+        .extend(args.disable_hooks.iter().cloned());
     config.probes.kernel_debug_logs |= args.kernel_debug_logs;
     config.validate(loader::hook_names())?;
     Ok(config)
@@ -119,7 +127,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("vigil: cannot start the async runtime: {e}");

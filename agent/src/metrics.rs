@@ -9,12 +9,15 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use vigil_abi::LossSlot;
+use vigil_abi::{loss_index, LossReason, LossSlot};
 
 use crate::{
     enrich::Identity,
     events::{OwnerSource, RetransmitEvent, RetransmitKind},
-    loader::{HookReport, HookStatus},
+    loader::{
+        prog_stats::{ProgramHandle, ProgramStats},
+        HookReport, HookStatus,
+    },
 };
 
 /// Counters the source tasks bump without taking the registry lock.
@@ -38,6 +41,7 @@ struct RetransmitCounts {
     events: u64,
     segments: u64,
     synack: u64,
+    unreported: u64,
 }
 
 pub struct Registry {
@@ -46,6 +50,7 @@ pub struct Registry {
     attributed: BTreeMap<&'static str, u64>,
     hooks: Vec<HookReport>,
     lost: Option<PerCpuArray<MapData, u64>>,
+    programs: Vec<ProgramHandle>,
     pub cgroup_cache_entries: usize,
     pub proc_socket_entries: usize,
 }
@@ -66,8 +71,13 @@ fn errno_name(err: i32) -> &'static str {
 const UNKNOWN: &str = "unknown";
 
 impl Registry {
-    pub fn new(hooks: Vec<HookReport>, lost: Option<PerCpuArray<MapData, u64>>) -> Registry {
+    pub fn new(
+        hooks: Vec<HookReport>,
+        lost: Option<PerCpuArray<MapData, u64>>,
+        programs: Vec<ProgramHandle>,
+    ) -> Registry {
         Registry {
+            programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
             attributed: BTreeMap::new(),
@@ -85,9 +95,14 @@ impl Registry {
             None => "none",
         };
         *self.attributed.entry(source).or_default() += 1;
+        if e.err != 0 {
+            *self
+                .failed_attempts
+                .entry((e.netns, errno_name(e.err)))
+                .or_default() += 1;
+        }
         let counted = e.counted_segments();
         if counted == 0 {
-            *self.failed_attempts.entry((e.netns, errno_name(e.err))).or_default() += 1;
             return;
         }
         let series = Series {
@@ -96,85 +111,235 @@ impl Registry {
             process: who.comm.clone().unwrap_or_else(|| UNKNOWN.into()),
         };
         let c = self.retransmits.entry(series).or_default();
-        c.events += 1;
+        if e.kind != RetransmitKind::Unseen {
+            c.events += 1;
+        }
         c.segments += u64::from(counted);
+        c.unreported += u64::from(e.unreported_segments());
         if e.kind == RetransmitKind::SynAck {
             c.synack += 1;
         }
     }
 
-    fn lost_events(&self) -> [u64; 2] {
-        let mut out = [0u64; 2];
-        if let Some(lost) = &self.lost {
-            for (i, slot) in [LossSlot::Retransmit, LossSlot::SynAckRetransmit].into_iter().enumerate() {
-                if let Ok(per_cpu) = lost.get(&(slot as u32), 0) {
-                    out[i] = per_cpu.iter().sum();
-                }
-            }
-        }
-        out
+    /// Kernel-side losses, summed over CPUs: [probe][reason] as in `loss_index`.
+    fn lost_events(&self, slot: LossSlot, reason: LossReason) -> u64 {
+        self.lost
+            .as_ref()
+            .and_then(|lost| lost.get(&loss_index(slot, reason), 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, stats: &PipelineStats) -> String {
-        let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let mut x = Exposition::default();
+        let owner = |s: &Series| {
+            [
+                ("netns", s.netns.to_string()),
+                ("cgroup", s.cgroup.clone()),
+                ("process", s.process.clone()),
+            ]
         };
-        let labels = |s: &Series| {
-            format!("netns=\"{}\",cgroup=\"{}\",process=\"{}\"", s.netns, escape(&s.cgroup), escape(&s.process))
-        };
-
-        counter(&mut out, "vigil_tcp_retransmitted_segments_total", "TCP segments retransmitted, as the kernel counts them in Tcp RetransSegs (data, SYN and SYN-ACK).");
-        for (s, c) in &self.retransmits {
-            let _ = writeln!(out, "vigil_tcp_retransmitted_segments_total{{{}}} {}", labels(s), c.segments);
+        let per_series: [Family<RetransmitCounts, u64>; 4] = [
+            (
+                "vigil_tcp_retransmitted_segments_total",
+                "TCP segments retransmitted, as the kernel counts them in Tcp RetransSegs (data, SYN and SYN-ACK).",
+                |c| c.segments,
+            ),
+            (
+                "vigil_tcp_retransmit_events_total",
+                "Retransmissions (one event can carry several GSO segments).",
+                |c| c.events,
+            ),
+            (
+                "vigil_tcp_synack_retransmits_total",
+                "SYN-ACKs retransmitted by listeners (included in the segment total).",
+                |c| c.synack,
+            ),
+            (
+                "vigil_tcp_retransmit_unreported_segments_total",
+                "Retransmitted segments no tracepoint event carried, found from the socket's own counter (included in the segment total).",
+                |c| c.unreported,
+            ),
+        ];
+        for (name, help, value) in per_series {
+            x.family(name, "counter", help);
+            for (s, c) in &self.retransmits {
+                x.sample(name, &owner(s), value(c));
+            }
         }
-        counter(&mut out, "vigil_tcp_retransmit_events_total", "Retransmissions (one event can carry several GSO segments).");
-        for (s, c) in &self.retransmits {
-            let _ = writeln!(out, "vigil_tcp_retransmit_events_total{{{}}} {}", labels(s), c.events);
-        }
-        counter(&mut out, "vigil_tcp_synack_retransmits_total", "SYN-ACKs retransmitted by listeners (included in the segment total).");
-        for (s, c) in &self.retransmits {
-            let _ = writeln!(out, "vigil_tcp_synack_retransmits_total{{{}}} {}", labels(s), c.synack);
-        }
-        counter(&mut out, "vigil_tcp_retransmit_failed_attempts_total", "Retransmit attempts the kernel abandoned before sending (not in RetransSegs), by errno.");
+        let name = "vigil_tcp_retransmit_failed_attempts_total";
+        x.family(name, "counter", "Retransmit attempts that returned an error, by errno (EBUSY, EAGAIN, ENOMEM, EHOSTUNREACH, EINVAL: abandoned before sending).");
         for ((netns, errno), n) in &self.failed_attempts {
-            let _ = writeln!(out, "vigil_tcp_retransmit_failed_attempts_total{{netns=\"{netns}\",errno=\"{errno}\"}} {n}");
+            x.sample(
+                name,
+                &[("netns", netns.to_string()), ("errno", (*errno).to_owned())],
+                n,
+            );
         }
 
-        let lost = self.lost_events();
-        counter(&mut out, "vigil_events_lost_total", "Kernel events dropped because the ring buffer to the agent was full.");
-        let _ = writeln!(out, "vigil_events_lost_total{{probe=\"retransmit\"}} {}", lost[0]);
-        let _ = writeln!(out, "vigil_events_lost_total{{probe=\"synack_retransmit\"}} {}", lost[1]);
-        counter(&mut out, "vigil_events_received_total", "Kernel events read from the ring buffer.");
-        let _ = writeln!(out, "vigil_events_received_total{{probe=\"retransmit\"}} {}", stats.received_retransmit.load(Ordering::Relaxed));
-        let _ = writeln!(out, "vigil_events_received_total{{probe=\"synack_retransmit\"}} {}", stats.received_synack.load(Ordering::Relaxed));
-        counter(&mut out, "vigil_events_dropped_total", "Events dropped inside the agent because a queue was full.");
-        let _ = writeln!(out, "vigil_events_dropped_total{{stage=\"source_channel\"}} {}", stats.channel_dropped.load(Ordering::Relaxed));
-        counter(&mut out, "vigil_event_decode_errors_total", "Ring-buffer records that could not be decoded.");
-        let _ = writeln!(out, "vigil_event_decode_errors_total {}", stats.decode_errors.load(Ordering::Relaxed));
-        counter(&mut out, "vigil_event_attributions_total", "Events by where their socket owner came from (kernel, proc, none).");
+        let programs: Vec<(&str, ProgramStats)> = self
+            .programs
+            .iter()
+            .filter_map(|p| Some((p.name.as_str(), p.stats().ok()?)))
+            .collect();
+        let misses = |program: &str| {
+            programs
+                .iter()
+                .find(|(n, _)| *n == program)
+                .map_or(0, |(_, s)| s.recursion_misses)
+        };
+        let name = "vigil_events_lost_total";
+        x.family(name, "counter", "Kernel events Vigil never received: the ring buffer was full, a kernel read failed, or the kernel skipped the probe because it was already running on that CPU (recursion).");
+        let probes = [
+            ("retransmit", LossSlot::Retransmit, "vigil_retx"),
+            (
+                "synack_retransmit",
+                LossSlot::SynAckRetransmit,
+                "vigil_synack",
+            ),
+        ];
+        for (probe, slot, program) in probes {
+            let counts = [
+                ("ring_full", self.lost_events(slot, LossReason::RingFull)),
+                ("read_error", self.lost_events(slot, LossReason::ReadError)),
+                ("recursion", misses(program)),
+            ];
+            for (reason, n) in counts {
+                x.sample(
+                    name,
+                    &[("probe", probe.into()), ("reason", reason.into())],
+                    n,
+                );
+            }
+        }
+        let per_program: [Family<ProgramStats, f64>; 3] = [
+            (
+                "vigil_probe_recursion_misses_total",
+                "Invocations of a kernel program skipped because it was already running on that CPU.",
+                |s| s.recursion_misses as f64,
+            ),
+            (
+                "vigil_probe_runs_total",
+                "Invocations of a kernel program (counted only while sysctl kernel.bpf_stats_enabled=1).",
+                |s| s.run_cnt as f64,
+            ),
+            (
+                "vigil_probe_run_seconds_total",
+                "Time spent in a kernel program (counted only while sysctl kernel.bpf_stats_enabled=1).",
+                |s| s.run_time_ns as f64 / 1e9,
+            ),
+        ];
+        for (name, help, value) in per_program {
+            x.family(name, "counter", help);
+            for (program, st) in &programs {
+                x.sample(name, &[("program", (*program).to_owned())], value(st));
+            }
+        }
+
+        let name = "vigil_events_received_total";
+        x.family(name, "counter", "Kernel events read from the ring buffer.");
+        x.sample(
+            name,
+            &[("probe", "retransmit".into())],
+            stats.received_retransmit.load(Ordering::Relaxed),
+        );
+        x.sample(
+            name,
+            &[("probe", "synack_retransmit".into())],
+            stats.received_synack.load(Ordering::Relaxed),
+        );
+        let name = "vigil_events_dropped_total";
+        x.family(
+            name,
+            "counter",
+            "Events dropped inside the agent because a queue was full.",
+        );
+        x.sample(
+            name,
+            &[("stage", "source_channel".into())],
+            stats.channel_dropped.load(Ordering::Relaxed),
+        );
+        let name = "vigil_event_decode_errors_total";
+        x.family(
+            name,
+            "counter",
+            "Ring-buffer records that could not be decoded.",
+        );
+        x.sample(name, &[], stats.decode_errors.load(Ordering::Relaxed));
+        let name = "vigil_event_attributions_total";
+        x.family(
+            name,
+            "counter",
+            "Events by where their socket owner came from (kernel, proc, none).",
+        );
         for (source, n) in &self.attributed {
-            let _ = writeln!(out, "vigil_event_attributions_total{{source=\"{source}\"}} {n}");
+            x.sample(name, &[("source", (*source).to_owned())], n);
         }
 
-        let _ = writeln!(out, "# HELP vigil_hook_active 1 when the hook is attached, 0 when disabled or unavailable.\n# TYPE vigil_hook_active gauge");
+        let name = "vigil_hook_active";
+        x.family(
+            name,
+            "gauge",
+            "1 when the hook is attached, 0 when disabled or unavailable.",
+        );
         for h in &self.hooks {
-            let active = u8::from(h.status == HookStatus::Active);
-            let _ = writeln!(out, "vigil_hook_active{{hook=\"{}\",signal=\"{}\"}} {active}", h.hook, h.signal);
+            let labels = [
+                ("hook", h.hook.to_owned()),
+                ("signal", h.signal.to_string()),
+            ];
+            x.sample(name, &labels, u8::from(h.status == HookStatus::Active));
         }
-        let _ = writeln!(out, "# HELP vigil_cache_entries Entries in the agent's bounded caches.\n# TYPE vigil_cache_entries gauge");
-        let _ = writeln!(out, "vigil_cache_entries{{cache=\"cgroup_paths\"}} {}", self.cgroup_cache_entries);
-        let _ = writeln!(out, "vigil_cache_entries{{cache=\"proc_sockets\"}} {}", self.proc_socket_entries);
-        let _ = writeln!(out, "# HELP vigil_build_info Build of the running agent.\n# TYPE vigil_build_info gauge");
-        let _ = writeln!(out, "vigil_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        out
+        let name = "vigil_cache_entries";
+        x.family(name, "gauge", "Entries in the agent's bounded caches.");
+        x.sample(
+            name,
+            &[("cache", "cgroup_paths".into())],
+            self.cgroup_cache_entries,
+        );
+        x.sample(
+            name,
+            &[("cache", "proc_sockets".into())],
+            self.proc_socket_entries,
+        );
+        let name = "vigil_build_info";
+        x.family(name, "gauge", "Build of the running agent.");
+        x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1);
+        x.out
+    }
+}
+
+/// A metric family drawn from one aggregate: (name, help, value of a sample).
+type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
+/// Writes the text exposition format.
+#[derive(Default)]
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            let pairs: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            let _ = write!(self.out, "{{{}}}", pairs.join(","));
+        }
+        let _ = writeln!(self.out, " {value}");
     }
 }
 
 /// Label value escaping per the exposition format.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -192,25 +357,55 @@ mod tests {
             tcp_state: 1,
             segs,
             err,
-            endpoints: Endpoints { local: "198.18.1.1:80".parse().expect("addr"), remote: "198.18.1.2:5000".parse().expect("addr") },
-            owner: Some(Owner { pid: 3, comm: "origin".into(), cgroup_id: 9, source: OwnerSource::Kernel }),
+            total_retrans: 0,
+            counted: None,
+            endpoints: Endpoints {
+                local: "198.18.1.1:80".parse().expect("addr"),
+                remote: "198.18.1.2:5000".parse().expect("addr"),
+            },
+            owner: Some(Owner {
+                pid: 3,
+                comm: "origin".into(),
+                cgroup_id: 9,
+                source: OwnerSource::Kernel,
+            }),
         }
     }
 
     #[test]
     fn sums_segments_and_separates_failures() {
-        let mut r = Registry::new(vec![], None);
-        let who = Identity { pid: Some(3), comm: Some("origin".into()), cgroup: Some("/pods/a\"b".into()) };
+        let mut r = Registry::new(vec![], None, vec![]);
+        let who = Identity {
+            pid: Some(3),
+            comm: Some("origin".into()),
+            cgroup: Some("/pods/a\"b".into()),
+        };
         r.record_retransmit(&event(4, 0, RetransmitKind::Segment), &who);
         r.record_retransmit(&event(2, 0, RetransmitKind::Segment), &who);
         r.record_retransmit(&event(1, 0, RetransmitKind::SynAck), &who);
         r.record_retransmit(&event(5, -libc::EBUSY, RetransmitKind::Segment), &who);
         let text = r.render(&PipelineStats::default());
         let labels = r#"netns="7",cgroup="/pods/a\"b",process="origin""#;
-        assert!(text.contains(&format!("vigil_tcp_retransmitted_segments_total{{{labels}}} 7")), "{text}");
-        assert!(text.contains(&format!("vigil_tcp_retransmit_events_total{{{labels}}} 3")), "{text}");
-        assert!(text.contains(&format!("vigil_tcp_synack_retransmits_total{{{labels}}} 1")), "{text}");
-        assert!(text.contains(r#"vigil_tcp_retransmit_failed_attempts_total{netns="7",errno="EBUSY"} 1"#), "{text}");
+        assert!(
+            text.contains(&format!(
+                "vigil_tcp_retransmitted_segments_total{{{labels}}} 7"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("vigil_tcp_retransmit_events_total{{{labels}}} 3")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("vigil_tcp_synack_retransmits_total{{{labels}}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"vigil_tcp_retransmit_failed_attempts_total{netns="7",errno="EBUSY"} 1"#
+            ),
+            "{text}"
+        );
         assert!(!text.contains("pid"), "pids never become labels");
     }
 }

@@ -27,17 +27,27 @@ pub struct RingSource {
 impl RingSource {
     /// Runs until `stop`, then drains what the ring still holds and returns.
     pub async fn run(self, stop: CancellationToken) -> std::io::Result<()> {
-        let RingSource { ring, tx, stats, batch_max_events } = self;
+        let RingSource {
+            ring,
+            tx,
+            stats,
+            batch_max_events,
+        } = self;
         // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
                     drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
+                    // The kernel wakes a consumer only when it has caught up; a wakeup
+                    // that raced the drain above is erased by clear_ready, so drain
+                    // once more after it or those records would wait indefinitely.
                     guard.clear_ready();
+                    drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
                 }
             }
         }
@@ -60,13 +70,18 @@ fn send(tx: &mpsc::Sender<Batch>, stats: &PipelineStats, batch: Batch) {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Batch>, stats: &PipelineStats, batch_max: usize) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<Batch>,
+    stats: &PipelineStats,
+    batch_max: usize,
+) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(item) = ring.next() {
         match RetransmitEvent::decode(&item) {
             Ok(e) => {
                 let counter = match e.kind {
-                    RetransmitKind::Segment => &stats.received_retransmit,
+                    RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
                     RetransmitKind::SynAck => &stats.received_synack,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -78,7 +93,11 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Batch>, stats: &Pipeline
             }
         }
         if batch.len() >= batch_max {
-            send(tx, stats, std::mem::replace(&mut batch, Vec::with_capacity(batch_max)));
+            send(
+                tx,
+                stats,
+                std::mem::replace(&mut batch, Vec::with_capacity(batch_max)),
+            );
         }
     }
     send(tx, stats, batch);

@@ -30,6 +30,7 @@ struct EventLine<'a> {
     tcp_state: &'static str,
     segs: u32,
     err: i32,
+    total_retrans: u32,
     counted_segments: u32,
     local: String,
     remote: String,
@@ -46,8 +47,14 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn open(path: &Path) -> std::io::Result<EventLog> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(EventLog { out: BufWriter::new(file), clock: MonotonicToWall::now() })
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(EventLog {
+            out: BufWriter::new(file),
+            clock: MonotonicToWall::now(),
+        })
     }
 
     fn write(&mut self, e: &RetransmitEvent, who: &Identity) -> std::io::Result<()> {
@@ -59,6 +66,7 @@ impl EventLog {
             tcp_state: tcp_state_name(e.tcp_state),
             segs: e.segs,
             err: e.err,
+            total_retrans: e.total_retrans,
             counted_segments: e.counted_segments(),
             local: e.endpoints.local.to_string(),
             remote: e.endpoints.remote.to_string(),
@@ -82,7 +90,10 @@ impl StateOwner {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
         let mut processed: u64 = 0;
         while let Some(mut batch) = rx.recv().await {
-            let identities: Vec<Identity> = batch.iter_mut().map(|e| self.enricher.attribute(e)).collect();
+            let identities: Vec<Identity> = batch
+                .iter_mut()
+                .map(|e| self.enricher.attribute(e))
+                .collect();
             if let Ok(mut registry) = self.registry.lock() {
                 for (e, who) in batch.iter().zip(&identities) {
                     registry.record_retransmit(e, who);
@@ -91,7 +102,11 @@ impl StateOwner {
                 registry.proc_socket_entries = self.enricher.proc_sockets();
             }
             if let Some(log) = &mut self.event_log {
-                let written = batch.iter().zip(&identities).try_for_each(|(e, who)| log.write(e, who)).and_then(|()| log.out.flush());
+                let written = batch
+                    .iter()
+                    .zip(&identities)
+                    .try_for_each(|(e, who)| log.write(e, who))
+                    .and_then(|()| log.out.flush());
                 if let Err(e) = written {
                     warn!(error = %e, "event log write failed; disabling the event log");
                     self.event_log = None;

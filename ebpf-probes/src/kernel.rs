@@ -2,8 +2,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_probe_read_kernel,
     },
     Global,
 };
@@ -71,12 +71,15 @@ pub fn current_owner(l: &KernelLayout) -> SockOwner {
     // SAFETY: plain helper call without pointer arguments.
     let task = unsafe { bpf_get_current_task() };
     // Threads often carry their own names ("worker-3"); the leader's is the process's.
-    let process_comm = read::<u64>(task, l.task_group_leader).and_then(|leader| read::<[u8; 16]>(leader, l.task_comm));
+    let process_comm = read::<u64>(task, l.task_group_leader)
+        .and_then(|leader| read::<[u8; 16]>(leader, l.task_comm));
     SockOwner {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         known: 1,
         // SAFETY: plain helper call without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: process_comm.or_else(|_| bpf_get_current_comm().map_err(i64::from)).unwrap_or([0; 16]),
+        comm: process_comm
+            .or_else(|_| bpf_get_current_comm().map_err(i64::from))
+            .unwrap_or([0; 16]),
     }
 }

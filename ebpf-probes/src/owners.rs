@@ -1,4 +1,4 @@
-//! Socket ownership, recorded in process context.
+//! Per-socket state: owner and retransmit baseline, recorded in process context.
 //!
 //! Retransmits run in timer/softirq context where the on-CPU task is unrelated
 //! to the socket, so the owner is captured earlier: when a socket connects or
@@ -6,6 +6,11 @@
 //! and when accept() hands a child socket to a process. Entries are keyed by the
 //! socket's kernel address and removed when the socket reaches CLOSE, so an
 //! address reused by a later socket never inherits a stale owner.
+//!
+//! The entry also holds the socket's `tcp_sock.total_retrans` as last seen. The
+//! kernel adds to that counter exactly what it adds to Tcp RetransSegs, so the
+//! retransmit probe reports deltas of it, and at CLOSE any segments counted
+//! after the last event (which no tracepoint reported) are sent as one record.
 
 use aya_ebpf::{
     helpers::bpf_get_current_task,
@@ -14,14 +19,31 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use vigil_abi::{
-    tp_offsets, SockOwner, AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
+    tp_offsets, EventKind, KernelLayout, LossSlot, SockState, AF_INET, AF_INET6, IPPROTO_TCP,
+    TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
 };
 
-use crate::kernel::{current_owner, family, layout, read};
+use crate::{
+    kernel::{current_owner, family, layout, read},
+    retransmit::{emit, Sample},
+};
 
-/// Socket address -> owner. LRU so a missed CLOSE can never fill it; size set by the agent.
+/// Socket address -> state. LRU so a missed CLOSE can never fill it; size set by the agent.
 #[map]
-pub static VIGIL_OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65_536, 0);
+pub static VIGIL_SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Starts tracking a socket now owned by the current process.
+#[inline(always)]
+fn remember(l: &KernelLayout, sk: u64) -> Result<(), i64> {
+    let state = SockState {
+        owner: current_owner(l),
+        // A child socket starts with the SYN-ACK retransmits of its handshake,
+        // which the SYN-ACK probe already reported.
+        retrans_seen: read(sk, l.tcp_total_retrans)?,
+        baseline_known: 1,
+    };
+    VIGIL_SOCKS.insert(sk, state, 0).map_err(i64::from)
+}
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn vigil_sk_state(ctx: TracePointContext) -> u32 {
@@ -42,14 +64,50 @@ fn try_sk_state(ctx: &TracePointContext) -> Result<(), i64> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
+    let Some(l) = layout() else { return Ok(()) };
     if newstate == TCP_CLOSE {
-        let _ = VIGIL_OWNERS.remove(&sk);
+        let result = reconcile_on_close(&l, sk, oldstate);
+        let _ = VIGIL_SOCKS.remove(sk);
+        result
     } else if oldstate == TCP_CLOSE && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN) {
-        let Some(l) = layout() else { return Ok(()) };
         // connect() and listen() run this transition in the calling process.
-        VIGIL_OWNERS.insert(&sk, &current_owner(&l), 0)?;
+        remember(&l, sk)
+    } else {
+        Ok(())
     }
-    Ok(())
+}
+
+/// Reports segments the kernel counted on this socket after Vigil's last look.
+#[inline(always)]
+fn reconcile_on_close(l: &KernelLayout, sk: u64, oldstate: u32) -> Result<(), i64> {
+    // SAFETY: the value is copied out before the map can change it.
+    let Some(state) = (unsafe { VIGIL_SOCKS.get(sk) }).copied() else {
+        return Ok(());
+    };
+    if state.baseline_known != 1 {
+        return Ok(());
+    }
+    let total: u32 = read(sk, l.tcp_total_retrans)?;
+    let unseen = total.wrapping_sub(state.retrans_seen);
+    if unseen == 0 || unseen > total {
+        return Ok(());
+    }
+    emit(
+        l,
+        &Sample {
+            kind: EventKind::RetransmitUnseen,
+            slot: LossSlot::Retransmit,
+            owner_sk: sk,
+            tuple_skc: sk,
+            cookie: 0,
+            state: oldstate,
+            segs: unseen,
+            err: 0,
+            total_retrans: total,
+            counted: unseen,
+            owner: state.owner,
+        },
+    )
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -87,7 +145,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let fam = family(&l, sk)?;
     let protocol: u16 = read(sk, l.sk_protocol)?;
     if (fam == AF_INET || fam == AF_INET6) && protocol == IPPROTO_TCP {
-        VIGIL_OWNERS.insert(&sk, &current_owner(&l), 0)?;
+        remember(&l, sk)?;
     }
     Ok(())
 }

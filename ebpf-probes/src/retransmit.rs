@@ -13,24 +13,28 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::debug;
-use vigil_abi::{EventKind, KernelLayout, LossSlot, RetransmitRecord, SockOwner, LOSS_SLOTS};
+use vigil_abi::{
+    loss_index, EventKind, KernelLayout, LossReason, LossSlot, RetransmitRecord, SockOwner,
+    SockState, COUNT_UNKNOWN, LOSS_SLOTS,
+};
 
 use crate::{
     kernel::{layout, netns_inode, read, tuple},
-    owners::VIGIL_OWNERS,
+    owners::VIGIL_SOCKS,
 };
 
 /// Events to the agent; its size is set by the agent at load.
 #[map]
 pub static VIGIL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Records that found the ring full, per `LossSlot`, per CPU.
+/// Events lost in the kernel, per `loss_index(probe, reason)`, per CPU.
 #[map]
 pub static VIGIL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn vigil_retx(ctx: BtfTracePointContext) -> i32 {
     if let Err(e) = try_retx(&ctx) {
+        count_loss(LossSlot::Retransmit, LossReason::ReadError);
         debug!(&ctx, "vigil_retx: kernel read failed: {}", e);
     }
     0
@@ -45,12 +49,60 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
     let segs = u32::from(read::<u16>(skb, l.skb_cb + l.tcp_skb_cb_gso_segs)?);
     let state = u32::from(read::<u8>(sk, l.skc_state)?);
-    emit(&l, EventKind::Retransmit, LossSlot::Retransmit, sk, sk, cookie, state, segs, err)
+    let total_retrans: u32 = read(sk, l.tcp_total_retrans)?;
+    let (counted, owner) = account(sk, total_retrans);
+    emit(
+        &l,
+        &Sample {
+            kind: EventKind::Retransmit,
+            slot: LossSlot::Retransmit,
+            owner_sk: sk,
+            tuple_skc: sk,
+            cookie,
+            state,
+            segs,
+            err,
+            total_retrans,
+            counted,
+            owner,
+        },
+    )
+}
+
+/// Segments the kernel counted on `sk` since the last look (its `total_retrans`
+/// delta), and the socket's owner; moves the baseline to `total_retrans`.
+#[inline(always)]
+fn account(sk: u64, total_retrans: u32) -> (u32, SockOwner) {
+    match VIGIL_SOCKS.get_ptr_mut(sk) {
+        Some(state) => {
+            // SAFETY: a valid map value; the socket's lock serialises its retransmits.
+            let state = unsafe { &mut *state };
+            let counted = if state.baseline_known == 1 {
+                total_retrans.wrapping_sub(state.retrans_seen)
+            } else {
+                COUNT_UNKNOWN
+            };
+            state.retrans_seen = total_retrans;
+            state.baseline_known = 1;
+            (counted, state.owner)
+        }
+        None => {
+            // A socket older than the agent: no baseline until now.
+            let state = SockState {
+                owner: SockOwner::default(),
+                retrans_seen: total_retrans,
+                baseline_known: 1,
+            };
+            let _ = VIGIL_SOCKS.insert(sk, state, 0);
+            (COUNT_UNKNOWN, SockOwner::default())
+        }
+    }
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn vigil_synack(ctx: BtfTracePointContext) -> i32 {
     if let Err(e) = try_synack(&ctx) {
+        count_loss(LossSlot::SynAckRetransmit, LossReason::ReadError);
         debug!(&ctx, "vigil_synack: kernel read failed: {}", e);
     }
     0
@@ -62,37 +114,61 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // A request_sock starts with a sock_common holding the connection's tuple.
     let req: u64 = ctx.arg(1);
     let state = u32::from(read::<u8>(listener, l.skc_state)?);
-    emit(&l, EventKind::SynAckRetransmit, LossSlot::SynAckRetransmit, listener, req, 0, state, 1, 0)
+    // SAFETY: the value is copied out before the map can change it.
+    let owner = unsafe { VIGIL_SOCKS.get(listener) }.map_or(SockOwner::default(), |s| s.owner);
+    emit(
+        &l,
+        &Sample {
+            kind: EventKind::SynAckRetransmit,
+            slot: LossSlot::SynAckRetransmit,
+            owner_sk: listener,
+            tuple_skc: req,
+            cookie: 0,
+            state,
+            segs: 1,
+            err: 0,
+            total_retrans: 0,
+            counted: 1,
+            owner,
+        },
+    )
+}
+
+/// What a hook learnt, before the common fields are added.
+pub struct Sample {
+    pub kind: EventKind,
+    pub slot: LossSlot,
+    /// The socket the event is about (for SYN-ACKs: the listener).
+    pub owner_sk: u64,
+    /// Where the tuple and netns are read (for SYN-ACKs: the request socket).
+    pub tuple_skc: u64,
+    pub cookie: u64,
+    pub state: u32,
+    pub segs: u32,
+    pub err: i32,
+    pub total_retrans: u32,
+    pub counted: u32,
+    pub owner: SockOwner,
 }
 
 /// Fills and submits one record; a full ring is counted, never waited on.
-#[expect(clippy::too_many_arguments, reason = "one flat record, filled in one place")]
 #[inline(always)]
-fn emit(
-    l: &KernelLayout,
-    kind: EventKind,
-    slot: LossSlot,
-    owner_sk: u64,
-    tuple_skc: u64,
-    cookie: u64,
-    state: u32,
-    segs: u32,
-    err: i32,
-) -> Result<(), i64> {
+pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
     let record = RetransmitRecord {
-        kind: kind as u32,
-        state,
+        kind: s.kind as u32,
+        state: s.state,
         // SAFETY: plain helper call without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        cookie,
-        sk_addr: owner_sk,
-        netns: netns_inode(l, tuple_skc)?,
-        segs,
-        err,
+        cookie: s.cookie,
+        sk_addr: s.owner_sk,
+        netns: netns_inode(l, s.tuple_skc)?,
+        segs: s.segs,
+        err: s.err,
+        total_retrans: s.total_retrans,
+        counted: s.counted,
         _pad: 0,
-        tuple: tuple(l, tuple_skc)?,
-        // SAFETY: the value is copied out before the map can change it.
-        owner: unsafe { VIGIL_OWNERS.get(&owner_sk) }.copied().unwrap_or(SockOwner::default()),
+        tuple: tuple(l, s.tuple_skc)?,
+        owner: s.owner,
     };
     match VIGIL_EVENTS.reserve::<RetransmitRecord>(0) {
         Some(mut entry) => {
@@ -100,11 +176,16 @@ fn emit(
             entry.submit(0);
         }
         None => {
-            if let Some(lost) = VIGIL_LOST.get_ptr_mut(slot as u32) {
-                // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-                unsafe { *lost += 1 };
-            }
+            count_loss(s.slot, LossReason::RingFull);
         }
     }
     Ok(())
+}
+
+#[inline(always)]
+fn count_loss(slot: LossSlot, reason: LossReason) {
+    if let Some(lost) = VIGIL_LOST.get_ptr_mut(loss_index(slot, reason)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *lost += 1 };
+    }
 }

@@ -13,20 +13,24 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-pub use vigil_testbed::prom::{metric_sum, scrape};
 use vigil_testbed::netns::{bin_path, ChildGuard};
+pub use vigil_testbed::prom::{metric_sum, scrape};
 
 /// True when this machine can run the real-kernel tests. In CI (CI=true) a
 /// missing prerequisite is a failure, never a skip.
 pub fn bpf_available(test: &str) -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    let tracefs = Path::new("/sys/kernel/tracing/events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir();
+    let tracefs = Path::new("/sys/kernel/tracing/events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir();
     if root && btf && tracefs {
         return true;
     }
     let why = format!("{test}: needs root, /sys/kernel/btf/vmlinux and tracefs (root={root} btf={btf} tracefs={tracefs})");
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: {why}");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: {why}"
+    );
     eprintln!("SKIPPED (not in CI): {why}");
     false
 }
@@ -48,11 +52,17 @@ impl Agent {
     /// port) and waits until it reports it is running.
     pub fn start(args: &[&str]) -> anyhow::Result<Agent> {
         let mut cmd = Command::new(bin_path("vigil")?);
-        cmd.args(["agent", "--log-format", "json", "--metrics-addr", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "agent",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let stderr = child.child_mut().stderr.take().context("agent stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -65,17 +75,27 @@ impl Agent {
                 }
             }
         });
-        let mut agent = Agent { child, log, metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let mut agent = Agent {
+            child,
+            log,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(addr) = agent.find_log("serving Prometheus metrics at /metrics").and_then(|v| v["addr"].as_str().map(str::to_owned)) {
+            if let Some(addr) = agent
+                .find_log("serving Prometheus metrics at /metrics")
+                .and_then(|v| v["addr"].as_str().map(str::to_owned))
+            {
                 if agent.find_log("vigil agent running").is_some() {
                     agent.metrics_addr = addr.parse().context("metrics addr in log")?;
                     return Ok(agent);
                 }
             }
             if let Some(status) = agent.child.try_wait()? {
-                bail!("agent exited during start with {status}; log:\n{}", agent.log_text());
+                bail!(
+                    "agent exited during start with {status}; log:\n{}",
+                    agent.log_text()
+                );
             }
             if Instant::now() > deadline {
                 bail!("agent not running after 30 s; log:\n{}", agent.log_text());
@@ -93,11 +113,19 @@ impl Agent {
     }
 
     pub fn log_text(&self) -> String {
-        self.logs().iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+        self.logs()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn find_log(&self, message: &str) -> Option<Value> {
-        self.logs().into_iter().find(|v| v["message"].as_str().is_some_and(|m| m.starts_with(message)))
+        self.logs().into_iter().find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
     }
 
     /// (kind, id, name) of every kernel object the agent said it created.
@@ -105,7 +133,13 @@ impl Agent {
         self.logs()
             .iter()
             .filter(|v| v["message"].as_str() == Some("kernel object created"))
-            .filter_map(|v| Some((v["kind"].as_str()?.to_owned(), v["id"].as_u64()?, v["name"].as_str()?.to_owned())))
+            .filter_map(|v| {
+                Some((
+                    v["kind"].as_str()?.to_owned(),
+                    v["id"].as_u64()?,
+                    v["name"].as_str()?.to_owned(),
+                ))
+            })
             .collect()
     }
 
@@ -121,13 +155,20 @@ impl Agent {
     /// SIGKILL and wait.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.child.child_mut().kill().context("SIGKILL agent")?;
-        self.child.child_mut().wait().context("wait for killed agent")?;
+        self.child
+            .child_mut()
+            .wait()
+            .context("wait for killed agent")?;
         Ok(())
     }
 }
 
 /// Polls `f` until it returns Some, or fails after `timeout`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f()? {
@@ -142,8 +183,11 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> anyhow:
 
 /// Reads an event log (JSON lines) written by `vigil agent --event-log`.
 pub fn read_event_log(path: &Path) -> anyhow::Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad event line {l:?}"))).collect()
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad event line {l:?}")))
+        .collect()
 }
 
 /// A temporary file path removed on drop.
@@ -178,7 +222,12 @@ impl Scenario {
         Scenario::start_with(tag, index, v6, None)
     }
 
-    pub fn start_with(tag: &str, index: u8, v6: bool, cgroup_procs: Option<&Path>) -> anyhow::Result<Scenario> {
+    pub fn start_with(
+        tag: &str,
+        index: u8,
+        v6: bool,
+        cgroup_procs: Option<&Path>,
+    ) -> anyhow::Result<Scenario> {
         let link = vigil_testbed::netns::LinkPair::create(tag, index)?;
         let listen = SocketAddr::new(link.server_addr(v6), ORIGIN_PORT);
         let origin_bin = bin_path("vigil-origin")?;
@@ -187,16 +236,27 @@ impl Scenario {
             Some(procs) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
-                    .arg(format!("echo $$ > {} && exec ip netns exec {} \"$@\"", procs.display(), link.server.name()))
+                    .arg(format!(
+                        "echo $$ > {} && exec ip netns exec {} \"$@\"",
+                        procs.display(),
+                        link.server.name()
+                    ))
                     .arg("sh")
                     .arg(&origin_bin);
                 c
             }
             None => link.server.command(&origin_bin),
         };
-        cmd.args(["--listen", &listen.to_string(), "--workers", "2", "--max-seconds", "300"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "--listen",
+            &listen.to_string(),
+            "--workers",
+            "2",
+            "--max-seconds",
+            "300",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         let mut origin = ChildGuard::spawn(&mut cmd)?;
         let line = origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
         let origin_pid = line
@@ -204,7 +264,12 @@ impl Scenario {
             .find_map(|w| w.strip_prefix("pid="))
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow!("no pid in {line:?}"))?;
-        Ok(Scenario { link, origin: Some(origin), origin_pid, port: ORIGIN_PORT })
+        Ok(Scenario {
+            link,
+            origin: Some(origin),
+            origin_pid,
+            port: ORIGIN_PORT,
+        })
     }
 
     pub fn server_netns(&self) -> anyhow::Result<u64> {
@@ -214,13 +279,21 @@ impl Scenario {
     /// (server, client) value of a MIB counter, e.g. ("Tcp", "RetransSegs").
     pub fn mib(&self, section: &str, name: &str) -> anyhow::Result<(u64, u64)> {
         let get = |ns: &vigil_testbed::netns::Netns| {
-            ns.mib()?.get(section, name).ok_or_else(|| anyhow!("no {section} {name} in {}", ns.name()))
+            ns.mib()?
+                .get(section, name)
+                .ok_or_else(|| anyhow!("no {section} {name} in {}", ns.name()))
         };
         Ok((get(&self.link.server)?, get(&self.link.client)?))
     }
 
     /// Starts the load generator in the client namespace (not waited for).
-    pub fn spawn_load(&self, v6: bool, connections: u32, requests: u32, max_secs: f64) -> anyhow::Result<ChildGuard> {
+    pub fn spawn_load(
+        &self,
+        v6: bool,
+        connections: u32,
+        requests: u32,
+        max_secs: f64,
+    ) -> anyhow::Result<ChildGuard> {
         let target = SocketAddr::new(self.link.server_addr(v6), self.port);
         let mut cmd = self.link.client.command(bin_path("vigil-loadgen")?);
         cmd.args([
@@ -240,14 +313,23 @@ impl Scenario {
     }
 
     /// Runs the load generator to completion and returns its JSON summary.
-    pub fn run_load(&self, v6: bool, connections: u32, requests: u32, max_secs: f64) -> anyhow::Result<Value> {
+    pub fn run_load(
+        &self,
+        v6: bool,
+        connections: u32,
+        requests: u32,
+        max_secs: f64,
+    ) -> anyhow::Result<Value> {
         let mut load = self.spawn_load(v6, connections, requests, max_secs)?;
         let mut out = String::new();
         if let Some(mut stdout) = load.child_mut().stdout.take() {
             stdout.read_to_string(&mut out)?;
         }
         load.terminate(Duration::from_secs(5))?;
-        let line = out.lines().last().ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+        let line = out
+            .lines()
+            .last()
+            .ok_or_else(|| anyhow!("loadgen printed nothing"))?;
         serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
     }
 
@@ -259,11 +341,15 @@ impl Scenario {
             origin.terminate(Duration::from_secs(5))?;
         }
         for ns in [&self.link.server, &self.link.client] {
-            wait_for(Duration::from_secs(30), "namespace without live TCP sockets", || {
-                // TIME-WAIT sockets never retransmit; everything else must be gone.
-                let out = ns.run(&["ss", "-Htan", "exclude", "time-wait"])?;
-                Ok(out.trim().is_empty().then_some(()))
-            })?;
+            wait_for(
+                Duration::from_secs(30),
+                "namespace without live TCP sockets",
+                || {
+                    // TIME-WAIT sockets never retransmit; everything else must be gone.
+                    let out = ns.run(&["ss", "-Htan", "exclude", "time-wait"])?;
+                    Ok(out.trim().is_empty().then_some(()))
+                },
+            )?;
         }
         Ok(())
     }

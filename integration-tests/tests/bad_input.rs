@@ -7,9 +7,15 @@ use vigil_testbed::netns::bin_path;
 
 /// Runs `vigil args...` to completion: (exit code, stderr).
 fn vigil(args: &[&str]) -> anyhow::Result<(i32, String)> {
-    let out = Command::new(bin_path("vigil")?).args(args).env("RUST_LOG", "warn").output()?;
+    let out = Command::new(bin_path("vigil")?)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "no panic for {args:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "no panic for {args:?}: {stderr}"
+    );
     Ok((out.status.code().unwrap_or(-1), stderr))
 }
 
@@ -25,7 +31,10 @@ fn unknown_flag_is_named() -> anyhow::Result<()> {
 fn unreadable_config_names_the_file() -> anyhow::Result<()> {
     let (code, err) = vigil(&["agent", "--config", "/nonexistent/vigil.toml"])?;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("cannot read config file /nonexistent/vigil.toml"), "{err}");
+    assert!(
+        err.contains("cannot read config file /nonexistent/vigil.toml"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -49,7 +58,10 @@ fn port_in_use_is_reported() -> anyhow::Result<()> {
     let addr = taken.local_addr()?.to_string();
     let (code, err) = vigil(&["agent", "--metrics-addr", &addr])?;
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("cannot listen for metrics on {addr}")) && err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen for metrics on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -57,7 +69,11 @@ fn port_in_use_is_reported() -> anyhow::Result<()> {
 fn unknown_hook_name_is_rejected() -> anyhow::Result<()> {
     let (code, err) = vigil(&["agent", "--disable-hook", "kprobe/tcp_retransmit_skb"])?;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("unknown hook `kprobe/tcp_retransmit_skb`") && err.contains("tp_btf/tcp_retransmit_skb"), "{err}");
+    assert!(
+        err.contains("unknown hook `kprobe/tcp_retransmit_skb`")
+            && err.contains("tp_btf/tcp_retransmit_skb"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -68,7 +84,13 @@ fn missing_retransmit_hook_is_fatal_and_explained() -> anyhow::Result<()> {
     if !bpf_available("missing_retransmit_hook_is_fatal_and_explained") {
         return Ok(());
     }
-    let (code, err) = vigil(&["agent", "--metrics-addr", "127.0.0.1:0", "--disable-hook", "tp_btf/tcp_retransmit_skb"])?;
+    let (code, err) = vigil(&[
+        "agent",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--disable-hook",
+        "tp_btf/tcp_retransmit_skb",
+    ])?;
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("no hook for signal `retransmit` could be attached: tp_btf/tcp_retransmit_skb disabled by config"),

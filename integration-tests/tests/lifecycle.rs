@@ -14,45 +14,74 @@ fn bpftool_shows(kind: &str, id: u64) -> bool {
 
 /// Program ids some BPF link still points at.
 fn linked_program_ids() -> anyhow::Result<Vec<u64>> {
-    let out = Command::new("bpftool").args(["-j", "link", "show"]).output()?;
-    anyhow::ensure!(out.status.success(), "bpftool link show failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool link show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(links.as_array().into_iter().flatten().filter_map(|l| l["prog_id"].as_u64()).collect())
+    Ok(links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["prog_id"].as_u64())
+        .collect())
 }
 
 /// All created objects exist while the agent runs (so the check below can fail).
 fn objects_of(agent: &Agent) -> anyhow::Result<Vec<(String, u64, String)>> {
     let objects = agent.kernel_objects();
     let programs = objects.iter().filter(|(k, ..)| k == "program").count();
-    anyhow::ensure!(programs >= 5, "agent reported {programs} programs: {objects:?}");
-    anyhow::ensure!(objects.iter().any(|(k, _, n)| k == "map" && n == "VIGIL_EVENTS"), "ring buffer reported");
+    anyhow::ensure!(
+        programs >= 5,
+        "agent reported {programs} programs: {objects:?}"
+    );
+    anyhow::ensure!(
+        objects
+            .iter()
+            .any(|(k, _, n)| k == "map" && n == "VIGIL_EVENTS"),
+        "ring buffer reported"
+    );
     for (kind, id, name) in &objects {
         let tool_kind = if kind == "program" { "prog" } else { "map" };
-        anyhow::ensure!(bpftool_shows(tool_kind, *id), "{kind} {name} (id {id}) not visible while the agent runs");
+        anyhow::ensure!(
+            bpftool_shows(tool_kind, *id),
+            "{kind} {name} (id {id}) not visible while the agent runs"
+        );
     }
     let linked = linked_program_ids()?;
     for (_, id, name) in objects.iter().filter(|(k, ..)| k == "program") {
-        anyhow::ensure!(linked.contains(id), "program {name} (id {id}) has no link while the agent runs");
+        anyhow::ensure!(
+            linked.contains(id),
+            "program {name} (id {id}) has no link while the agent runs"
+        );
     }
     Ok(objects)
 }
 
 /// The kernel frees objects when their last reference goes; allow it a moment.
 fn assert_all_gone(objects: &[(String, u64, String)]) -> anyhow::Result<()> {
-    wait_for(Duration::from_secs(10), "every kernel object of the agent to be released", || {
-        let linked = linked_program_ids()?;
-        let left: Vec<_> = objects
-            .iter()
-            .filter(|(kind, id, _)| {
-                let tool_kind = if kind == "program" { "prog" } else { "map" };
-                bpftool_shows(tool_kind, *id) || (kind == "program" && linked.contains(id))
-            })
-            .collect();
-        if !left.is_empty() {
-            eprintln!("still present: {left:?}");
-        }
-        Ok(left.is_empty().then_some(()))
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "every kernel object of the agent to be released",
+        || {
+            let linked = linked_program_ids()?;
+            let left: Vec<_> = objects
+                .iter()
+                .filter(|(kind, id, _)| {
+                    let tool_kind = if kind == "program" { "prog" } else { "map" };
+                    bpftool_shows(tool_kind, *id) || (kind == "program" && linked.contains(id))
+                })
+                .collect();
+            if !left.is_empty() {
+                eprintln!("still present: {left:?}");
+            }
+            Ok(left.is_empty().then_some(()))
+        },
+    )
 }
 
 #[test]
@@ -63,8 +92,15 @@ fn sigterm_detaches_and_releases_everything() -> anyhow::Result<()> {
     let mut agent = Agent::start(&[])?;
     let objects = objects_of(&agent)?;
     let status = agent.terminate()?;
-    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", agent.log_text());
-    assert!(agent.log_text().contains("detached all hooks"), "shutdown logged");
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("detached all hooks"),
+        "shutdown logged"
+    );
     assert_all_gone(&objects)
 }
 
@@ -80,7 +116,9 @@ fn sigkill_leaves_nothing_and_restart_works() -> anyhow::Result<()> {
     assert_all_gone(&objects)?;
     let mut again = Agent::start(&[])?;
     let second = objects_of(&again)?;
-    assert!(again.scrape()?.contains("vigil_hook_active{hook=\"tp_btf/tcp_retransmit_skb\",signal=\"retransmit\"} 1"));
+    assert!(again
+        .scrape()?
+        .contains("vigil_hook_active{hook=\"tp_btf/tcp_retransmit_skb\",signal=\"retransmit\"} 1"));
     assert!(again.terminate()?.success());
     assert_all_gone(&second)
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use vigil_integration_tests::{bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath};
+use vigil_integration_tests::{
+    bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath,
+};
 
 /// Transfers through a lossy veth link, then compares the agent's segment
 /// totals for the server and the client namespace with each one's RetransSegs delta.
@@ -15,28 +17,65 @@ use vigil_integration_tests::{bpf_available, metric_sum, read_event_log, tag, wa
 /// before reading the counter. Ring-buffer losses would break equality, so
 /// they are asserted to be zero as well.
 fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<()> {
-    let name = format!("{}{}{loss_percent}", tag("rx"), if v6 { "six" } else { "four" });
+    let name = format!(
+        "{}{}{loss_percent}",
+        tag("rx"),
+        if v6 { "six" } else { "four" }
+    );
     let agent = Agent::start(&[])?;
     let mut scenario = Scenario::start(&name, index, v6)?;
     let before = scenario.mib("Tcp", "RetransSegs")?;
+    let host_queue_before = scenario.mib("TcpExt", "TCPSpuriousRtxHostQueues")?;
+    let fail_before = scenario.mib("TcpExt", "TCPRetransFail")?;
     scenario.link.set_loss(scenario.port, loss_percent)?;
     let summary = scenario.run_load(v6, 4, 8, 8.0)?;
-    assert!(summary["requests_ok"].as_u64().unwrap_or(0) > 0, "load made progress: {summary}");
+    assert!(
+        summary["requests_ok"].as_u64().unwrap_or(0) > 0,
+        "load made progress: {summary}"
+    );
     scenario.quiesce()?;
     let after = scenario.mib("Tcp", "RetransSegs")?;
     let (server, client) = (after.0 - before.0, after.1 - before.1);
-    assert!(server > 0, "{loss_percent}% loss must cause retransmits (nft dropped {:?})", scenario.link.loss_drops());
+    let host_queue = scenario.mib("TcpExt", "TCPSpuriousRtxHostQueues")?.0 - host_queue_before.0;
+    let fail = scenario.mib("TcpExt", "TCPRetransFail")?.0 - fail_before.0;
+    assert!(
+        server > 0,
+        "{loss_percent}% loss must cause retransmits (nft dropped {:?})",
+        scenario.link.loss_drops()
+    );
 
     let server_ns = scenario.link.server.inode()?.to_string();
     let client_ns = scenario.link.client.inode()?.to_string();
     let text = wait_for_total(&agent, &server_ns, server)?;
-    assert_eq!(metric_sum(&text, "vigil_events_lost_total", &[]), 0, "no ring-buffer loss");
-    for (side, netns, kernel) in [("server", &server_ns, server), ("client", &client_ns, client)] {
+    assert_eq!(
+        metric_sum(&text, "vigil_events_lost_total", &[]),
+        0,
+        "no ring-buffer loss"
+    );
+    for (side, netns, kernel) in [
+        ("server", &server_ns, server),
+        ("client", &client_ns, client),
+    ] {
         let reported = metric_sum(&text, SEGMENTS, &[("netns", netns)]);
-        assert_eq!(reported, kernel, "v6={v6} loss={loss_percent}% {side}: agent {reported} vs kernel RetransSegs delta {kernel}\n{text}");
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("failed_attempts_total{") && l.contains(netns.as_str()))
+            .collect();
+        assert_eq!(
+            reported, kernel,
+            "v6={v6} loss={loss_percent}% {side}: agent {reported} vs kernel RetransSegs delta {kernel} \
+             (server TCPSpuriousRtxHostQueues +{host_queue}, TCPRetransFail +{fail}; agent failed attempts {failed:?})\n{text}"
+        );
     }
-    let events = metric_sum(&text, "vigil_tcp_retransmit_events_total", &[("netns", &server_ns)]);
-    assert!(events > 0 && events <= server, "events {events} <= segments {server}");
+    let events = metric_sum(
+        &text,
+        "vigil_tcp_retransmit_events_total",
+        &[("netns", &server_ns)],
+    );
+    assert!(
+        events > 0 && events <= server,
+        "events {events} <= segments {server}"
+    );
     eprintln!("v6={v6} loss={loss_percent}%: server {server} segments in {events} events, client {client}; equal to RetransSegs");
     Ok(())
 }
@@ -46,10 +85,14 @@ const SEGMENTS: &str = "vigil_tcp_retransmitted_segments_total";
 /// Scrapes until the agent's total for `netns` reaches `kernel` (the ring is
 /// drained asynchronously), or 10 s pass; returns the last scrape either way.
 fn wait_for_total(agent: &Agent, netns: &str, kernel: u64) -> anyhow::Result<String> {
-    let reached = wait_for(Duration::from_secs(10), "agent total to reach the kernel's", || {
-        let text = agent.scrape()?;
-        Ok((metric_sum(&text, SEGMENTS, &[("netns", netns)]) >= kernel).then_some(text))
-    });
+    let reached = wait_for(
+        Duration::from_secs(10),
+        "agent total to reach the kernel's",
+        || {
+            let text = agent.scrape()?;
+            Ok((metric_sum(&text, SEGMENTS, &[("netns", netns)]) >= kernel).then_some(text))
+        },
+    );
     match reached {
         Ok(text) => Ok(text),
         Err(_) => agent.scrape(),
@@ -65,12 +108,17 @@ fn handshake_retransmits_equal_kernel_counters() -> anyhow::Result<()> {
     if !bpf_available("handshake_retransmits_equal_kernel_counters") {
         return Ok(());
     }
+    handshake_retransmits(false, 32)?;
+    handshake_retransmits(true, 33)
+}
+
+fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
     let agent = Agent::start(&[])?;
-    let mut scenario = Scenario::start(&tag("hs"), 32, false)?;
+    let mut scenario = Scenario::start(&format!("{}{}", tag("hs"), u8::from(v6)), index, v6)?;
     let segs_before = scenario.mib("Tcp", "RetransSegs")?;
     let syn_before = scenario.mib("TcpExt", "TCPSynRetrans")?;
     scenario.link.set_loss(scenario.port, 100)?;
-    let mut load = scenario.spawn_load(false, 2, 1, 10.0)?;
+    let mut load = scenario.spawn_load(v6, 2, 1, 10.0)?;
     std::thread::sleep(Duration::from_millis(3500));
     scenario.link.set_loss(scenario.port, 0)?;
     load.terminate(Duration::from_secs(10))?;
@@ -79,19 +127,55 @@ fn handshake_retransmits_equal_kernel_counters() -> anyhow::Result<()> {
     let syn_after = scenario.mib("TcpExt", "TCPSynRetrans")?;
     let server_synack = syn_after.0 - syn_before.0;
     let client_syn = syn_after.1 - syn_before.1;
-    assert!(server_synack > 0 && client_syn > 0, "handshake retransmits happened: {server_synack} SYN-ACK, {client_syn} SYN");
+    assert!(
+        server_synack > 0 && client_syn > 0,
+        "handshake retransmits happened: {server_synack} SYN-ACK, {client_syn} SYN"
+    );
 
     let server_ns = scenario.link.server.inode()?.to_string();
     let client_ns = scenario.link.client.inode()?.to_string();
     let text = wait_for_total(&agent, &server_ns, segs_after.0 - segs_before.0)?;
-    assert_eq!(metric_sum(&text, "vigil_tcp_synack_retransmits_total", &[("netns", &server_ns)]), server_synack, "{text}");
-    assert_eq!(metric_sum(&text, SEGMENTS, &[("netns", &server_ns)]), segs_after.0 - segs_before.0, "{text}");
-    assert_eq!(metric_sum(&text, SEGMENTS, &[("netns", &client_ns)]), segs_after.1 - segs_before.1, "{text}");
+    assert_eq!(
+        metric_sum(
+            &text,
+            "vigil_tcp_synack_retransmits_total",
+            &[("netns", &server_ns)]
+        ),
+        server_synack,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, SEGMENTS, &[("netns", &server_ns)]),
+        segs_after.0 - segs_before.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, SEGMENTS, &[("netns", &client_ns)]),
+        segs_after.1 - segs_before.1,
+        "{text}"
+    );
     // The SYN-ACKs belong to the listener's owner; the SYNs to the load generator.
-    assert!(text.contains(&format!("vigil_tcp_synack_retransmits_total{{netns=\"{server_ns}\",cgroup=\"")), "{text}");
-    assert!(!text.contains(&format!("{SEGMENTS}{{netns=\"{server_ns}\",cgroup=\"unknown\"")), "server side attributed: {text}");
-    assert!(!text.contains(&format!("{SEGMENTS}{{netns=\"{client_ns}\",cgroup=\"unknown\"")), "client side attributed: {text}");
-    eprintln!("{server_synack} SYN-ACK and {client_syn} SYN retransmits, equal to the kernel's counters");
+    assert!(
+        text.contains(&format!(
+            "vigil_tcp_synack_retransmits_total{{netns=\"{server_ns}\",cgroup=\""
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!(
+            "{SEGMENTS}{{netns=\"{server_ns}\",cgroup=\"unknown\""
+        )),
+        "server side attributed: {text}"
+    );
+    assert!(
+        !text.contains(&format!(
+            "{SEGMENTS}{{netns=\"{client_ns}\",cgroup=\"unknown\""
+        )),
+        "client side attributed: {text}"
+    );
+    eprintln!(
+        "{server_synack} SYN-ACK and {client_syn} SYN retransmits, equal to the kernel's counters"
+    );
     Ok(())
 }
 
@@ -130,12 +214,16 @@ impl TestCgroup {
             .lines()
             .find_map(|l| {
                 let (pre, post) = l.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
+                (post.split_whitespace().next()? == "cgroup2")
+                    .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
             })
             .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount"))?;
         let dir = std::path::Path::new(&root).join(name);
         std::fs::create_dir_all(&dir)?;
-        Ok(TestCgroup { dir, rel: format!("/{name}") })
+        Ok(TestCgroup {
+            dir,
+            rel: format!("/{name}"),
+        })
     }
 }
 
@@ -163,7 +251,8 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
     let log = TempPath::new("attr-new.jsonl");
     let log_arg = log.0.display().to_string();
     let mut agent = Agent::start(&["--event-log", &log_arg])?;
-    let mut scenario = Scenario::start_with(&name, 30, false, Some(&cgroup.dir.join("cgroup.procs")))?;
+    let mut scenario =
+        Scenario::start_with(&name, 30, false, Some(&cgroup.dir.join("cgroup.procs")))?;
     let netns = scenario.server_netns()?;
     scenario.link.set_loss(scenario.port, 10)?;
     scenario.run_load(false, 3, 6, 6.0)?;
@@ -171,16 +260,46 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
     agent.terminate()?;
 
     let events = read_event_log(&log.0)?;
-    let server: Vec<_> = events.iter().filter(|e| e["netns"].as_u64() == Some(netns)).collect();
-    assert!(!server.is_empty(), "retransmits seen in the server namespace");
+    let server: Vec<_> = events
+        .iter()
+        .filter(|e| e["netns"].as_u64() == Some(netns))
+        .collect();
+    assert!(
+        !server.is_empty(),
+        "retransmits seen in the server namespace"
+    );
     for e in &server {
-        assert_eq!(e["pid"].as_u64(), Some(u64::from(scenario.origin_pid)), "pid of {e}");
-        assert_eq!(e["comm"].as_str(), Some("vigil-origin"), "process name of {e}");
-        assert_eq!(e["cgroup"].as_str(), Some(cgroup.rel.as_str()), "cgroup of {e}");
-        assert_eq!(e["owner_source"].as_str(), Some("kernel"), "learnt at accept: {e}");
-        assert_eq!(e["local"].as_str().map(|l| l.ends_with(":8080")), Some(true), "server side of {e}");
+        assert_eq!(
+            e["pid"].as_u64(),
+            Some(u64::from(scenario.origin_pid)),
+            "pid of {e}"
+        );
+        assert_eq!(
+            e["comm"].as_str(),
+            Some("vigil-origin"),
+            "process name of {e}"
+        );
+        assert_eq!(
+            e["cgroup"].as_str(),
+            Some(cgroup.rel.as_str()),
+            "cgroup of {e}"
+        );
+        assert_eq!(
+            e["owner_source"].as_str(),
+            Some("kernel"),
+            "learnt at accept: {e}"
+        );
+        assert_eq!(
+            e["local"].as_str().map(|l| l.ends_with(":8080")),
+            Some(true),
+            "server side of {e}"
+        );
     }
-    eprintln!("{} server-side events, all attributed to pid {}", server.len(), scenario.origin_pid);
+    eprintln!(
+        "{} server-side events, all attributed to pid {}",
+        server.len(),
+        scenario.origin_pid
+    );
     Ok(())
 }
 
@@ -207,22 +326,54 @@ fn preexisting_sockets_are_attributed_from_proc() -> anyhow::Result<()> {
     let log_arg = log.0.display().to_string();
     let mut agent = Agent::start(&["--event-log", &log_arg])?;
     let metrics_labels = [("netns", netns.to_string())];
-    let labels: Vec<(&str, &str)> = metrics_labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    wait_for(Duration::from_secs(20), "retransmits after the agent started", || {
-        Ok((metric_sum(&agent.scrape()?, "vigil_tcp_retransmit_events_total", &labels) >= 5).then_some(()))
-    })?;
+    let labels: Vec<(&str, &str)> = metrics_labels
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    wait_for(
+        Duration::from_secs(20),
+        "retransmits after the agent started",
+        || {
+            Ok((metric_sum(
+                &agent.scrape()?,
+                "vigil_tcp_retransmit_events_total",
+                &labels,
+            ) >= 5)
+                .then_some(()))
+        },
+    )?;
     load.terminate(Duration::from_secs(5))?;
     scenario.quiesce()?;
     agent.terminate()?;
 
     let events = read_event_log(&log.0)?;
-    let server: Vec<_> = events.iter().filter(|e| e["netns"].as_u64() == Some(netns)).collect();
-    let from_proc = server.iter().filter(|e| e["owner_source"].as_str() == Some("proc")).count();
-    assert!(from_proc > 0, "some events on pre-existing sockets: {server:?}");
+    let server: Vec<_> = events
+        .iter()
+        .filter(|e| e["netns"].as_u64() == Some(netns))
+        .collect();
+    let from_proc = server
+        .iter()
+        .filter(|e| e["owner_source"].as_str() == Some("proc"))
+        .count();
+    assert!(
+        from_proc > 0,
+        "some events on pre-existing sockets: {server:?}"
+    );
     for e in &server {
-        assert_eq!(e["pid"].as_u64(), Some(u64::from(scenario.origin_pid)), "pid of {e}");
-        assert_eq!(e["comm"].as_str(), Some("vigil-origin"), "process name of {e}");
+        assert_eq!(
+            e["pid"].as_u64(),
+            Some(u64::from(scenario.origin_pid)),
+            "pid of {e}"
+        );
+        assert_eq!(
+            e["comm"].as_str(),
+            Some("vigil-origin"),
+            "process name of {e}"
+        );
     }
-    eprintln!("{} server-side events, {from_proc} attributed from /proc", server.len());
+    eprintln!(
+        "{} server-side events, {from_proc} attributed from /proc",
+        server.len()
+    );
     Ok(())
 }

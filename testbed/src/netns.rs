@@ -392,7 +392,11 @@ impl LinkPair {
         let mut script = format!("table inet {LOSS_TABLE}\ndelete table inet {LOSS_TABLE}\n");
         if percent > 0 {
             // numgen's range is 0..=99, so "< 100" is rejected: total loss needs no sampling.
-            let sample = if percent >= 100 { String::new() } else { format!("numgen random mod 100 < {percent} ") };
+            let sample = if percent >= 100 {
+                String::new()
+            } else {
+                format!("numgen random mod 100 < {percent} ")
+            };
             script.push_str(&format!(
                 "table inet {LOSS_TABLE} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp sport {port} {sample}counter drop\n  }}\n}}\n"
             ));

@@ -15,7 +15,9 @@ pub fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         bail!("scrape failed: {head}");
     }
@@ -32,9 +34,10 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
             if name != metric {
                 return None;
             }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum::<f64>() as u64
 }
-

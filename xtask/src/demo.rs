@@ -64,15 +64,32 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
 
     // Embedded defaults; only the metrics address is the demo's to choose.
-    let agent = ChildGuard::spawn(
-        Command::new(bin.join("vigil")).args(["agent", "--metrics-addr", &args.metrics_addr.to_string()]),
-    )?;
+    let agent = ChildGuard::spawn(Command::new(bin.join("vigil")).args([
+        "agent",
+        "--metrics-addr",
+        &args.metrics_addr.to_string(),
+    ]))?;
     let _players = ChildGuard::spawn(
         link.client
             .command(bin.join("vigil-loadgen"))
-            .args(["--target", &origin_addr.to_string(), "--connections", &args.players.to_string()])
-            .args(["--requests-per-connection", "30", "--max-duration-secs", "30"])
-            .args(["--repeat-until-secs", &args.duration_secs.to_string(), "--pause-ms", "500"])
+            .args([
+                "--target",
+                &origin_addr.to_string(),
+                "--connections",
+                &args.players.to_string(),
+            ])
+            .args([
+                "--requests-per-connection",
+                "30",
+                "--max-duration-secs",
+                "30",
+            ])
+            .args([
+                "--repeat-until-secs",
+                &args.duration_secs.to_string(),
+                "--pause-ms",
+                "500",
+            ])
             .stdout(Stdio::null()),
     )?;
 
@@ -84,10 +101,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         args.loss_percent,
         agent.pid()
     );
-    eprintln!("demo: metrics at http://{}/metrics — Ctrl-C stops the demo\n", args.metrics_addr);
+    eprintln!(
+        "demo: metrics at http://{}/metrics — Ctrl-C stops the demo\n",
+        args.metrics_addr
+    );
     let started = Instant::now();
     let mut next_report = Duration::from_secs(10);
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(args.duration_secs) {
+    while !stop.load(Ordering::Relaxed)
+        && started.elapsed() < Duration::from_secs(args.duration_secs)
+    {
         thread::sleep(Duration::from_millis(200));
         if started.elapsed() >= next_report {
             next_report += Duration::from_secs(10);
@@ -106,7 +128,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn retrans_segs(link: &LinkPair) -> anyhow::Result<u64> {
-    link.server.mib()?.get("Tcp", "RetransSegs").context("Tcp RetransSegs missing")
+    link.server
+        .mib()?
+        .get("Tcp", "RetransSegs")
+        .context("Tcp RetransSegs missing")
 }
 
 /// Sets `flag` when `signal` arrives (a minimal handler: one atomic store).
@@ -119,7 +144,12 @@ fn ctrlc_flag(signal: libc::c_int, flag: Arc<AtomicBool>) -> anyhow::Result<()> 
         }
     }
     // SAFETY: the handler only performs an atomic store, which is async-signal-safe.
-    let previous = unsafe { libc::signal(signal, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    let previous = unsafe {
+        libc::signal(
+            signal,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
     if previous == libc::SIG_ERR {
         anyhow::bail!("cannot install handler for signal {signal}");
     }

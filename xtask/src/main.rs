@@ -34,13 +34,20 @@ enum Task {
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Runs a command in the workspace root, inheriting stdio; fails on non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    cmd.current_dir(workspace_root());
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(workspace_root());
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -50,21 +57,69 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Builds every host binary (agent and testbed); the kernel programs are built by agent/build.rs.
 pub fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new("cargo");
-    cmd.args(["build", "--workspace", "--exclude", "vigil-probes", "--bins"]);
+    cmd.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "vigil-probes",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}
+
+/// Formatting and clippy (host crates and the kernel programs), warnings as errors.
+fn lint() -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "vigil-probes",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut kernel_clippy = Command::new("cargo");
+    if setup::has_nightly() {
+        kernel_clippy.arg("+nightly");
+    } else {
+        kernel_clippy.arg("+stable").env("RUSTC_BOOTSTRAP", "1");
+    }
+    run(kernel_clippy
+        .args([
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ])
+        .args(["--", "-D", "warnings"])
+        .current_dir(workspace_root().join("ebpf-probes")))
 }
 
 fn test(filter: Option<String>) -> anyhow::Result<()> {
     setup::ensure()?;
+    lint()?;
     let bin_dir = build(false)?;
     let filter_args: Vec<String> = filter.into_iter().collect();
     // Unit tests (pure logic; some read the running kernel's BTF and /proc).
     run(Command::new("cargo")
-        .args(["test", "--workspace", "--exclude", "vigil-probes", "--exclude", "vigil-integration-tests"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "vigil-probes",
+            "--exclude",
+            "vigil-integration-tests",
+        ])
         .arg("--")
         .args(&filter_args))?;
     // Real-kernel integration tests: each builds its own namespaces, so two may

@@ -24,15 +24,22 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn apt_installed(pkg: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).is_some_and(|s| s.contains("install ok installed"))
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
 }
 
 fn ensure_apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !apt_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -44,8 +51,9 @@ fn ensure_apt() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn has_nightly() -> bool {
-    output(Command::new("rustup").args(["toolchain", "list"])).is_some_and(|s| s.lines().any(|l| l.starts_with("nightly")))
+pub fn has_nightly() -> bool {
+    output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("nightly")))
 }
 
 /// rust-src for the toolchain that builds the kernel programs (nightly, or
@@ -55,7 +63,15 @@ fn ensure_rust_src() -> anyhow::Result<()> {
     if !has_nightly() {
         eprintln!("setup: no nightly toolchain; trying to install one");
         let installed = Command::new("rustup")
-            .args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+            .args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ])
             .status()
             .is_ok_and(|s| s.success());
         if !installed {
@@ -63,11 +79,23 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         }
     }
     let toolchain = if has_nightly() { "nightly" } else { "stable" };
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", toolchain]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to {toolchain}");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            toolchain,
+        ]))?;
     }
     Ok(())
 }
@@ -77,9 +105,20 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     if current.contains(BPF_LINKER_VERSION) {
         return Ok(());
     }
-    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)");
+    eprintln!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
+    );
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
     if output(Command::new("bpf-linker").arg("--version")).is_none() {
@@ -90,7 +129,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// tracefs is where tracepoints are found; some minimal images do not mount it.
 fn ensure_tracefs() -> anyhow::Result<()> {
-    if Path::new("/sys/kernel/tracing/events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+    if Path::new("/sys/kernel/tracing/events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
         return Ok(());
     }
     eprintln!("setup: mounting tracefs at /sys/kernel/tracing");

@@ -32,8 +32,16 @@ pub struct CgroupResolver {
 
 impl CgroupResolver {
     pub fn new(capacity: usize, min_walk_interval: Duration) -> CgroupResolver {
-        let root = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| cgroup2_mount(&m));
-        CgroupResolver { root, cache: HashMap::new(), capacity, last_walk: None, min_walk_interval }
+        let root = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| cgroup2_mount(&m));
+        CgroupResolver {
+            root,
+            cache: HashMap::new(),
+            capacity,
+            last_walk: None,
+            min_walk_interval,
+        }
     }
 
     pub fn root(&self) -> Option<&Path> {
@@ -47,7 +55,9 @@ impl CgroupResolver {
     /// The id of a cgroup path as /proc/PID/cgroup prints it ("/a/b"), and caches the pair.
     pub fn id_of(&mut self, path: &str) -> Option<u64> {
         let root = self.root.as_ref()?;
-        let id = std::fs::metadata(root.join(path.trim_start_matches('/'))).ok()?.ino();
+        let id = std::fs::metadata(root.join(path.trim_start_matches('/')))
+            .ok()?
+            .ino();
         self.remember(id, path.to_owned());
         Some(id)
     }
@@ -61,7 +71,10 @@ impl CgroupResolver {
             return Some(p.clone());
         }
         let now = Instant::now();
-        if self.last_walk.is_some_and(|t| now.duration_since(t) < self.min_walk_interval) {
+        if self
+            .last_walk
+            .is_some_and(|t| now.duration_since(t) < self.min_walk_interval)
+        {
             return None;
         }
         self.last_walk = Some(now);
@@ -110,7 +123,10 @@ mod tests {
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
 32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 ";
-        assert_eq!(cgroup2_mount(mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_mount("garbage\n - \n"), None);
     }
 
@@ -118,11 +134,18 @@ mod tests {
     fn own_cgroup_round_trips() {
         let mut r = CgroupResolver::new(16, Duration::ZERO);
         let Some(_) = r.root() else {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have a cgroup2 mount");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI machines have a cgroup2 mount"
+            );
             return;
         };
         let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
-        let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("v2 entry").to_owned();
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("v2 entry")
+            .to_owned();
         let id = r.id_of(&path).expect("id of own cgroup");
         let mut fresh = CgroupResolver::new(16, Duration::ZERO);
         assert_eq!(fresh.path_of(id).as_deref(), Some(path.as_str()));

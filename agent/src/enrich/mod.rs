@@ -42,25 +42,44 @@ impl Enricher {
             warn!(error = %e, "cannot scan /proc; pre-existing sockets stay unattributed");
             ProcSocketTable::default()
         });
-        info!(processes = proc_table.processes_scanned, sockets = proc_table.len(), "bootstrapped socket owners from /proc");
+        info!(
+            processes = proc_table.processes_scanned,
+            sockets = proc_table.len(),
+            "bootstrapped socket owners from /proc"
+        );
         let cgroups = CgroupResolver::new(cgroup_cache_entries, rescan_interval);
         if cgroups.root().is_none() {
             warn!("no cgroup2 mount found; events carry no cgroup");
         }
-        Enricher { proc_root, proc_table, last_scan: Instant::now(), rescan_interval, cgroups }
+        Enricher {
+            proc_root,
+            proc_table,
+            last_scan: Instant::now(),
+            rescan_interval,
+            cgroups,
+        }
     }
 
     pub fn proc_sockets(&self) -> usize {
         self.proc_table.len()
     }
 
-    fn from_proc(&mut self, e: &RetransmitEvent) -> Option<Owner> {
+    fn owner_from_proc(&mut self, e: &RetransmitEvent) -> Option<Owner> {
         let found = match e.kind {
-            RetransmitKind::Segment => self.proc_table.connection_owner(e.netns, e.endpoints.local, e.endpoints.remote),
-            RetransmitKind::SynAck => self.proc_table.listener_owner(e.netns, e.endpoints.local.port()),
+            RetransmitKind::Segment | RetransmitKind::Unseen => {
+                self.proc_table
+                    .connection_owner(e.netns, e.endpoints.local, e.endpoints.remote)
+            }
+            RetransmitKind::SynAck => self
+                .proc_table
+                .listener_owner(e.netns, e.endpoints.local.port()),
         }
         .cloned()?;
-        let cgroup_id = found.cgroup_path.as_deref().and_then(|p| self.cgroups.id_of(p)).unwrap_or(0);
+        let cgroup_id = found
+            .cgroup_path
+            .as_deref()
+            .and_then(|p| self.cgroups.id_of(p))
+            .unwrap_or(0);
         Some(found.to_owner(cgroup_id))
     }
 
@@ -85,9 +104,9 @@ impl Enricher {
     /// Fills `e.owner` when the kernel did not know it, and resolves the identity.
     pub fn attribute(&mut self, e: &mut RetransmitEvent) -> Identity {
         if e.owner.is_none() {
-            e.owner = self.from_proc(e);
+            e.owner = self.owner_from_proc(e);
             if e.owner.is_none() && self.rescan_if_due() {
-                e.owner = self.from_proc(e);
+                e.owner = self.owner_from_proc(e);
             }
         }
         match &e.owner {

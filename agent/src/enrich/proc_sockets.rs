@@ -2,11 +2,7 @@
 //! the agent started (the kernel programs never saw them connect or be
 //! accepted), and the fallback for any the kernel side missed.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
-};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 
 use procfs::{
     net::TcpState,
@@ -25,7 +21,12 @@ pub struct ProcOwner {
 
 impl ProcOwner {
     pub fn to_owner(&self, cgroup_id: u64) -> Owner {
-        Owner { pid: self.pid, comm: self.comm.clone(), cgroup_id, source: OwnerSource::Proc }
+        Owner {
+            pid: self.pid,
+            comm: self.comm.clone(),
+            cgroup_id,
+            source: OwnerSource::Proc,
+        }
     }
 }
 
@@ -45,13 +46,18 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// The cgroup v2 path of a process ("0::/path" in /proc/PID/cgroup).
 fn cgroup_v2_path(proc_root: &std::path::Path, pid: i32) -> Option<String> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
 }
 
 fn netns_inode(proc_root: &std::path::Path, pid: i32) -> Option<u32> {
     let link = std::fs::read_link(proc_root.join(pid.to_string()).join("ns/net")).ok()?;
     // "net:[4026531840]"
-    link.to_str()?.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 impl ProcSocketTable {
@@ -64,8 +70,18 @@ impl ProcSocketTable {
         let mut netns_reader: HashMap<u32, i32> = HashMap::new();
         let entries = std::fs::read_dir(proc_root)?;
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            let Ok(process) = Process::new_with_root(PathBuf::from(proc_root).join(pid.to_string())) else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(process) =
+                Process::new_with_root(PathBuf::from(proc_root).join(pid.to_string()))
+            else {
+                continue;
+            };
             let Ok(fds) = process.fd() else { continue };
             table.processes_scanned += 1;
             let mut owner: Option<ProcOwner> = None;
@@ -87,23 +103,41 @@ impl ProcSocketTable {
             }
         }
         for (netns, pid) in netns_reader {
-            let Ok(process) = Process::new_with_root(PathBuf::from(proc_root).join(pid.to_string())) else { continue };
-            let entries = process.tcp().unwrap_or_default().into_iter().chain(process.tcp6().unwrap_or_default());
+            let Ok(process) =
+                Process::new_with_root(PathBuf::from(proc_root).join(pid.to_string()))
+            else {
+                continue;
+            };
+            let entries = process
+                .tcp()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(process.tcp6().unwrap_or_default());
             for e in entries {
-                let Some(owner) = inode_owner.get(&e.inode) else { continue };
+                let Some(owner) = inode_owner.get(&e.inode) else {
+                    continue;
+                };
                 let local = canonical(e.local_address);
                 if e.state == TcpState::Listen {
                     table.listeners.insert((netns, local.port()), owner.clone());
                 } else {
-                    table.connections.insert((netns, local, canonical(e.remote_address)), owner.clone());
+                    table
+                        .connections
+                        .insert((netns, local, canonical(e.remote_address)), owner.clone());
                 }
             }
         }
         Ok(table)
     }
 
-    pub fn connection_owner(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> Option<&ProcOwner> {
-        self.connections.get(&(netns, canonical(local), canonical(remote)))
+    pub fn connection_owner(
+        &self,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<&ProcOwner> {
+        self.connections
+            .get(&(netns, canonical(local), canonical(remote)))
     }
 
     pub fn listener_owner(&self, netns: u32, port: u16) -> Option<&ProcOwner> {
@@ -112,6 +146,10 @@ impl ProcSocketTable {
 
     pub fn len(&self) -> usize {
         self.connections.len() + self.listeners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -134,6 +172,9 @@ mod tests {
             .connection_owner(netns, client.local_addr().expect("local"), addr)
             .expect("client socket found");
         assert_eq!(owner.pid, pid);
-        assert_eq!(table.listener_owner(netns, addr.port()).map(|o| o.pid), Some(pid));
+        assert_eq!(
+            table.listener_owner(netns, addr.port()).map(|o| o.pid),
+            Some(pid)
+        );
     }
 }

@@ -30,7 +30,9 @@ pub struct BindError {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
 }
 
 #[derive(Clone)]
@@ -82,24 +84,75 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > MAX_REQUEST_HEAD_BYTES {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "request too large\n").await;
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            )
+            .await;
         }
     }
     match request_path(&head) {
         Some("/metrics") => {
             let body = source.registry.lock().map(|r| r.render(&source.stats)).ok();
             match body {
-                Some(body) => respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await,
-                None => respond(&mut stream, "500 Internal Server Error", "text/plain", "registry unavailable\n").await,
+                Some(body) => {
+                    respond(
+                        &mut stream,
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        &body,
+                    )
+                    .await
+                }
+                None => {
+                    respond(
+                        &mut stream,
+                        "500 Internal Server Error",
+                        "text/plain",
+                        "registry unavailable\n",
+                    )
+                    .await
+                }
             }
         }
-        Some("/") => respond(&mut stream, "200 OK", "text/plain", "Vigil agent. Metrics: /metrics\n").await,
-        Some(_) => respond(&mut stream, "404 Not Found", "text/plain", "not found; try /metrics\n").await,
-        None => respond(&mut stream, "400 Bad Request", "text/plain", "bad request\n").await,
+        Some("/") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain",
+                "Vigil agent. Metrics: /metrics\n",
+            )
+            .await
+        }
+        Some(_) => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                "not found; try /metrics\n",
+            )
+            .await
+        }
+        None => {
+            respond(
+                &mut stream,
+                "400 Bad Request",
+                "text/plain",
+                "bad request\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -115,7 +168,10 @@ mod tests {
 
     #[test]
     fn parses_request_line() {
-        assert_eq!(request_path(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some("/metrics"));
+        assert_eq!(
+            request_path(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some("/metrics")
+        );
         assert_eq!(request_path(b"POST /metrics HTTP/1.1\r\n\r\n"), None);
         assert_eq!(request_path(b"GET /metrics\r\n\r\n"), None);
         assert_eq!(request_path(b"\xff\xfe\r\n\r\n"), None);

@@ -16,7 +16,11 @@ pub enum BtfError {
     #[error("BTF has no struct named `{name}`")]
     NoSuchStruct { name: String },
     #[error("`{path}`: `{parent}` has no member `{member}`")]
-    NoSuchMember { path: String, parent: String, member: String },
+    NoSuchMember {
+        path: String,
+        parent: String,
+        member: String,
+    },
     #[error("`{path}`: `{member}` is not a struct or union, cannot descend into it")]
     NotAggregate { path: String, member: String },
     #[error("`{path}` is a bitfield; the probes read whole bytes")]
@@ -70,7 +74,9 @@ pub struct Btf {
 }
 
 fn malformed(reason: impl Into<String>) -> BtfError {
-    BtfError::Malformed { reason: reason.into() }
+    BtfError::Malformed {
+        reason: reason.into(),
+    }
 }
 
 struct Cursor<'a> {
@@ -123,15 +129,30 @@ impl Btf {
         let type_data = section(type_off, type_len, "type")?;
         let strings = section(str_off, str_len, "string")?.to_vec();
 
-        let mut types = vec![Type { kind: Kind::Other, name_off: 0, size_or_type: 0, members: vec![], array: None }];
-        let mut c = Cursor { data: type_data, pos: 0 };
+        let mut types = vec![Type {
+            kind: Kind::Other,
+            name_off: 0,
+            size_or_type: 0,
+            members: vec![],
+            array: None,
+        }];
+        let mut c = Cursor {
+            data: type_data,
+            pos: 0,
+        };
         while c.pos < type_data.len() {
             let name_off = c.u32()?;
             let info = c.u32()?;
             let size_or_type = c.u32()?;
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
-            let mut ty = Type { kind: Kind::Other, name_off, size_or_type, members: vec![], array: None };
+            let mut ty = Type {
+                kind: Kind::Other,
+                name_off,
+                size_or_type,
+                members: vec![],
+                array: None,
+            };
             match (info >> 24) & 0x1f {
                 1 => {
                     ty.kind = Kind::Int;
@@ -151,9 +172,17 @@ impl Btf {
                         let name_off = c.u32()?;
                         let type_id = c.u32()?;
                         let off = c.u32()?;
-                        let (bit_offset, bitfield_size) =
-                            if kind_flag { (off & 0x00ff_ffff, off >> 24) } else { (off, 0) };
-                        ty.members.push(Member { name_off, type_id, bit_offset, bitfield_size });
+                        let (bit_offset, bitfield_size) = if kind_flag {
+                            (off & 0x00ff_ffff, off >> 24)
+                        } else {
+                            (off, 0)
+                        };
+                        ty.members.push(Member {
+                            name_off,
+                            type_id,
+                            bit_offset,
+                            bitfield_size,
+                        });
                     }
                 }
                 6 => {
@@ -175,7 +204,11 @@ impl Btf {
             types.push(ty);
         }
 
-        let mut btf = Btf { types, strings, structs_by_name: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            structs_by_name: HashMap::new(),
+        };
         for id in 1..btf.types.len() {
             let ty = &btf.types[id];
             if ty.kind == Kind::Struct && ty.name_off != 0 {
@@ -212,9 +245,13 @@ impl Btf {
         let id = self.strip(id);
         match self.ty(id) {
             Some(t) => match t.kind {
-                Kind::Int | Kind::Struct | Kind::Union | Kind::Enum | Kind::Enum64 => t.size_or_type,
+                Kind::Int | Kind::Struct | Kind::Union | Kind::Enum | Kind::Enum64 => {
+                    t.size_or_type
+                }
                 Kind::Ptr => 8,
-                Kind::Array => t.array.map_or(0, |(elem, n)| self.size_of(elem).saturating_mul(n)),
+                Kind::Array => t
+                    .array
+                    .map_or(0, |(elem, n)| self.size_of(elem).saturating_mul(n)),
                 _ => 0,
             },
             None => 0,
@@ -247,25 +284,37 @@ impl Btf {
         let mut id = *self
             .structs_by_name
             .get(root)
-            .ok_or_else(|| BtfError::NoSuchStruct { name: root.to_owned() })?;
+            .ok_or_else(|| BtfError::NoSuchStruct {
+                name: root.to_owned(),
+            })?;
         let mut bits = 0u32;
         let mut parent = root.to_owned();
         let mut last: Option<Member> = None;
         for member in parts {
             if let Some(prev) = last {
                 let inner = self.strip(prev.type_id);
-                if !matches!(self.ty(inner).map(|t| t.kind), Some(Kind::Struct | Kind::Union)) {
-                    return Err(BtfError::NotAggregate { path: path.to_owned(), member: parent });
+                if !matches!(
+                    self.ty(inner).map(|t| t.kind),
+                    Some(Kind::Struct | Kind::Union)
+                ) {
+                    return Err(BtfError::NotAggregate {
+                        path: path.to_owned(),
+                        member: parent,
+                    });
                 }
                 id = inner;
             }
-            let (off, m) = self.find_member(id, member, 0).ok_or_else(|| BtfError::NoSuchMember {
-                path: path.to_owned(),
-                parent: parent.clone(),
-                member: member.to_owned(),
-            })?;
+            let (off, m) =
+                self.find_member(id, member, 0)
+                    .ok_or_else(|| BtfError::NoSuchMember {
+                        path: path.to_owned(),
+                        parent: parent.clone(),
+                        member: member.to_owned(),
+                    })?;
             if m.bitfield_size != 0 || off % 8 != 0 {
-                return Err(BtfError::Bitfield { path: path.to_owned() });
+                return Err(BtfError::Bitfield {
+                    path: path.to_owned(),
+                });
             }
             bits += off;
             parent = member.to_owned();
@@ -276,7 +325,10 @@ impl Btf {
             parent: root.to_owned(),
             member: String::new(),
         })?;
-        Ok(Field { offset: bits / 8, size: self.size_of(m.type_id) })
+        Ok(Field {
+            offset: bits / 8,
+            size: self.size_of(m.type_id),
+        })
     }
 }
 
@@ -290,7 +342,11 @@ mod tests {
         let strings = b"\0u16\0u32\0inner\0a\0b\0outer\0x\0y\0in\0u8\0bf\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
-            strings.windows(needle.len()).position(|w| w == needle.as_bytes()).map(|p| p as u32 + 1).unwrap_or(0)
+            strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .map(|p| p as u32 + 1)
+                .unwrap_or(0)
         };
         let mut t: Vec<u32> = Vec::new();
         // 1: u16 int
@@ -304,12 +360,31 @@ mod tests {
         // 5: u8 int
         t.extend([s("u8"), 1 << 24, 1, 8]);
         // 6: struct outer (kind_flag set: bitfield encoding) { x @0, <anon union> @32, bf:3 @64 }
-        t.extend([s("outer"), (1 << 31) | (4 << 24) | 3, 12, s("x"), 2, 0, 0, 4, 32, s("bf"), 5, (3 << 24) | 64]);
+        t.extend([
+            s("outer"),
+            (1 << 31) | (4 << 24) | 3,
+            12,
+            s("x"),
+            2,
+            0,
+            0,
+            4,
+            32,
+            s("bf"),
+            5,
+            (3 << 24) | 64,
+        ]);
         let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend(BTF_MAGIC.to_le_bytes());
         out.extend([1u8, 0]);
-        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend(v.to_le_bytes());
         }
         out.extend(types);
@@ -329,10 +404,22 @@ mod tests {
     #[test]
     fn reports_what_is_missing() {
         let btf = Btf::parse(&sample()).expect("sample parses");
-        assert!(matches!(btf.field("nope.x"), Err(BtfError::NoSuchStruct { .. })));
-        assert!(matches!(btf.field("outer.z"), Err(BtfError::NoSuchMember { .. })));
-        assert!(matches!(btf.field("outer.x.q"), Err(BtfError::NotAggregate { .. })));
-        assert!(matches!(btf.field("outer.bf"), Err(BtfError::Bitfield { .. })));
+        assert!(matches!(
+            btf.field("nope.x"),
+            Err(BtfError::NoSuchStruct { .. })
+        ));
+        assert!(matches!(
+            btf.field("outer.z"),
+            Err(BtfError::NoSuchMember { .. })
+        ));
+        assert!(matches!(
+            btf.field("outer.x.q"),
+            Err(BtfError::NotAggregate { .. })
+        ));
+        assert!(matches!(
+            btf.field("outer.bf"),
+            Err(BtfError::Bitfield { .. })
+        ));
     }
 
     #[test]

@@ -13,9 +13,17 @@ pub enum LayoutError {
     #[error("kernel BTF: {0}")]
     Btf(#[from] BtfError),
     #[error("kernel field `{path}` is {actual} bytes, the probes expect {expected}")]
-    Size { path: &'static str, expected: u32, actual: u32 },
+    Size {
+        path: &'static str,
+        expected: u32,
+        actual: u32,
+    },
     #[error("kernel field `{path}` is at offset {actual}, the probes expect {expected}")]
-    Offset { path: &'static str, expected: u32, actual: u32 },
+    Offset {
+        path: &'static str,
+        expected: u32,
+        actual: u32,
+    },
 }
 
 /// Reads /sys/kernel/btf/vmlinux and resolves the layout.
@@ -27,7 +35,11 @@ pub fn from_running_kernel() -> Result<KernelLayout, LayoutError> {
 fn sized(btf: &Btf, path: &'static str, expected: u32) -> Result<u32, LayoutError> {
     let Field { offset, size } = btf.field(path)?;
     if size != expected {
-        return Err(LayoutError::Size { path, expected, actual: size });
+        return Err(LayoutError::Size {
+            path,
+            expected,
+            actual: size,
+        });
     }
     Ok(offset)
 }
@@ -36,7 +48,11 @@ fn sized(btf: &Btf, path: &'static str, expected: u32) -> Result<u32, LayoutErro
 fn at(btf: &Btf, path: &'static str, expected: u32) -> Result<(), LayoutError> {
     let actual = btf.field(path)?.offset;
     if actual != expected {
-        return Err(LayoutError::Offset { path, expected, actual });
+        return Err(LayoutError::Offset {
+            path,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
@@ -46,7 +62,11 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
     // `struct request_sock *`, and the net pointer straight from possible_net_t.
     at(btf, "sock.__sk_common", 0)?;
     at(btf, "request_sock.__req_common", 0)?;
-    at(btf, "sock_common.skc_net.net", btf.field("sock_common.skc_net")?.offset)?;
+    at(
+        btf,
+        "sock_common.skc_net.net",
+        btf.field("sock_common.skc_net")?.offset,
+    )?;
     Ok(KernelLayout {
         ready: 1,
         skc_daddr: sized(btf, "sock_common.skc_daddr", 4)?,
@@ -70,6 +90,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         socket_sk: sized(btf, "socket.sk", 8)?,
         task_group_leader: sized(btf, "task_struct.group_leader", 8)?,
         task_comm: sized(btf, "task_struct.comm", 16)?,
+        tcp_total_retrans: sized(btf, "tcp_sock.total_retrans", 4)?,
+        _pad: 0,
     })
 }
 
@@ -82,10 +104,14 @@ mod tests {
     #[test]
     fn running_kernel_layout_resolves() {
         let Ok(data) = Btf::from_sys_fs() else {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI requires /sys/kernel/btf/vmlinux");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI requires /sys/kernel/btf/vmlinux"
+            );
             return;
         };
-        let layout = resolve(&Btf::parse(&data).expect("kernel BTF parses")).expect("layout resolves");
+        let layout =
+            resolve(&Btf::parse(&data).expect("kernel BTF parses")).expect("layout resolves");
         assert_eq!(layout.ready, 1);
         // struct sock_common begins with the address pair: daddr then rcv_saddr.
         assert_eq!(layout.skc_daddr, 0);

@@ -6,6 +6,7 @@
 
 mod btf;
 pub mod kernel_layout;
+pub mod prog_stats;
 pub mod tracefs;
 
 use std::fmt;
@@ -19,7 +20,8 @@ use tracing::{info, warn};
 use vigil_abi::tp_offsets;
 
 /// The compiled kernel programs, embedded at build time (agent/build.rs).
-static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-probes"));
 
 /// What the agent observes; each is served by one or more hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -45,7 +47,11 @@ enum Attach {
     /// BTF-typed raw tracepoint on a kernel function's tracepoint.
     BtfTracepoint { function: &'static str },
     /// Classic tracepoint; `fields` are the record offsets the program reads.
-    Tracepoint { category: &'static str, name: &'static str, fields: &'static [(&'static str, usize)] },
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+        fields: &'static [(&'static str, usize)],
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -70,31 +76,47 @@ const HOOKS: &[HookSpec] = &[
         name: "tp_btf/tcp_retransmit_skb",
         signal: Signal::Retransmit,
         program: "vigil_retx",
-        attach: Attach::BtfTracepoint { function: "tcp_retransmit_skb" },
+        attach: Attach::BtfTracepoint {
+            function: "tcp_retransmit_skb",
+        },
     },
     HookSpec {
         name: "tp_btf/tcp_retransmit_synack",
         signal: Signal::SynAckRetransmit,
         program: "vigil_synack",
-        attach: Attach::BtfTracepoint { function: "tcp_retransmit_synack" },
+        attach: Attach::BtfTracepoint {
+            function: "tcp_retransmit_synack",
+        },
     },
     HookSpec {
         name: "tracepoint/sock/inet_sock_set_state",
         signal: Signal::SocketOwnership,
         program: "vigil_sk_state",
-        attach: Attach::Tracepoint { category: "sock", name: "inet_sock_set_state", fields: SET_STATE_FIELDS },
+        attach: Attach::Tracepoint {
+            category: "sock",
+            name: "inet_sock_set_state",
+            fields: SET_STATE_FIELDS,
+        },
     },
     HookSpec {
         name: "tracepoint/syscalls/sys_exit_accept4",
         signal: Signal::SocketOwnership,
         program: "vigil_accept4",
-        attach: Attach::Tracepoint { category: "syscalls", name: "sys_exit_accept4", fields: SYS_EXIT_FIELDS },
+        attach: Attach::Tracepoint {
+            category: "syscalls",
+            name: "sys_exit_accept4",
+            fields: SYS_EXIT_FIELDS,
+        },
     },
     HookSpec {
         name: "tracepoint/syscalls/sys_exit_accept",
         signal: Signal::SocketOwnership,
         program: "vigil_accept",
-        attach: Attach::Tracepoint { category: "syscalls", name: "sys_exit_accept", fields: SYS_EXIT_FIELDS },
+        attach: Attach::Tracepoint {
+            category: "syscalls",
+            name: "sys_exit_accept",
+            fields: SYS_EXIT_FIELDS,
+        },
     },
 ];
 
@@ -126,21 +148,30 @@ pub enum LoadError {
     Layout(#[from] kernel_layout::LayoutError),
     #[error("cannot read kernel BTF for BTF tracepoints")]
     KernelBtf(#[source] aya::BtfError),
-    #[error("the kernel refused to load the eBPF object (are you root, with CAP_BPF and CAP_PERFMON?)")]
+    #[error(
+        "the kernel refused to load the eBPF object (are you root, with CAP_BPF and CAP_PERFMON?)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF object has no map `{0}`")]
     MissingMap(&'static str),
     #[error("eBPF map `{name}`")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("no hook for signal `{signal}` could be attached: {}", .reasons.join("; "))]
-    SignalUnavailable { signal: Signal, reasons: Vec<String> },
+    SignalUnavailable {
+        signal: Signal,
+        reasons: Vec<String>,
+    },
 }
 
 /// Sizes and switches the loader takes from the config.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
-    pub owner_table_entries: u32,
+    pub socket_table_entries: u32,
     pub disable_hooks: Vec<String>,
     pub kernel_debug_logs: bool,
 }
@@ -171,7 +202,7 @@ impl Probes {
             .override_global("VIGIL_LAYOUT", &layout, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
-            .map_max_entries("VIGIL_OWNERS", opts.owner_table_entries)
+            .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
             .load(PROBES_OBJECT)
             .map_err(LoadError::Load)?;
 
@@ -192,13 +223,21 @@ impl Probes {
                 }
             };
             match &status {
-                HookStatus::Active => info!(hook = spec.name, signal = %spec.signal, "hook attached"),
-                HookStatus::Disabled => info!(hook = spec.name, signal = %spec.signal, "hook disabled by config"),
+                HookStatus::Active => {
+                    info!(hook = spec.name, signal = %spec.signal, "hook attached")
+                }
+                HookStatus::Disabled => {
+                    info!(hook = spec.name, signal = %spec.signal, "hook disabled by config")
+                }
                 HookStatus::Unavailable(reason) => {
                     warn!(hook = spec.name, signal = %spec.signal, %reason, "hook unavailable")
                 }
             }
-            hooks.push(HookReport { hook: spec.name, signal: spec.signal, status });
+            hooks.push(HookReport {
+                hook: spec.name,
+                signal: spec.signal,
+                status,
+            });
         }
         let probes = Probes { ebpf, hooks };
         probes.require(Signal::Retransmit)?;
@@ -213,7 +252,9 @@ impl Probes {
     }
 
     fn signal_active(&self, signal: Signal) -> bool {
-        self.hooks.iter().any(|h| h.signal == signal && h.status == HookStatus::Active)
+        self.hooks
+            .iter()
+            .any(|h| h.signal == signal && h.status == HookStatus::Active)
     }
 
     fn require(&self, signal: Signal) -> Result<(), LoadError> {
@@ -237,14 +278,20 @@ impl Probes {
     fn log_kernel_objects(&self) {
         for (name, program) in self.ebpf.programs() {
             if let Ok(info) = program.info() {
-                info!(kind = "program", id = info.id(), name, "kernel object created");
+                info!(
+                    kind = "program",
+                    id = info.id(),
+                    name,
+                    "kernel object created"
+                );
             }
         }
         for (name, map) in self.ebpf.maps() {
             let id = match map {
-                aya::maps::Map::RingBuf(m) | aya::maps::Map::PerCpuArray(m) | aya::maps::Map::LruHashMap(m) | aya::maps::Map::Array(m) => {
-                    m.info().map(|i| i.id()).ok()
-                }
+                aya::maps::Map::RingBuf(m)
+                | aya::maps::Map::PerCpuArray(m)
+                | aya::maps::Map::LruHashMap(m)
+                | aya::maps::Map::Array(m) => m.info().map(|i| i.id()).ok(),
                 _ => None,
             };
             if let Some(id) = id {
@@ -253,19 +300,56 @@ impl Probes {
         }
     }
 
+    /// The attached programs, for reading their kernel statistics.
+    pub fn program_handles(&self) -> Vec<prog_stats::ProgramHandle> {
+        let active: Vec<&str> = HOOKS
+            .iter()
+            .filter(|spec| {
+                self.hooks
+                    .iter()
+                    .any(|h| h.hook == spec.name && h.status == HookStatus::Active)
+            })
+            .map(|spec| spec.program)
+            .collect();
+        self.ebpf
+            .programs()
+            .filter(|(name, _)| active.contains(name))
+            .filter_map(|(name, p)| {
+                Some(prog_stats::ProgramHandle {
+                    name: name.to_owned(),
+                    id: p.info().ok()?.id(),
+                })
+            })
+            .collect()
+    }
+
     /// Takes the maps the pipeline reads. Call once, before `detach`.
     pub fn take_maps(&mut self) -> Result<ProbeMaps, LoadError> {
-        let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
-        let events = RingBuf::try_from(take("VIGIL_EVENTS")?).map_err(|source| LoadError::Map { name: "VIGIL_EVENTS", source })?;
-        let lost = PerCpuArray::try_from(take("VIGIL_LOST")?).map_err(|source| LoadError::Map { name: "VIGIL_LOST", source })?;
+        let mut take =
+            |name: &'static str| self.ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
+        let events = RingBuf::try_from(take("VIGIL_EVENTS")?).map_err(|source| LoadError::Map {
+            name: "VIGIL_EVENTS",
+            source,
+        })?;
+        let lost = PerCpuArray::try_from(take("VIGIL_LOST")?).map_err(|source| LoadError::Map {
+            name: "VIGIL_LOST",
+            source,
+        })?;
         Ok(ProbeMaps { events, lost })
     }
 
     /// Detaches every hook and releases every program and map.
     pub fn detach(self) {
-        let attached = self.hooks.iter().filter(|h| h.status == HookStatus::Active).count();
+        let attached = self
+            .hooks
+            .iter()
+            .filter(|h| h.status == HookStatus::Active)
+            .count();
         drop(self.ebpf);
-        info!(links = attached, "detached all hooks and released programs and maps");
+        info!(
+            links = attached,
+            "detached all hooks and released programs and maps"
+        );
     }
 }
 
@@ -279,11 +363,16 @@ fn attach(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
             p.load(function, btf).map_err(|e| describe("load", &e))?;
             p.attach().map_err(|e| describe("attach", &e))?;
         }
-        Attach::Tracepoint { category, name, fields } => {
+        Attach::Tracepoint {
+            category,
+            name,
+            fields,
+        } => {
             tracefs::check_fields(category, name, fields).map_err(|e| e.to_string())?;
             let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             p.load().map_err(|e| describe("load", &e))?;
-            p.attach(category, name).map_err(|e| describe("attach", &e))?;
+            p.attach(category, name)
+                .map_err(|e| describe("attach", &e))?;
         }
     }
     Ok(())

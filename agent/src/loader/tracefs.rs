@@ -11,9 +11,18 @@ pub enum FormatError {
     #[error("tracepoint {category}/{name} does not exist on this kernel")]
     Missing { category: String, name: String },
     #[error("reading {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("tracepoint {tracepoint}: field `{field}` is at offset {actual:?}, the probe reads offset {expected}")]
-    Mismatch { tracepoint: String, field: String, expected: usize, actual: Option<usize> },
+    Mismatch {
+        tracepoint: String,
+        field: String,
+        expected: usize,
+        actual: Option<usize>,
+    },
 }
 
 pub fn tracefs_root() -> Result<&'static Path, FormatError> {
@@ -38,20 +47,28 @@ pub fn field_offset(format: &str, field: &str) -> Option<usize> {
             }
         }
         // The declaration ends with the name, possibly followed by an array suffix.
-        let name = decl?.rsplit(|c: char| c == ' ' || c == '*').next()?;
+        let name = decl?.rsplit([' ', '*']).next()?;
         let name = name.split('[').next()?;
         (name == field).then_some(offset).flatten()
     })
 }
 
 /// Checks that each `(field, offset)` the probe reads matches the running kernel.
-pub fn check_fields(category: &str, name: &str, fields: &[(&str, usize)]) -> Result<(), FormatError> {
+pub fn check_fields(
+    category: &str,
+    name: &str,
+    fields: &[(&str, usize)],
+) -> Result<(), FormatError> {
     let dir = tracefs_root()?.join("events").join(category).join(name);
     if !dir.is_dir() {
-        return Err(FormatError::Missing { category: category.into(), name: name.into() });
+        return Err(FormatError::Missing {
+            category: category.into(),
+            name: name.into(),
+        });
     }
     let path = dir.join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| FormatError::Read { path, source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| FormatError::Read { path, source })?;
     for &(field, expected) in fields {
         let actual = field_offset(&text, field);
         if actual != Some(expected) {

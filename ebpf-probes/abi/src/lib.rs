@@ -23,16 +23,40 @@ pub enum EventKind {
     Retransmit = 1,
     /// A SYN-ACK of a pending (request) socket was retransmitted.
     SynAckRetransmit = 2,
+    /// Found when a socket closed: segments its `tcp_sock.total_retrans`
+    /// counted after the last retransmit event Vigil saw on it.
+    RetransmitUnseen = 3,
 }
 
-/// Index into the per-CPU `VIGIL_LOST` array: which program found the ring full.
+/// `RetransmitRecord::counted` when the kernel side had no baseline for the socket.
+pub const COUNT_UNKNOWN: u32 = u32::MAX;
+
+/// Which probe lost an event (with `LossReason`, an index into `VIGIL_LOST`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossSlot {
     Retransmit = 0,
     SynAckRetransmit = 1,
 }
-pub const LOSS_SLOTS: u32 = 2;
+
+/// Why an event never reached the agent.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// The ring buffer to the agent was full.
+    RingFull = 0,
+    /// A kernel read failed, so no record could be built.
+    ReadError = 1,
+}
+
+const LOSS_REASONS: u32 = 2;
+/// Entries of the per-CPU `VIGIL_LOST` array.
+pub const LOSS_SLOTS: u32 = 2 * LOSS_REASONS;
+
+/// Index of a (probe, reason) counter in `VIGIL_LOST`.
+pub const fn loss_index(slot: LossSlot, reason: LossReason) -> u32 {
+    slot as u32 * LOSS_REASONS + reason as u32
+}
 
 /// Connection endpoints. Addresses in network byte order (IPv4 in the first 4
 /// bytes), ports in host byte order; `local` is this host's side of the socket.
@@ -62,6 +86,17 @@ pub struct SockOwner {
     pub comm: [u8; 16],
 }
 
+/// Per-socket state kept in the kernel, keyed by the socket's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub owner: SockOwner,
+    /// `tcp_sock.total_retrans` when Vigil last looked at this socket.
+    pub retrans_seen: u32,
+    /// 1 when `retrans_seen` is a valid baseline.
+    pub baseline_known: u32,
+}
+
 /// One retransmission, data or SYN-ACK. Written by the kernel, read once by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -82,6 +117,12 @@ pub struct RetransmitRecord {
     pub segs: u32,
     /// `err` of the tracepoint: 0 sent; negative errno otherwise.
     pub err: i32,
+    /// `tcp_sock.total_retrans` after this event: the socket's own running
+    /// count of segments added to RetransSegs (0 for SYN-ACKs).
+    pub total_retrans: u32,
+    /// Segments the kernel counted since the previous look at this socket
+    /// (`total_retrans` delta), or `COUNT_UNKNOWN` without a baseline.
+    pub counted: u32,
     pub _pad: u32,
     pub tuple: SockTuple,
     pub owner: SockOwner,
@@ -123,6 +164,9 @@ pub struct KernelLayout {
     // current task -> group_leader -> comm: the process name, not the thread's
     pub task_group_leader: u32,
     pub task_comm: u32,
+    // struct tcp_sock
+    pub tcp_total_retrans: u32,
+    pub _pad: u32,
 }
 
 impl KernelLayout {
@@ -150,6 +194,8 @@ impl KernelLayout {
         socket_sk: 0,
         task_group_leader: 0,
         task_comm: 0,
+        tcp_total_retrans: 0,
+        _pad: 0,
     };
 }
 
@@ -168,6 +214,7 @@ pub mod tp_offsets {
 mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no padding or invalid bit patterns.
     unsafe impl aya::Pod for super::SockOwner {}
+    unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::RetransmitRecord {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::SockTuple {}
@@ -186,8 +233,9 @@ mod tests {
         assert_eq!(size_of::<SockOwner>(), 4 + 4 + 8 + 16);
         assert_eq!(
             size_of::<RetransmitRecord>(),
-            4 * 2 + 8 * 3 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
+            4 * 2 + 8 * 3 + 4 * 6 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
-        assert_eq!(size_of::<KernelLayout>(), 4 * 22);
+        assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 24);
     }
 }
