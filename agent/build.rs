@@ -13,6 +13,12 @@ fn main() -> anyhow::Result<()> {
         PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
     let object = out_dir.join("vigil-probes");
     println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=VIGIL_SKIP_EBPF");
+    // Builds that never load the probes (fuzzing, docs) can skip the kernel object.
+    if env::var_os("VIGIL_SKIP_EBPF").is_some_and(|v| v == "1") {
+        fs::write(&object, [])?;
+        return Ok(());
+    }
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
         .output()

@@ -34,6 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut probes = Probes::load(&LoadOptions {
         ring_buffer_bytes: config.probes.ring_buffer_bytes,
         socket_table_entries: config.probes.socket_table_entries,
+        wakeup_bytes: config.pipeline.wakeup_bytes,
         disable_hooks: config.probes.disable_hooks.clone(),
         kernel_debug_logs: config.probes.kernel_debug_logs,
     })?;
@@ -59,6 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tx,
         stats: stats.clone(),
         batch_max_events: config.pipeline.batch_max_events,
+        poll_interval: Duration::from_millis(config.pipeline.poll_interval_ms),
     };
     let source_task = tokio::spawn(source.run(stop_sources.clone()));
     let state_task = tokio::spawn(

@@ -69,6 +69,12 @@ pub struct PipelineConfig {
     pub channel_capacity_batches: usize,
     /// Events per batch handed from a source to the state owner.
     pub batch_max_events: usize,
+    /// The kernel wakes the agent only once this many bytes wait in the ring
+    /// (a wakeup per event costs an interrupt each); smaller backlogs are
+    /// collected every `poll_interval_ms`.
+    pub wakeup_bytes: u32,
+    /// How often the agent drains the ring without being woken.
+    pub poll_interval_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -76,6 +82,8 @@ impl Default for PipelineConfig {
         PipelineConfig {
             channel_capacity_batches: 1_024,
             batch_max_events: 256,
+            wakeup_bytes: 64 << 10,
+            poll_interval_ms: 100,
         }
     }
 }
@@ -158,6 +166,18 @@ impl Config {
                 "pipeline.channel_capacity_batches",
                 "must be at least 1".into(),
             );
+        }
+        if self.pipeline.wakeup_bytes >= ring {
+            return invalid(
+                "pipeline.wakeup_bytes",
+                format!(
+                    "{} must be below probes.ring_buffer_bytes ({ring})",
+                    self.pipeline.wakeup_bytes
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.pipeline.poll_interval_ms) {
+            return invalid("pipeline.poll_interval_ms", "must be 1..=10000".into());
         }
         if self.pipeline.batch_max_events == 0 {
             return invalid("pipeline.batch_max_events", "must be at least 1".into());

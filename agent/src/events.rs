@@ -85,7 +85,7 @@ impl RetransmitEvent {
         match (self.kind, self.counted) {
             (RetransmitKind::SynAck, _) => 1,
             (_, Some(counted)) => counted,
-            (_, None) if NOT_COUNTED_ERRNOS.contains(&-self.err) => 0,
+            (_, None) if NOT_COUNTED_ERRNOS.iter().any(|&errno| -errno == self.err) => 0,
             (_, None) => self.segs,
         }
     }
@@ -295,6 +295,15 @@ mod tests {
             (unseen.kind, unseen.unreported_segments()),
             (RetransmitKind::Unseen, 5)
         );
+    }
+
+    /// Found by the ring_record fuzz target: negating i32::MIN overflowed.
+    #[test]
+    fn extreme_errno_does_not_overflow() {
+        let mut r = record(1, AF_INET);
+        r.err = i32::MIN;
+        let e = RetransmitEvent::decode(&bytes(&r)).expect("decodes");
+        assert_eq!(e.counted_segments(), 3);
     }
 
     #[test]

@@ -9,8 +9,9 @@ use vigil::{config::Config, loader};
 ///
 /// The agent attaches eBPF programs to the kernel's TCP tracepoints, attributes
 /// every retransmission to the process and cgroup that own the socket, and
-/// serves the totals to Prometheus. It needs root (CAP_BPF, CAP_PERFMON,
-/// CAP_SYS_ADMIN for /proc of other processes).
+/// serves the totals to Prometheus. It needs CAP_BPF and CAP_PERFMON for the
+/// probes, and CAP_SYS_PTRACE plus CAP_DAC_READ_SEARCH to read other
+/// processes' /proc entries (socket owners that predate the agent).
 #[derive(Parser, Debug)]
 #[command(name = "vigil", version, about, long_about)]
 struct Cli {

@@ -56,7 +56,7 @@ pub struct Registry {
 }
 
 fn errno_name(err: i32) -> &'static str {
-    match -err {
+    match err.checked_neg().unwrap_or(0) {
         libc::EBUSY => "EBUSY",
         libc::EAGAIN => "EAGAIN",
         libc::ENOMEM => "ENOMEM",

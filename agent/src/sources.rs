@@ -22,6 +22,9 @@ pub struct RingSource {
     pub tx: mpsc::Sender<Batch>,
     pub stats: Arc<PipelineStats>,
     pub batch_max_events: usize,
+    /// Drain this often even without a wakeup (the kernel wakes the agent only
+    /// for large backlogs).
+    pub poll_interval: std::time::Duration,
 }
 
 impl RingSource {
@@ -32,7 +35,10 @@ impl RingSource {
             tx,
             stats,
             batch_max_events,
+            poll_interval,
         } = self;
+        let mut tick = tokio::time::interval(poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
         let mut fd =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -43,12 +49,12 @@ impl RingSource {
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
                     drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
-                    // The kernel wakes a consumer only when it has caught up; a wakeup
-                    // that raced the drain above is erased by clear_ready, so drain
-                    // once more after it or those records would wait indefinitely.
+                    // A wakeup that raced the drain above is erased by clear_ready;
+                    // drain once more after it so those records do not wait a tick.
                     guard.clear_ready();
                     drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
                 }
+                _ = tick.tick() => drain(fd.get_mut(), &tx, &stats, batch_max_events),
             }
         }
         drain(fd.get_mut(), &tx, &stats, batch_max_events);

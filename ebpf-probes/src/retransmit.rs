@@ -7,10 +7,12 @@
 //! for SYN-ACKs the kernel counted, one segment each.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map},
     maps::{PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
+    Global,
 };
 use aya_log_ebpf::debug;
 use vigil_abi::{
@@ -26,6 +28,12 @@ use crate::{
 /// Events to the agent; its size is set by the agent at load.
 #[map]
 pub static VIGIL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Bytes waiting in the ring before a submit wakes the agent. Waking it costs
+/// an interrupt per event (several microseconds inside a VM); below this the
+/// agent's own poll tick collects the events. Set by the agent.
+#[unsafe(no_mangle)]
+static VIGIL_WAKEUP_BYTES: Global<u64> = Global::new(0);
 
 /// Events lost in the kernel, per `loss_index(probe, reason)`, per CPU.
 #[map]
@@ -173,7 +181,13 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
     match VIGIL_EVENTS.reserve::<RetransmitRecord>(0) {
         Some(mut entry) => {
             entry.write(record);
-            entry.submit(0);
+            let pending = VIGIL_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+            let wakeup = if pending >= VIGIL_WAKEUP_BYTES.load() {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(u64::from(wakeup));
         }
         None => {
             count_loss(s.slot, LossReason::RingFull);

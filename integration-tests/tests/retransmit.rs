@@ -10,12 +10,13 @@ use vigil_integration_tests::{
 /// Transfers through a lossy veth link, then compares the agent's segment
 /// totals for the server and the client namespace with each one's RetransSegs delta.
 ///
-/// Tolerance: none. Both numbers come from the same kernel code path: the probe
-/// reads `tcp_skb_pcount()` of each retransmitted skb and the agent applies the
-/// kernel's rule for which failed attempts were counted. Nothing else touches
-/// the fresh namespace, and the test waits until its last socket is gone
-/// before reading the counter. Ring-buffer losses would break equality, so
-/// they are asserted to be zero as well.
+/// Tolerance: none. The kernel adds each retransmitted segment to RetransSegs
+/// and to the socket's `tcp_sock.total_retrans` in the same statement; the
+/// agent reports deltas of the latter, plus a record at close for segments no
+/// tracepoint reported. Nothing else touches the fresh namespaces, and the
+/// test waits until their last live socket is gone before reading counters.
+/// Events lost on the way (ring full, read errors, recursion) would break
+/// equality, so they are asserted to be zero as well.
 fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<()> {
     let name = format!(
         "{}{}{loss_percent}",

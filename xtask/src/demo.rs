@@ -69,6 +69,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "--metrics-addr",
         &args.metrics_addr.to_string(),
     ]))?;
+    // The comparison starts once the agent is attached, and the players after it.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    while scrape(args.metrics_addr).is_err() {
+        if Instant::now() > ready_by || stop.load(Ordering::Relaxed) {
+            anyhow::bail!("the agent did not come up within 30 s (see its log above)");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let netns = link.server.inode()?.to_string();
+    let baseline = retrans_segs(&link)?;
     let _players = ChildGuard::spawn(
         link.client
             .command(bin.join("vigil-loadgen"))
@@ -93,8 +103,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .stdout(Stdio::null()),
     )?;
 
-    let netns = link.server.inode()?.to_string();
-    let baseline = retrans_segs(&link)?;
     eprintln!(
         "\ndemo: origin {origin_addr} (netns {netns}) serving {} players through {}% loss; agent pid {}",
         args.players,

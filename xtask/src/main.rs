@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's tasks. `setup` installs what the build needs
 //! (idempotent, seconds when already done); `demo` and `test` run it first.
 
+mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -25,10 +27,21 @@ enum Task {
     Setup,
     /// Set up, build, and run the agent on this node against the testbed with induced loss.
     Demo(demo::DemoArgs),
-    /// Set up, build, and run every test: unit tests, then real-kernel integration tests.
+    /// Set up, build, and run every test: lints, unit tests, a short run of
+    /// every fuzz target, then the real-kernel integration tests.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Measure the agent against bpftrace on the same traffic; `--write` updates BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// Run the cargo-fuzz targets (fuzz/fuzz_targets), each for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: all).
+        target: Option<String>,
     },
 }
 
@@ -73,9 +86,11 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join(if release { "release" } else { "debug" }))
 }
 
-/// Formatting and clippy (host crates and the kernel programs), warnings as errors.
+/// Formatting, clippy (host crates and the kernel programs, warnings as
+/// errors), and the dashboards' queries against the metrics the agent defines.
 fn lint() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("python3").arg("dashboards/check_dashboards.py"))?;
     run(Command::new("cargo").args([
         "clippy",
         "--workspace",
@@ -122,6 +137,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         ])
         .arg("--")
         .args(&filter_args))?;
+    fuzz::run_targets(CI_FUZZ_SECONDS, None)?;
     // Real-kernel integration tests: each builds its own namespaces, so two may
     // run at once; more would only fight over the machine's two cores.
     run(Command::new("cargo")
@@ -129,16 +145,23 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .env("VIGIL_BIN_DIR", &bin_dir)
         .arg("--")
         .args(["--test-threads", "2"])
-        .args(&filter_args))?;
-    Ok(())
+        .args(&filter_args))
 }
+
+/// Seconds each fuzz target runs inside `cargo xtask test`: enough to catch
+/// shallow panics on every commit; `cargo xtask fuzz` runs longer.
+const CI_FUZZ_SECONDS: u64 = 15;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::ensure(),
         Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
         Task::Test { filter } => test(filter),
+        Task::Fuzz { seconds, target } => {
+            setup::ensure().and_then(|()| fuzz::run_targets(seconds, target))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -64,7 +64,7 @@ pub async fn serve(listener: TcpListener, source: MetricsSource, stop: Cancellat
 }
 
 /// Parses the request line; returns the path of a GET.
-fn request_path(head: &[u8]) -> Option<&str> {
+pub fn request_path(head: &[u8]) -> Option<&str> {
     let line = head.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
     let mut parts = line.split(' ');

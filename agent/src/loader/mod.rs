@@ -4,7 +4,7 @@
 //! pinning, no legacy cgroup attachment), so exit — clean or SIGKILL — removes
 //! all of them; `Probes::detach` does it explicitly and logs what went away.
 
-mod btf;
+pub mod btf;
 pub mod kernel_layout;
 pub mod prog_stats;
 pub mod tracefs;
@@ -172,6 +172,7 @@ pub enum LoadError {
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     pub socket_table_entries: u32,
+    pub wakeup_bytes: u32,
     pub disable_hooks: Vec<String>,
     pub kernel_debug_logs: bool,
 }
@@ -201,6 +202,7 @@ impl Probes {
             .btf(Some(&kernel_btf))
             .override_global("VIGIL_LAYOUT", &layout, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
             .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
             .load(PROBES_OBJECT)

@@ -1,0 +1,11 @@
+//! Text the agent reads from the system or the operator: tracefs format files,
+//! mountinfo, and the TOML config.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let _ = vigil::loader::tracefs::field_offset(text, "skaddr");
+    let _ = vigil::enrich::cgroups::cgroup2_mount(text);
+    if let Ok(config) = vigil::config::Config::from_toml(text) {
+        let _ = config.validate(vigil::loader::hook_names());
+    }
+});

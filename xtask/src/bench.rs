@@ -1,0 +1,371 @@
+//! `cargo xtask bench`: the agent's cost measured side by side with bpftrace
+//! doing comparable work on the same tracepoint, in one run, under the same
+//! lossy traffic. Writes BENCHMARKS.md.
+//!
+//! - Kernel cost per event: run_time_ns / run_cnt of each program, from
+//!   `kernel.bpf_stats_enabled=1` (restored afterwards).
+//! - Userspace: CPU time and peak RSS of the agent and of bpftrace, from /proc.
+//! - Events per second through the agent's pipeline.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use vigil_testbed::{
+    netns::{ChildGuard, LinkPair},
+    prom::{metric_sum, scrape},
+};
+
+use crate::workspace_root;
+
+const ORIGIN_PORT: u16 = 8080;
+/// Subnet index of the benchmark's link pair (198.18.202.0/24).
+const BENCH_LINK_INDEX: u8 = 202;
+const METRICS_ADDR: &str = "127.0.0.1:19466";
+
+/// The peer: per retransmit event, the same reads Vigil's probe does (socket
+/// netns, segments from the skb's control block, error) into a map keyed by
+/// netns. Its offsets are this kernel's (`sk_buff.cb` + 8), as bpftrace 0.17
+/// cannot cast the cb array.
+const BPFTRACE_PEER: &str = r#"
+tracepoint:tcp:tcp_retransmit_skb {
+  $sk = (struct sock *)args->skaddr;
+  $ns = $sk->__sk_common.skc_net.net->ns.inum;
+  @segs[$ns, args->err] = sum(*(uint16 *)((uint64)args->skbaddr + SKB_CB + 8));
+  @events[$ns] = count();
+}
+"#;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Loss from origin to players, in percent.
+    #[arg(long, default_value_t = 10)]
+    loss_percent: u8,
+    /// Concurrent player connections.
+    #[arg(long, default_value_t = 16)]
+    players: u32,
+    /// Write the results into BENCHMARKS.md (default: print only).
+    #[arg(long)]
+    write: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ProcUsage {
+    cpu_seconds: f64,
+    rss_kib: u64,
+}
+
+/// CPU time (user+system) and peak RSS of a process, from /proc.
+fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok(ProcUsage {
+        cpu_seconds: (ticks(14) + ticks(15)) / hz,
+        rss_kib,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct ProgCost {
+    name: String,
+    runs: u64,
+    run_time_ns: u64,
+}
+
+/// Every loaded program with its bpf_stats, from bpftool, by id.
+fn all_programs() -> anyhow::Result<Vec<(u64, ProgCost)>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool json")?;
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let cost = ProgCost {
+                name: p["name"].as_str().unwrap_or("?").to_owned(),
+                runs: p["run_cnt"].as_u64().unwrap_or(0),
+                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+            };
+            Some((p["id"].as_u64()?, cost))
+        })
+        .collect())
+}
+
+/// The programs among `ids`, as they are now.
+fn programs_with_ids(ids: &[u64]) -> anyhow::Result<Vec<ProgCost>> {
+    Ok(all_programs()?
+        .into_iter()
+        .filter(|(id, _)| ids.contains(id))
+        .map(|(_, p)| p)
+        .collect())
+}
+
+/// Restores `kernel.bpf_stats_enabled` when dropped.
+struct BpfStats {
+    previous: String,
+}
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let previous = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")?
+            .trim()
+            .to_owned();
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enable bpf_stats")?;
+        Ok(BpfStats { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.previous);
+    }
+}
+
+fn skb_cb_offset() -> anyhow::Result<u64> {
+    // `bpftool btf dump` prints member offsets in bits.
+    let out = Command::new("bpftool")
+        .args(["-j", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
+        .output()?;
+    let btf: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool btf json")?;
+    btf["types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["kind"] == "STRUCT" && t["name"] == "sk_buff")
+        .flat_map(|t| t["members"].as_array().cloned().unwrap_or_default())
+        .find(|m| m["name"] == "cb")
+        .and_then(|m| m["bits_offset"].as_u64())
+        .map(|bits| bits / 8)
+        .context("sk_buff.cb not in kernel BTF")
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    crate::setup::ensure()?;
+    let bin = crate::build(true)?;
+    let _stats = BpfStats::enable()?;
+
+    let link = LinkPair::create("bench", BENCH_LINK_INDEX)?;
+    let origin_addr = SocketAddr::new(link.server_addr(false), ORIGIN_PORT);
+    let mut origin = ChildGuard::spawn(
+        link.server
+            .command(bin.join("vigil-origin"))
+            .args([
+                "--listen",
+                &origin_addr.to_string(),
+                "--workers",
+                "2",
+                "--max-seconds",
+                "600",
+            ])
+            .stdout(Stdio::piped()),
+    )?;
+    origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
+
+    let before_tools: Vec<u64> = all_programs()?.into_iter().map(|(id, _)| id).collect();
+    let agent = ChildGuard::spawn(
+        Command::new(bin.join("vigil"))
+            .args(["agent", "--metrics-addr", METRICS_ADDR])
+            .stderr(Stdio::null()),
+    )?;
+    let metrics: SocketAddr = METRICS_ADDR.parse()?;
+    wait_until("the agent", || scrape(metrics).is_ok())?;
+    let with_agent: Vec<u64> = all_programs()?.into_iter().map(|(id, _)| id).collect();
+    let agent_ids: Vec<u64> = with_agent
+        .iter()
+        .copied()
+        .filter(|id| !before_tools.contains(id))
+        .collect();
+    let peer_script = BPFTRACE_PEER.replace("SKB_CB", &skb_cb_offset()?.to_string());
+    let peer = ChildGuard::spawn(
+        Command::new("bpftrace")
+            .args(["-e", &peer_script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let mut peer_ids = Vec::new();
+    wait_until("bpftrace", || {
+        peer_ids = all_programs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !with_agent.contains(id))
+            .collect();
+        !peer_ids.is_empty()
+    })?;
+    let agent_before = proc_usage(agent.pid())?;
+    let peer_before = proc_usage(peer.pid())?;
+    let kernel_before = link.server.mib()?.get("Tcp", "RetransSegs").unwrap_or(0);
+
+    link.set_loss(ORIGIN_PORT, args.loss_percent)?;
+    let started = Instant::now();
+    let status = link
+        .client
+        .command(bin.join("vigil-loadgen"))
+        .args([
+            "--target",
+            &origin_addr.to_string(),
+            "--connections",
+            &args.players.to_string(),
+        ])
+        .args([
+            "--requests-per-connection",
+            "1000000",
+            "--max-duration-secs",
+            &args.seconds.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("load generator failed: {status}");
+    }
+    link.set_loss(ORIGIN_PORT, 0)?;
+    thread::sleep(Duration::from_secs(2));
+
+    let agent_after = proc_usage(agent.pid())?;
+    let peer_after = proc_usage(peer.pid())?;
+    let kernel_segs = link.server.mib()?.get("Tcp", "RetransSegs").unwrap_or(0) - kernel_before;
+    let text = scrape(metrics)?;
+    let events = metric_sum(&text, "vigil_events_received_total", &[]);
+    let lost: Vec<String> = ["ring_full", "read_error", "recursion"]
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {r}",
+                metric_sum(&text, "vigil_events_lost_total", &[("reason", r)])
+            )
+        })
+        .collect();
+    let lost = lost.join(", ");
+    let agent_progs = programs_with_ids(&agent_ids)?;
+    let peer_progs = programs_with_ids(&peer_ids)?;
+    drop(peer);
+    drop(agent);
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "Command: `cargo xtask bench --seconds {} --loss-percent {} --players {}`",
+        args.seconds, args.loss_percent, args.players
+    );
+    let _ = writeln!(
+        report,
+        "Kernel: {}; {} CPUs.\n",
+        uname(),
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = writeln!(report, "Traffic: {elapsed:.0} s, {kernel_segs} retransmitted segments (Tcp RetransSegs of the origin's namespace), {events} events read by the agent ({:.0}/s); lost: {lost}.\n", events as f64 / elapsed);
+    let _ = writeln!(report, "| tool | program | hook | runs | ns per run |");
+    let _ = writeln!(report, "| --- | --- | --- | ---: | ---: |");
+    for (tool, progs) in [("vigil", &agent_progs), ("bpftrace", &peer_progs)] {
+        for p in progs.iter().filter(|p| p.runs > 0) {
+            let hook = hook_of(&p.name);
+            let _ = writeln!(
+                report,
+                "| {tool} | {} | {hook} | {} | {:.0} |",
+                p.name,
+                p.runs,
+                p.run_time_ns as f64 / p.runs as f64
+            );
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\n| process | CPU seconds | CPU % of one core | peak RSS (MiB) |"
+    );
+    let _ = writeln!(report, "| --- | ---: | ---: | ---: |");
+    for (name, before, after) in [
+        ("vigil agent", agent_before, agent_after),
+        ("bpftrace", peer_before, peer_after),
+    ] {
+        let cpu = after.cpu_seconds - before.cpu_seconds;
+        let _ = writeln!(
+            report,
+            "| {name} | {cpu:.2} | {:.2} | {:.1} |",
+            100.0 * cpu / elapsed,
+            after.rss_kib as f64 / 1024.0
+        );
+    }
+    println!("{report}");
+    if args.write {
+        write_benchmarks(&report)?;
+    }
+    Ok(())
+}
+
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("{what} did not start within 30 s");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn hook_of(program: &str) -> &'static str {
+    match program {
+        "vigil_retx" => "tp_btf/tcp_retransmit_skb",
+        "vigil_synack" => "tp_btf/tcp_retransmit_synack",
+        "vigil_sk_state" => "tracepoint/sock/inet_sock_set_state",
+        "vigil_accept4" | "vigil_accept" => "tracepoint/syscalls/sys_exit_accept*",
+        _ => "tracepoint/tcp/tcp_retransmit_skb",
+    }
+}
+
+fn uname() -> String {
+    Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+const SECTION: &str = "## Retransmit probe: vigil vs bpftrace";
+
+/// Replaces this benchmark's section of BENCHMARKS.md, keeping the others.
+fn write_benchmarks(report: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\nEvery table below was written by the command above it; rerun it to refresh.\n".into());
+    let section = format!("{SECTION}\n\n{report}");
+    let new = match old.find(SECTION) {
+        Some(start) => {
+            let end = old[start + SECTION.len()..]
+                .find("\n## ")
+                .map_or(old.len(), |i| start + SECTION.len() + i + 1);
+            format!("{}{section}{}", &old[..start], &old[end..])
+        }
+        None => format!("{}\n{section}", old.trim_end()),
+    };
+    std::fs::write(&path, new).context("writing BENCHMARKS.md")
+}
