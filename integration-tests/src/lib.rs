@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-use vigil_testbed::netns::{bin_path, ChildGuard};
+use vigil_testbed::netns::{bin_path, spawn_origin, ChildGuard};
 pub use vigil_testbed::prom::{metric_sum, scrape};
 
 /// True when this machine can run the real-kernel tests. In CI (CI=true) a
@@ -247,23 +247,8 @@ impl Scenario {
             }
             None => link.server.command(&origin_bin),
         };
-        cmd.args([
-            "--listen",
-            &listen.to_string(),
-            "--workers",
-            "2",
-            "--max-seconds",
-            "300",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-        let mut origin = ChildGuard::spawn(&mut cmd)?;
-        let line = origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
-        let origin_pid = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("pid="))
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| anyhow!("no pid in {line:?}"))?;
+        cmd.stderr(Stdio::inherit());
+        let (origin, origin_pid) = spawn_origin(&mut cmd, listen, 2, 300)?;
         Ok(Scenario {
             link,
             origin: Some(origin),

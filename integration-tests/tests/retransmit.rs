@@ -180,26 +180,25 @@ fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn ipv4_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
-    if !bpf_available("ipv4_retransmits_equal_kernel_counter") {
+/// 1%, 5% and 20% loss, one fresh link pair each (subnet indices from `first_index`).
+fn each_loss_matches_kernel(test: &str, v6: bool, first_index: u8) -> anyhow::Result<()> {
+    if !bpf_available(test) {
         return Ok(());
     }
     for (i, loss) in [1u8, 5, 20].into_iter().enumerate() {
-        counts_match_kernel(false, loss, 10 + i as u8)?;
+        counts_match_kernel(v6, loss, first_index + i as u8)?;
     }
     Ok(())
 }
 
 #[test]
+fn ipv4_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
+    each_loss_matches_kernel("ipv4_retransmits_equal_kernel_counter", false, 10)
+}
+
+#[test]
 fn ipv6_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
-    if !bpf_available("ipv6_retransmits_equal_kernel_counter") {
-        return Ok(());
-    }
-    for (i, loss) in [1u8, 5, 20].into_iter().enumerate() {
-        counts_match_kernel(true, loss, 20 + i as u8)?;
-    }
-    Ok(())
+    each_loss_matches_kernel("ipv6_retransmits_equal_kernel_counter", true, 20)
 }
 
 /// The cgroup the origin runs in, created for the test and removed after.

@@ -665,6 +665,29 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Starts `vigil-origin` through `cmd` (the binary itself, or wrapped in
+/// `ip netns exec` or a shell that execs it), waits until every listener is
+/// bound, and returns the guarded process with the origin's own pid.
+pub fn spawn_origin(
+    cmd: &mut Command,
+    listen: std::net::SocketAddr,
+    workers: u32,
+    max_seconds: u64,
+) -> anyhow::Result<(ChildGuard, u32)> {
+    cmd.args(["--listen", &listen.to_string()])
+        .args(["--workers", &workers.to_string()])
+        .args(["--max-seconds", &max_seconds.to_string()])
+        .stdout(Stdio::piped());
+    let mut origin = ChildGuard::spawn(cmd)?;
+    let line = origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
+    let pid = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("no pid in the origin's ready line {line:?}"))?;
+    Ok((origin, pid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

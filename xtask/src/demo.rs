@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::Context;
 use vigil_testbed::{
-    netns::{ChildGuard, LinkPair},
+    netns::{spawn_origin, ChildGuard, LinkPair},
     prom::{metric_sum, scrape},
 };
 
@@ -54,14 +54,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let link = LinkPair::create("demo", DEMO_LINK_INDEX)?;
     link.set_loss(ORIGIN_PORT, args.loss_percent)?;
     let origin_addr = SocketAddr::new(link.server_addr(false), ORIGIN_PORT);
-    let mut origin = ChildGuard::spawn(
-        link.server
-            .command(bin.join("vigil-origin"))
-            .args(["--listen", &origin_addr.to_string(), "--workers", "4"])
-            .args(["--max-seconds", &(args.duration_secs + 30).to_string()])
-            .stdout(Stdio::piped()),
+    let (_origin, _) = spawn_origin(
+        &mut link.server.command(bin.join("vigil-origin")),
+        origin_addr,
+        4,
+        args.duration_secs + 30,
     )?;
-    origin.wait_for_stdout_line("listening on", Duration::from_secs(10))?;
 
     // Embedded defaults; only the metrics address is the demo's to choose.
     let agent = ChildGuard::spawn(Command::new(bin.join("vigil")).args([

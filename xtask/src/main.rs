@@ -138,6 +138,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .arg("--")
         .args(&filter_args))?;
     fuzz::run_targets(CI_FUZZ_SECONDS, None)?;
+    bench::run(&bench::BenchArgs::smoke())?;
     // Real-kernel integration tests: each builds its own namespaces, so two may
     // run at once; more would only fight over the machine's two cores.
     run(Command::new("cargo")
