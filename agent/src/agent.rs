@@ -63,6 +63,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         poll_interval: Duration::from_millis(config.pipeline.poll_interval_ms),
     };
     let source_task = tokio::spawn(source.run(stop_sources.clone()));
+    if let Some(logger) = probes.kernel_logger.take() {
+        tokio::spawn(crate::sources::forward_kernel_logs(
+            logger,
+            stop_exporters.clone(),
+        ));
+    }
     let state_task = tokio::spawn(
         StateOwner {
             enricher,

@@ -60,9 +60,15 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+fn init_logging(format: LogFormat, kernel_debug_logs: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if kernel_debug_logs {
+        // The probes log at debug level under their crate's name.
+        if let Ok(directive) = "vigil_probes=debug".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -120,7 +126,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => {
-            init_logging(args.log_format);
+            init_logging(args.log_format, args.kernel_debug_logs);
             let config = match load_config(&args) {
                 Ok(c) => c,
                 Err(e) => {

@@ -108,3 +108,26 @@ fn drain(
     }
     send(tx, stats, batch);
 }
+
+/// Forwards the kernel programs' aya-log records into the agent's log until `stop`.
+pub async fn forward_kernel_logs(
+    logger: crate::loader::KernelLogger,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+                guard.get_inner_mut().flush();
+            }
+        }
+    }
+    fd.get_mut().flush();
+    Ok(())
+}

@@ -122,6 +122,7 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // A request_sock starts with a sock_common holding the connection's tuple.
     let req: u64 = ctx.arg(1);
     let state = u32::from(read::<u8>(listener, l.skc_state)?);
+    debug!(ctx, "SYN-ACK retransmit by a listener in state {}", state);
     // SAFETY: the value is copied out before the map can change it.
     let owner = unsafe { VIGIL_SOCKS.get(listener) }.map_or(SockOwner::default(), |s| s.owner);
     emit(

@@ -98,3 +98,34 @@ fn missing_retransmit_hook_is_fatal_and_explained() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A missing auxiliary hook degrades its signal, not the agent: it runs and
+/// reports the hook as inactive.
+#[test]
+fn missing_synack_hook_degrades_only_that_signal() -> anyhow::Result<()> {
+    if !bpf_available("missing_synack_hook_degrades_only_that_signal") {
+        return Ok(());
+    }
+    let mut agent =
+        vigil_integration_tests::Agent::start(&["--disable-hook", "tp_btf/tcp_retransmit_synack"])?;
+    let text = agent.scrape()?;
+    assert!(
+        text.contains(
+            r#"vigil_hook_active{hook="tp_btf/tcp_retransmit_synack",signal="synack_retransmit"} 0"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"vigil_hook_active{hook="tp_btf/tcp_retransmit_skb",signal="retransmit"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        agent.log_text().contains("SYN-ACK retransmit hook missing"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.terminate()?.success());
+    Ok(())
+}

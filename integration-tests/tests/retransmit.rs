@@ -201,6 +201,27 @@ fn ipv6_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
     each_loss_matches_kernel("ipv6_retransmits_equal_kernel_counter", true, 20)
 }
 
+/// `--kernel-debug-logs` carries the probes' aya-log messages into the agent's log.
+#[test]
+fn kernel_debug_logs_reach_the_agent_log() -> anyhow::Result<()> {
+    if !bpf_available("kernel_debug_logs_reach_the_agent_log") {
+        return Ok(());
+    }
+    let agent = Agent::start(&["--kernel-debug-logs"])?;
+    let mut scenario = Scenario::start(&tag("klog"), 34, false)?;
+    scenario.link.set_loss(scenario.port, 100)?;
+    let mut load = scenario.spawn_load(false, 1, 1, 10.0)?;
+    let found = wait_for(Duration::from_secs(10), "a kernel debug message", || {
+        Ok(agent
+            .log_text()
+            .contains("SYN-ACK retransmit by a listener in state 10")
+            .then_some(()))
+    });
+    load.terminate(Duration::from_secs(5))?;
+    scenario.quiesce()?;
+    found.map_err(|e| e.context(agent.log_text()))
+}
+
 /// The cgroup the origin runs in, created for the test and removed after.
 struct TestCgroup {
     dir: std::path::PathBuf,
@@ -293,6 +314,22 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
             e["local"].as_str().map(|l| l.ends_with(":8080")),
             Some(true),
             "server side of {e}"
+        );
+        let client = scenario.link.client_addr(false).to_string();
+        assert_eq!(
+            e["remote"]
+                .as_str()
+                .and_then(|r| r.rsplit_once(':'))
+                .map(|(ip, _)| ip),
+            Some(client.as_str()),
+            "remote end of {e} is the load generator"
+        );
+        if e["kind"] == "segment" {
+            assert_ne!(e["cookie"].as_u64(), Some(0), "socket cookie of {e}");
+        }
+        assert!(
+            e["ts_unix_ns"].as_u64().unwrap_or(0) > 0,
+            "timestamp of {e}"
         );
     }
     eprintln!(

@@ -51,6 +51,8 @@ pub fn run_targets(seconds: u64, only: Option<String>) -> anyhow::Result<()> {
         run(Command::new("cargo")
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={seconds}"))
+            // One input may not take longer than this: a hang is a finding too.
+            .arg("-timeout=10")
             // Fuzzing never loads the kernel programs.
             .env("VIGIL_SKIP_EBPF", "1")
             .current_dir(&dir))

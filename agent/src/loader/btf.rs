@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const MAX_RESOLVE_DEPTH: usize = 32;
+/// Members one lookup may visit; kernel structs, anonymous parts included, have a few hundred.
+const MAX_MEMBERS_VISITED: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
@@ -259,19 +261,29 @@ impl Btf {
     }
 
     /// Finds `name` in aggregate `id`, looking inside anonymous members.
-    /// Returns (bit offset from the start of `id`, member).
-    fn find_member(&self, id: u32, name: &str, depth: usize) -> Option<(u32, Member)> {
+    /// Returns (bit offset from the start of `id`, member). `budget` bounds the
+    /// members visited: malformed BTF can nest a type in itself many times over.
+    fn find_member(
+        &self,
+        id: u32,
+        name: &str,
+        depth: usize,
+        budget: &mut u32,
+    ) -> Option<(u32, Member)> {
         if depth > MAX_RESOLVE_DEPTH {
             return None;
         }
         let ty = self.ty(self.strip(id))?;
         for m in &ty.members {
+            *budget = budget.checked_sub(1)?;
             if m.name_off != 0 {
                 if self.name(m.name_off) == name {
                     return Some((m.bit_offset, *m));
                 }
-            } else if let Some((inner, found)) = self.find_member(m.type_id, name, depth + 1) {
-                return Some((m.bit_offset + inner, found));
+            } else if let Some((inner, found)) =
+                self.find_member(m.type_id, name, depth + 1, budget)
+            {
+                return Some((m.bit_offset.saturating_add(inner), found));
             }
         }
         None
@@ -304,19 +316,20 @@ impl Btf {
                 }
                 id = inner;
             }
-            let (off, m) =
-                self.find_member(id, member, 0)
-                    .ok_or_else(|| BtfError::NoSuchMember {
-                        path: path.to_owned(),
-                        parent: parent.clone(),
-                        member: member.to_owned(),
-                    })?;
+            let mut budget = MAX_MEMBERS_VISITED;
+            let (off, m) = self
+                .find_member(id, member, 0, &mut budget)
+                .ok_or_else(|| BtfError::NoSuchMember {
+                    path: path.to_owned(),
+                    parent: parent.clone(),
+                    member: member.to_owned(),
+                })?;
             if m.bitfield_size != 0 || off % 8 != 0 {
                 return Err(BtfError::Bitfield {
                     path: path.to_owned(),
                 });
             }
-            bits += off;
+            bits = bits.saturating_add(off);
             parent = member.to_owned();
             last = Some(m);
         }
@@ -419,6 +432,35 @@ mod tests {
         assert!(matches!(
             btf.field("outer.bf"),
             Err(BtfError::Bitfield { .. })
+        ));
+    }
+
+    /// Found by the kernel_btf fuzz target: a struct whose anonymous members are
+    /// the struct itself made the member search exponential.
+    #[test]
+    fn self_nested_anonymous_members_terminate() {
+        let strings = b"\0loop\0".to_vec();
+        let t: Vec<u32> = vec![1, (4 << 24) | 3, 4, 0, 1, 0, 0, 1, 0, 0, 1, 0];
+        let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut data = Vec::new();
+        data.extend(BTF_MAGIC.to_le_bytes());
+        data.extend([1u8, 0]);
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            data.extend(v.to_le_bytes());
+        }
+        data.extend(types);
+        data.extend(strings);
+        let btf = Btf::parse(&data).expect("parses");
+        // Without the visit budget this search is 3^32 steps and never returns.
+        assert!(matches!(
+            btf.field("loop.x"),
+            Err(BtfError::NoSuchMember { .. })
         ));
     }
 

@@ -91,7 +91,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         task_group_leader: sized(btf, "task_struct.group_leader", 8)?,
         task_comm: sized(btf, "task_struct.comm", 16)?,
         tcp_total_retrans: sized(btf, "tcp_sock.total_retrans", 4)?,
-        _pad: 0,
+        skc_cookie: sized(btf, "sock_common.skc_cookie", 8)?,
     })
 }
 

@@ -181,7 +181,11 @@ pub struct LoadOptions {
 pub struct Probes {
     ebpf: Ebpf,
     pub hooks: Vec<HookReport>,
+    /// The kernel programs' aya-log ring, when debug logs were asked for.
+    pub kernel_logger: Option<KernelLogger>,
 }
+
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// Maps handed to the pipeline.
 pub struct ProbeMaps {
@@ -208,11 +212,13 @@ impl Probes {
             .load(PROBES_OBJECT)
             .map_err(LoadError::Load)?;
 
-        if opts.kernel_debug_logs {
-            if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-                warn!(error = %e, "kernel-side debug logs unavailable");
-            }
-        }
+        let kernel_logger = if opts.kernel_debug_logs {
+            aya_log::EbpfLogger::init(&mut ebpf)
+                .map_err(|e| warn!(error = %e, "kernel-side debug logs unavailable"))
+                .ok()
+        } else {
+            None
+        };
 
         let mut hooks = Vec::with_capacity(HOOKS.len());
         for spec in HOOKS {
@@ -241,7 +247,11 @@ impl Probes {
                 status,
             });
         }
-        let probes = Probes { ebpf, hooks };
+        let probes = Probes {
+            ebpf,
+            hooks,
+            kernel_logger,
+        };
         probes.require(Signal::Retransmit)?;
         if !probes.signal_active(Signal::SynAckRetransmit) {
             warn!("SYN-ACK retransmit hook missing: passive-open handshake retransmits are not counted");

@@ -166,7 +166,8 @@ pub struct KernelLayout {
     pub task_comm: u32,
     // struct tcp_sock
     pub tcp_total_retrans: u32,
-    pub _pad: u32,
+    /// struct sock_common: the cookie once generated (0 before).
+    pub skc_cookie: u32,
 }
 
 impl KernelLayout {
@@ -195,7 +196,7 @@ impl KernelLayout {
         task_group_leader: 0,
         task_comm: 0,
         tcp_total_retrans: 0,
-        _pad: 0,
+        skc_cookie: 0,
     };
 }
 
