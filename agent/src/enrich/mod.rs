@@ -18,6 +18,18 @@ use crate::events::{Owner, RetransmitEvent, RetransmitKind};
 use cgroups::CgroupResolver;
 use proc_sockets::ProcSocketTable;
 
+/// Scans /proc without stalling the async runtime: a node with thousands of
+/// processes takes a while, and the other tasks move to another worker meanwhile.
+fn scan_proc(proc_root: &std::path::Path) -> std::io::Result<ProcSocketTable> {
+    let scan = || ProcSocketTable::scan(proc_root);
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(scan)
+        }
+        _ => scan(),
+    }
+}
+
 /// The identity of an event's owner as it appears in metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Identity {
@@ -38,7 +50,7 @@ impl Enricher {
     /// Bootstraps from /proc so sockets opened before the agent are attributed.
     pub fn bootstrap(rescan_interval: Duration, cgroup_cache_entries: usize) -> Enricher {
         let proc_root = PathBuf::from("/proc");
-        let proc_table = ProcSocketTable::scan(&proc_root).unwrap_or_else(|e| {
+        let proc_table = scan_proc(&proc_root).unwrap_or_else(|e| {
             warn!(error = %e, "cannot scan /proc; pre-existing sockets stay unattributed");
             ProcSocketTable::default()
         });
@@ -88,7 +100,7 @@ impl Enricher {
             return false;
         }
         self.last_scan = Instant::now();
-        match ProcSocketTable::scan(&self.proc_root) {
+        match scan_proc(&self.proc_root) {
             Ok(t) => {
                 debug!(sockets = t.len(), "rescanned /proc for socket owners");
                 self.proc_table = t;
