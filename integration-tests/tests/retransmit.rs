@@ -222,6 +222,16 @@ fn kernel_debug_logs_reach_the_agent_log() -> anyhow::Result<()> {
     found.map_err(|e| e.context(agent.log_text()))
 }
 
+/// An event log line carries the origin's process.
+fn assert_owned_by_origin(e: &serde_json::Value, origin_pid: u32) {
+    assert_eq!(e["pid"].as_u64(), Some(u64::from(origin_pid)), "pid of {e}");
+    assert_eq!(
+        e["comm"].as_str(),
+        Some("vigil-origin"),
+        "process name of {e}"
+    );
+}
+
 /// The cgroup the origin runs in, created for the test and removed after.
 struct TestCgroup {
     dir: std::path::PathBuf,
@@ -290,16 +300,7 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
         "retransmits seen in the server namespace"
     );
     for e in &server {
-        assert_eq!(
-            e["pid"].as_u64(),
-            Some(u64::from(scenario.origin_pid)),
-            "pid of {e}"
-        );
-        assert_eq!(
-            e["comm"].as_str(),
-            Some("vigil-origin"),
-            "process name of {e}"
-        );
+        assert_owned_by_origin(e, scenario.origin_pid);
         assert_eq!(
             e["cgroup"].as_str(),
             Some(cgroup.rel.as_str()),
@@ -397,16 +398,7 @@ fn preexisting_sockets_are_attributed_from_proc() -> anyhow::Result<()> {
         "some events on pre-existing sockets: {server:?}"
     );
     for e in &server {
-        assert_eq!(
-            e["pid"].as_u64(),
-            Some(u64::from(scenario.origin_pid)),
-            "pid of {e}"
-        );
-        assert_eq!(
-            e["comm"].as_str(),
-            Some("vigil-origin"),
-            "process name of {e}"
-        );
+        assert_owned_by_origin(e, scenario.origin_pid);
     }
     eprintln!(
         "{} server-side events, {from_proc} attributed from /proc",

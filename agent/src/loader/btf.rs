@@ -387,17 +387,17 @@ mod tests {
             5,
             (3 << 24) | 64,
         ]);
-        let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        btf_bytes(&t, &strings)
+    }
+
+    /// A BTF blob: 24-byte header, the type words, then the string section.
+    fn btf_bytes(type_words: &[u32], strings: &[u8]) -> Vec<u8> {
+        let types: Vec<u8> = type_words.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend(BTF_MAGIC.to_le_bytes());
         out.extend([1u8, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
+        let (types_len, strings_len) = (types.len() as u32, strings.len() as u32);
+        for v in [24u32, 0, types_len, types_len, strings_len] {
             out.extend(v.to_le_bytes());
         }
         out.extend(types);
@@ -441,21 +441,7 @@ mod tests {
     fn self_nested_anonymous_members_terminate() {
         let strings = b"\0loop\0".to_vec();
         let t: Vec<u32> = vec![1, (4 << 24) | 3, 4, 0, 1, 0, 0, 1, 0, 0, 1, 0];
-        let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut data = Vec::new();
-        data.extend(BTF_MAGIC.to_le_bytes());
-        data.extend([1u8, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            data.extend(v.to_le_bytes());
-        }
-        data.extend(types);
-        data.extend(strings);
+        let data = btf_bytes(&t, &strings);
         let btf = Btf::parse(&data).expect("parses");
         // Without the visit budget this search is 3^32 steps and never returns.
         assert!(matches!(
