@@ -122,3 +122,29 @@ fn sigkill_leaves_nothing_and_restart_works() -> anyhow::Result<()> {
     assert!(again.terminate()?.success());
     assert_all_gone(&second)
 }
+
+/// An impatient operator (SIGTERM, then Ctrl-C at once): the second signal may
+/// cut the drain short, and either way the agent exits 0 and releases everything.
+#[test]
+fn two_signals_in_a_row_still_exit_cleanly() -> anyhow::Result<()> {
+    if !bpf_available("two_signals_in_a_row_still_exit_cleanly") {
+        return Ok(());
+    }
+    let mut agent = Agent::start(&[])?;
+    let objects = objects_of(&agent)?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    let status = agent.terminate()?;
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("detached all hooks"),
+        "{}",
+        agent.log_text()
+    );
+    assert_all_gone(&objects)
+}
