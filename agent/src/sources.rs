@@ -39,10 +39,7 @@ impl RingSource {
         } = self;
         let mut tick = tokio::time::interval(poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns it.
-        let mut fd =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
+        let mut fd = readable(ring)?;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -109,14 +106,19 @@ fn drain(
     send(tx, stats, batch);
 }
 
+/// Registers a ring buffer (or what wraps one) with the runtime for readiness.
+fn readable<T: std::os::fd::AsRawFd>(ring: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `ring` owns its map fd, and the AsyncFd owns `ring` until dropped.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
 /// Forwards the kernel programs' aya-log records into the agent's log until `stop`.
 pub async fn forward_kernel_logs(
     logger: crate::loader::KernelLogger,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
+    let mut fd = readable(logger)?;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,

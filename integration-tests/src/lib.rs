@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-use vigil_testbed::netns::{bin_path, spawn_origin, ChildGuard};
+use vigil_testbed::netns::{bin_path, loadgen_command, spawn_origin, ChildGuard};
 pub use vigil_testbed::prom::{metric_sum, scrape};
 
 /// True when this machine can run the real-kernel tests. In CI (CI=true) a
@@ -214,7 +214,7 @@ pub struct Scenario {
     pub port: u16,
 }
 
-pub const ORIGIN_PORT: u16 = 8080;
+pub use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 
 impl Scenario {
     /// `prefix` runs in the namespace before the origin (e.g. a cgroup move through `sh -c`).
@@ -280,20 +280,18 @@ impl Scenario {
         max_secs: f64,
     ) -> anyhow::Result<ChildGuard> {
         let target = SocketAddr::new(self.link.server_addr(v6), self.port);
-        let mut cmd = self.link.client.command(bin_path("vigil-loadgen")?);
-        cmd.args([
-            "--target",
-            &target.to_string(),
-            "--connections",
-            &connections.to_string(),
-            "--requests-per-connection",
-            &requests.to_string(),
-            "--max-duration-secs",
-            &max_secs.to_string(),
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        let loadgen = bin_path("vigil-loadgen")?;
+        let mut cmd = loadgen_command(
+            &self.link.client,
+            &loadgen,
+            target,
+            connections,
+            requests,
+            max_secs,
+        );
+        cmd.arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         ChildGuard::spawn(&mut cmd)
     }
 

@@ -84,6 +84,18 @@ fn assert_all_gone(objects: &[(String, u64, String)]) -> anyhow::Result<()> {
     )
 }
 
+/// Waits for the agent to exit (SIGTERM if still running): status 0, detach logged.
+fn assert_clean_exit(agent: &mut Agent) -> anyhow::Result<()> {
+    let status = agent.terminate()?;
+    let log = agent.log_text();
+    assert!(status.success(), "exit status {status}\n{log}");
+    assert!(
+        log.contains("detached all hooks"),
+        "shutdown logged:\n{log}"
+    );
+    Ok(())
+}
+
 #[test]
 fn sigterm_detaches_and_releases_everything() -> anyhow::Result<()> {
     if !bpf_available("sigterm_detaches_and_releases_everything") {
@@ -91,16 +103,7 @@ fn sigterm_detaches_and_releases_everything() -> anyhow::Result<()> {
     }
     let mut agent = Agent::start(&[])?;
     let objects = objects_of(&agent)?;
-    let status = agent.terminate()?;
-    assert!(
-        status.success(),
-        "clean exit on SIGTERM: {status}\n{}",
-        agent.log_text()
-    );
-    assert!(
-        agent.log_text().contains("detached all hooks"),
-        "shutdown logged"
-    );
+    assert_clean_exit(&mut agent)?;
     assert_all_gone(&objects)
 }
 
@@ -119,7 +122,7 @@ fn sigkill_leaves_nothing_and_restart_works() -> anyhow::Result<()> {
     assert!(again
         .scrape()?
         .contains("vigil_hook_active{hook=\"tp_btf/tcp_retransmit_skb\",signal=\"retransmit\"} 1"));
-    assert!(again.terminate()?.success());
+    assert_clean_exit(&mut again)?;
     assert_all_gone(&second)
 }
 
@@ -135,16 +138,6 @@ fn two_signals_in_a_row_still_exit_cleanly() -> anyhow::Result<()> {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid())?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
-    let status = agent.terminate()?;
-    assert!(
-        status.success(),
-        "exit status {status}\n{}",
-        agent.log_text()
-    );
-    assert!(
-        agent.log_text().contains("detached all hooks"),
-        "{}",
-        agent.log_text()
-    );
+    assert_clean_exit(&mut agent)?;
     assert_all_gone(&objects)
 }

@@ -665,6 +665,24 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// `vigil-loadgen` in `ns` against `target`: `connections` keep-alive players
+/// making `requests` requests each, for at most `max_secs` per run.
+pub fn loadgen_command(
+    ns: &Netns,
+    loadgen: &Path,
+    target: std::net::SocketAddr,
+    connections: u32,
+    requests: u32,
+    max_secs: f64,
+) -> Command {
+    let mut cmd = ns.command(loadgen);
+    cmd.args(["--target", &target.to_string()])
+        .args(["--connections", &connections.to_string()])
+        .args(["--requests-per-connection", &requests.to_string()])
+        .args(["--max-duration-secs", &max_secs.to_string()]);
+    cmd
+}
+
 /// Starts `vigil-origin` through `cmd` (the binary itself, or wrapped in
 /// `ip netns exec` or a shell that execs it), waits until every listener is
 /// bound, and returns the guarded process with the origin's own pid.

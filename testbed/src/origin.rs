@@ -53,6 +53,9 @@ pub fn playlist(segments: u32) -> String {
     p
 }
 
+/// The port the origin listens on unless told otherwise (tests, demo, bench).
+pub const DEFAULT_PORT: u16 = 8080;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginConfig {
     pub listen: SocketAddr,
@@ -67,7 +70,7 @@ pub struct OriginConfig {
 impl Default for OriginConfig {
     fn default() -> Self {
         OriginConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             workers: 2,
             segment_bytes: 1024 * 1024,
             segments: 10,

@@ -17,13 +17,13 @@ use std::{
 
 use anyhow::{bail, Context};
 use vigil_testbed::{
-    netns::{spawn_origin, ChildGuard, LinkPair},
+    netns::{loadgen_command, spawn_origin, ChildGuard, LinkPair},
     prom::{metric_sum, scrape},
 };
 
 use crate::workspace_root;
 
-const ORIGIN_PORT: u16 = 8080;
+use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 /// Subnet index of the benchmark's link pair (198.18.202.0/24).
 const BENCH_LINK_INDEX: u8 = 202;
 const METRICS_ADDR: &str = "127.0.0.1:19466";
@@ -237,23 +237,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     link.set_loss(ORIGIN_PORT, args.loss_percent)?;
     let started = Instant::now();
-    let status = link
-        .client
-        .command(bin.join("vigil-loadgen"))
-        .args([
-            "--target",
-            &origin_addr.to_string(),
-            "--connections",
-            &args.players.to_string(),
-        ])
-        .args([
-            "--requests-per-connection",
-            "1000000",
-            "--max-duration-secs",
-            &args.seconds.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status()?;
+    let loadgen = bin.join("vigil-loadgen");
+    // Requests enough to outlast the time limit.
+    let requests = 1_000_000;
+    let status = loadgen_command(
+        &link.client,
+        &loadgen,
+        origin_addr,
+        args.players,
+        requests,
+        args.seconds as f64,
+    )
+    .stdout(Stdio::null())
+    .status()?;
     let elapsed = started.elapsed().as_secs_f64();
     if !status.success() {
         bail!("load generator failed: {status}");

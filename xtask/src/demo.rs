@@ -17,11 +17,11 @@ use std::{
 
 use anyhow::Context;
 use vigil_testbed::{
-    netns::{spawn_origin, ChildGuard, LinkPair},
+    netns::{loadgen_command, spawn_origin, ChildGuard, LinkPair},
     prom::{metric_sum, scrape},
 };
 
-const ORIGIN_PORT: u16 = 8080;
+use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 /// Subnet index of the demo's link pair (198.18.201.0/24), apart from the tests' indices.
 const DEMO_LINK_INDEX: u8 = 201;
 
@@ -78,27 +78,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let netns = link.server.inode()?.to_string();
     let baseline = retrans_segs(&link)?;
     let _players = ChildGuard::spawn(
-        link.client
-            .command(bin.join("vigil-loadgen"))
-            .args([
-                "--target",
-                &origin_addr.to_string(),
-                "--connections",
-                &args.players.to_string(),
-            ])
-            .args([
-                "--requests-per-connection",
-                "30",
-                "--max-duration-secs",
-                "30",
-            ])
-            .args([
-                "--repeat-until-secs",
-                &args.duration_secs.to_string(),
-                "--pause-ms",
-                "500",
-            ])
-            .stdout(Stdio::null()),
+        loadgen_command(
+            &link.client,
+            &bin.join("vigil-loadgen"),
+            origin_addr,
+            args.players,
+            30,
+            30.0,
+        )
+        .args([
+            "--repeat-until-secs",
+            &args.duration_secs.to_string(),
+            "--pause-ms",
+            "500",
+        ])
+        .stdout(Stdio::null()),
     )?;
 
     eprintln!(
