@@ -14,8 +14,10 @@ use crate::{
     config::Config,
     enrich::Enricher,
     export::prometheus::{self, MetricsSource},
-    loader::{LoadOptions, Probes},
+    loader::{sys::IterLink, LoadOptions, Probes},
     metrics::{PipelineStats, Registry},
+    sampler::Sampler,
+    socket_health::SocketHealth,
     sources::RingSource,
     state::{EventLog, StateOwner},
 };
@@ -37,6 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wakeup_bytes: config.pipeline.wakeup_bytes,
         disable_hooks: config.probes.disable_hooks.clone(),
         kernel_debug_logs: config.probes.kernel_debug_logs,
+        drop_reasons: config.probes.drop_reasons.clone(),
     })?;
     let maps = probes.take_maps()?;
     // After the ownership hooks are attached, so no socket falls between the two.
@@ -50,8 +53,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes.hooks.clone(),
         Some(maps.lost),
         probes.program_handles(),
+        SocketHealth::new(
+            probes.drop_reasons.clone(),
+            config.sampler.connection_table_entries,
+        ),
     )));
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity_batches);
+    // One snapshot in flight is enough: a newer one replaces an older one anyway.
+    let (snapshot_tx, snapshot_rx) = mpsc::channel(1);
     let stop_sources = CancellationToken::new();
     let stop_exporters = CancellationToken::new();
 
@@ -69,13 +78,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             stop_exporters.clone(),
         ));
     }
+    let stop_sampler = CancellationToken::new();
+    let sampler_thread = match probes.tcp_iterator() {
+        Some(program) => match IterLink::create(std::os::fd::AsFd::as_fd(&program)) {
+            Ok(link) => {
+                info!(
+                    kind = "link",
+                    id = link.id,
+                    name = "vigil_tcp_iter",
+                    "kernel object created"
+                );
+                let sampler = Sampler {
+                    link,
+                    interval: Duration::from_millis(config.sampler.interval_ms),
+                    all_namespaces: config.sampler.all_namespaces,
+                    tx: snapshot_tx,
+                    stats: stats.clone(),
+                };
+                Some(sampler.spawn(stop_sampler.clone())?)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot create the TCP iterator link; listen queues and RTT are not sampled");
+                None
+            }
+        },
+        None => None,
+    };
     let state_task = tokio::spawn(
         StateOwner {
             enricher,
             registry: registry.clone(),
             event_log,
         }
-        .run(rx),
+        .run(rx, snapshot_rx),
     );
     let metrics_task = tokio::spawn(prometheus::serve(
         listener,
@@ -94,6 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Sources drain the ring and hang up; the state owner then drains its queue.
     let drain = async {
         stop_sources.cancel();
+        stop_sampler.cancel();
         match source_task.await {
             Ok(Err(e)) => warn!(error = %e, "source ended with an error"),
             Err(e) => warn!(error = %e, "source task failed"),
@@ -117,7 +153,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         () = second_signal => warn!("second signal: skipping the drain"),
     }
     stop_exporters.cancel();
+    stop_sampler.cancel();
     let _ = metrics_task.await;
+    if let Some(thread) = sampler_thread {
+        // It checks for the stop at least every 50 ms, and between namespaces.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     probes.detach();
     info!("vigil agent stopped cleanly");
     Ok(())

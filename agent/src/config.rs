@@ -15,6 +15,7 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub pipeline: PipelineConfig,
     pub enrich: EnrichConfig,
+    pub sampler: SamplerConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -49,6 +50,9 @@ pub struct ProbesConfig {
     pub disable_hooks: Vec<String>,
     /// Let the kernel programs' aya-log debug messages through (costly; for debugging).
     pub kernel_debug_logs: bool,
+    /// Packet drop reasons to report (`enum skb_drop_reason` names without the
+    /// `SKB_DROP_REASON_` prefix; a trailing `*` matches a prefix).
+    pub drop_reasons: Vec<String>,
 }
 
 impl Default for ProbesConfig {
@@ -58,6 +62,9 @@ impl Default for ProbesConfig {
             socket_table_entries: 65_536,
             disable_hooks: Vec::new(),
             kernel_debug_logs: false,
+            drop_reasons: ["SOCKET_*", "TCP_*", "PROTO_MEM"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -102,6 +109,29 @@ impl Default for EnrichConfig {
         EnrichConfig {
             proc_rescan_min_interval_ms: 1_000,
             cgroup_cache_entries: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplerConfig {
+    /// How often every TCP socket is sampled (listen queues, RTT, cwnd).
+    pub interval_ms: u64,
+    /// Connections kept with their latest sample for `vigil connections`;
+    /// beyond this the rest are aggregated but not listed.
+    pub connection_table_entries: usize,
+    /// Sample the sockets of every network namespace on the node (needs
+    /// CAP_SYS_ADMIN to enter them); when false, only the agent's own.
+    pub all_namespaces: bool,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            interval_ms: 1_000,
+            connection_table_entries: 10_000,
+            all_namespaces: true,
         }
     }
 }
@@ -185,6 +215,20 @@ impl Config {
         if self.enrich.cgroup_cache_entries == 0 {
             return invalid("enrich.cgroup_cache_entries", "must be at least 1".into());
         }
+        if let Some(bad) = self
+            .probes
+            .drop_reasons
+            .iter()
+            .find(|p| !crate::loader::drop_reasons::valid_pattern(p))
+        {
+            return invalid(
+                "probes.drop_reasons",
+                format!("`{bad}` is not a drop reason name (like SOCKET_RCVBUFF) or prefix (like TCP_*)"),
+            );
+        }
+        if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
+            return invalid("sampler.interval_ms", "must be 10..=3600000".into());
+        }
         Ok(())
     }
 }
@@ -238,6 +282,24 @@ mod tests {
             err.contains("probes.disable_hooks") && err.contains("tp_btf/tcp_retransmit_skb"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn drop_reasons_and_sampler_are_checked() {
+        let mut c = Config::default();
+        c.probes.drop_reasons = vec!["tcp_listen_overflow".into()];
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("lower case is not a reason")
+            .to_string();
+        assert!(err.contains("probes.drop_reasons"), "{err}");
+        let mut c = Config::default();
+        c.sampler.interval_ms = 0;
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("zero interval")
+            .to_string();
+        assert!(err.contains("sampler.interval_ms"), "{err}");
     }
 
     #[test]

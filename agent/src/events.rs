@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use vigil_abi::{EventKind, RetransmitRecord, SockOwner, AF_INET, AF_INET6, COUNT_UNKNOWN};
+use vigil_abi::{
+    DropRecord, EventKind, RetransmitRecord, SockOwner, SockTuple, AF_INET, AF_INET6, COUNT_UNKNOWN,
+};
 
 /// A connection's endpoints, `local` being this node's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +112,30 @@ pub enum DecodeError {
     Family(u16),
 }
 
+/// Reads a kernel record of exactly `size_of::<T>()` bytes.
+///
+/// # Safety
+/// `T` must be plain old data: every bit pattern a valid value.
+unsafe fn record<T>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let expected = std::mem::size_of::<T>();
+    if bytes.len() != expected {
+        return Err(DecodeError::Size {
+            len: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: length checked; the caller guarantees T is plain old data.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// A socket's endpoints from a kernel tuple.
+pub fn endpoints(t: &SockTuple) -> Result<Endpoints, DecodeError> {
+    Ok(Endpoints {
+        local: addr(t.family, t.local_addr, t.local_port)?,
+        remote: addr(t.family, t.remote_addr, t.remote_port)?,
+    })
+}
+
 fn addr(family: u16, bytes: [u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {
     let ip = match family {
         AF_INET => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
@@ -125,7 +151,7 @@ fn comm(raw: &[u8; 16]) -> String {
 }
 
 impl Owner {
-    fn from_kernel(o: &SockOwner) -> Option<Owner> {
+    pub fn from_kernel(o: &SockOwner) -> Option<Owner> {
         (o.known == 1).then(|| Owner {
             pid: o.tgid,
             comm: comm(&o.comm),
@@ -138,22 +164,14 @@ impl Owner {
 impl RetransmitEvent {
     /// Decodes one ring-buffer record; never panics on malformed bytes.
     pub fn decode(bytes: &[u8]) -> Result<RetransmitEvent, DecodeError> {
-        let expected = std::mem::size_of::<RetransmitRecord>();
-        if bytes.len() != expected {
-            return Err(DecodeError::Size {
-                len: bytes.len(),
-                expected,
-            });
-        }
-        // SAFETY: length checked; RetransmitRecord is plain old data, any bit pattern is valid.
-        let r: RetransmitRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        // SAFETY: RetransmitRecord is plain old data, any bit pattern is valid.
+        let r: RetransmitRecord = unsafe { record(bytes) }?;
         let kind = match r.kind {
             k if k == EventKind::Retransmit as u32 => RetransmitKind::Segment,
             k if k == EventKind::SynAckRetransmit as u32 => RetransmitKind::SynAck,
             k if k == EventKind::RetransmitUnseen as u32 => RetransmitKind::Unseen,
             other => return Err(DecodeError::Kind(other)),
         };
-        let t = r.tuple;
         Ok(RetransmitEvent {
             kind,
             ts_ns: r.ts_ns,
@@ -165,12 +183,81 @@ impl RetransmitEvent {
             err: r.err,
             total_retrans: r.total_retrans,
             counted: (r.counted != COUNT_UNKNOWN).then_some(r.counted),
-            endpoints: Endpoints {
-                local: addr(t.family, t.local_addr, t.local_port)?,
-                remote: addr(t.family, t.remote_addr, t.remote_port)?,
+            endpoints: endpoints(&r.tuple)?,
+            owner: Owner::from_kernel(&r.owner),
+        })
+    }
+}
+
+/// A packet the kernel dropped for one of the watched reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropEvent {
+    /// CLOCK_MONOTONIC nanoseconds of the drop.
+    pub ts_ns: u64,
+    /// `enum skb_drop_reason` value of the running kernel.
+    pub reason: u32,
+    pub sk_addr: u64,
+    /// 0 when the packet had no socket.
+    pub netns: u32,
+    pub tcp_state: u32,
+    /// IP protocol of the socket (6 = TCP); 0 when unknown.
+    pub protocol: u32,
+    /// None when the packet had no socket.
+    pub endpoints: Option<Endpoints>,
+    pub owner: Option<Owner>,
+}
+
+impl DropEvent {
+    pub fn decode(bytes: &[u8]) -> Result<DropEvent, DecodeError> {
+        // SAFETY: DropRecord is plain old data, any bit pattern is valid.
+        let r: DropRecord = unsafe { record(bytes) }?;
+        if r.kind != EventKind::SocketDrop as u32 {
+            return Err(DecodeError::Kind(r.kind));
+        }
+        Ok(DropEvent {
+            ts_ns: r.ts_ns,
+            reason: r.reason,
+            sk_addr: r.sk_addr,
+            netns: r.netns,
+            tcp_state: r.state,
+            protocol: r.protocol,
+            endpoints: if r.sk_addr == 0 {
+                None
+            } else {
+                Some(endpoints(&r.tuple)?)
             },
             owner: Owner::from_kernel(&r.owner),
         })
+    }
+
+    /// A drop at a listener (accept-queue overflow and other handshake drops).
+    pub fn at_listener(&self) -> bool {
+        self.tcp_state == vigil_abi::TCP_LISTEN
+    }
+}
+
+/// Any record of the ring buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    Retransmit(RetransmitEvent),
+    Drop(DropEvent),
+}
+
+impl KernelEvent {
+    /// Decodes a ring-buffer record by the kind at its start; never panics.
+    pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+        let kind = bytes
+            .get(..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(DecodeError::Size {
+                len: bytes.len(),
+                expected: 4,
+            })?;
+        if kind == EventKind::SocketDrop as u32 {
+            DropEvent::decode(bytes).map(KernelEvent::Drop)
+        } else {
+            RetransmitEvent::decode(bytes).map(KernelEvent::Retransmit)
+        }
     }
 }
 
@@ -295,6 +382,57 @@ mod tests {
             (unseen.kind, unseen.unreported_segments()),
             (RetransmitKind::Unseen, 5)
         );
+    }
+
+    #[test]
+    fn decodes_drop_records_with_and_without_socket() {
+        let r = record(1, AF_INET);
+        let mut d = DropRecord {
+            kind: EventKind::SocketDrop as u32,
+            reason: 40,
+            ts_ns: 5,
+            sk_addr: 0xffff_1000,
+            netns: 4026531840,
+            state: vigil_abi::TCP_LISTEN,
+            protocol: 6,
+            _pad: 0,
+            tuple: r.tuple,
+            owner: r.owner,
+        };
+        // SAFETY: reading a repr(C) POD value as bytes.
+        let as_bytes = |d: &DropRecord| unsafe {
+            std::slice::from_raw_parts(
+                (d as *const DropRecord).cast::<u8>(),
+                std::mem::size_of_val(d),
+            )
+            .to_vec()
+        };
+        let KernelEvent::Drop(e) = KernelEvent::decode(&as_bytes(&d)).expect("decodes") else {
+            panic!("a drop record decodes as a drop");
+        };
+        assert!(e.at_listener());
+        assert_eq!(e.reason, 40);
+        assert_eq!(e.owner.expect("owner").comm, "origin");
+        assert_eq!(
+            e.endpoints.expect("socket").local,
+            "198.18.1.1:8080".parse().expect("addr")
+        );
+        d.sk_addr = 0;
+        d.tuple = SockTuple::default();
+        let e = DropEvent::decode(&as_bytes(&d)).expect("no socket still decodes");
+        assert_eq!(e.endpoints, None);
+        assert!(matches!(
+            KernelEvent::decode(&as_bytes(&d)[..50]),
+            Err(DecodeError::Size { .. })
+        ));
+        assert!(matches!(
+            KernelEvent::decode(&[4, 0]),
+            Err(DecodeError::Size { .. })
+        ));
+        assert!(matches!(
+            KernelEvent::decode(&bytes(&record(1, AF_INET))),
+            Ok(KernelEvent::Retransmit(_))
+        ));
     }
 
     /// Found by the ring_record fuzz target: negating i32::MIN overflowed.

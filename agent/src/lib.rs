@@ -8,5 +8,8 @@ pub mod events;
 pub mod export;
 pub mod loader;
 pub mod metrics;
+pub mod sampler;
+pub mod socket_health;
 pub mod sources;
 pub mod state;
+pub mod triage;

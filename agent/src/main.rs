@@ -30,6 +30,27 @@ enum Command {
     Hooks,
     /// Print the configuration with every default filled in, as TOML.
     DefaultConfig,
+    /// Show the running agent's latest socket sample: listeners by accept-queue
+    /// fill, then connections by RTT (or retransmits).
+    ///
+    /// Example: vigil sockets --sort retrans --limit 20
+    Sockets(SocketsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SocketsArgs {
+    /// Address of the agent's HTTP endpoint (its --metrics-addr).
+    #[arg(long, env = "VIGIL_AGENT", default_value = "127.0.0.1:9464")]
+    agent: SocketAddr,
+    /// Order of the connection table.
+    #[arg(long, value_enum, default_value_t = vigil::triage::SortBy::Rtt)]
+    sort: vigil::triage::SortBy,
+    /// Rows per table.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print the agent's JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -118,6 +139,30 @@ fn main() -> ExitCode {
         Command::DefaultConfig => match toml::to_string(&Config::default()) {
             Ok(text) => {
                 print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sockets(args) => match vigil::triage::fetch(args.agent) {
+            Ok(table) if args.json => match serde_json::to_string_pretty(&table) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vigil: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Ok(table) => {
+                print!(
+                    "{}\n{}",
+                    vigil::triage::listeners_table(&table.listeners, args.limit),
+                    vigil::triage::connections_table(&table, args.sort, args.limit)
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -18,6 +18,7 @@ use crate::{
         prog_stats::{ProgramHandle, ProgramStats},
         HookReport, HookStatus,
     },
+    socket_health::SocketHealth,
 };
 
 /// Counters the source tasks bump without taking the registry lock.
@@ -25,15 +26,39 @@ use crate::{
 pub struct PipelineStats {
     pub received_retransmit: AtomicU64,
     pub received_synack: AtomicU64,
+    pub received_drop: AtomicU64,
     pub decode_errors: AtomicU64,
     pub channel_dropped: AtomicU64,
+    pub sampler_passes: AtomicU64,
+    pub sampler_namespace_errors: AtomicU64,
+    pub sampler_pass_micros: AtomicU64,
+    pub snapshots_dropped: AtomicU64,
 }
 
+/// The identity labels every per-owner metric carries.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Series {
+pub struct Series {
     netns: u32,
     cgroup: String,
     process: String,
+}
+
+impl Series {
+    pub fn of(netns: u32, who: &Identity) -> Series {
+        Series {
+            netns,
+            cgroup: who.cgroup.clone().unwrap_or_else(|| UNKNOWN.into()),
+            process: who.comm.clone().unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
+
+    pub fn labels(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("netns", self.netns.to_string()),
+            ("cgroup", self.cgroup.clone()),
+            ("process", self.process.clone()),
+        ]
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -53,6 +78,7 @@ pub struct Registry {
     programs: Vec<ProgramHandle>,
     pub cgroup_cache_entries: usize,
     pub proc_socket_entries: usize,
+    pub health: SocketHealth,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -75,8 +101,10 @@ impl Registry {
         hooks: Vec<HookReport>,
         lost: Option<PerCpuArray<MapData, u64>>,
         programs: Vec<ProgramHandle>,
+        health: SocketHealth,
     ) -> Registry {
         Registry {
+            health,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
@@ -105,12 +133,10 @@ impl Registry {
         if counted == 0 {
             return;
         }
-        let series = Series {
-            netns: e.netns,
-            cgroup: who.cgroup.clone().unwrap_or_else(|| UNKNOWN.into()),
-            process: who.comm.clone().unwrap_or_else(|| UNKNOWN.into()),
-        };
-        let c = self.retransmits.entry(series).or_default();
+        let c = self
+            .retransmits
+            .entry(Series::of(e.netns, who))
+            .or_default();
         if e.kind != RetransmitKind::Unseen {
             c.events += 1;
         }
@@ -132,13 +158,6 @@ impl Registry {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, stats: &PipelineStats) -> String {
         let mut x = Exposition::default();
-        let owner = |s: &Series| {
-            [
-                ("netns", s.netns.to_string()),
-                ("cgroup", s.cgroup.clone()),
-                ("process", s.process.clone()),
-            ]
-        };
         let per_series: [Family<RetransmitCounts, u64>; 4] = [
             (
                 "vigil_tcp_retransmitted_segments_total",
@@ -164,7 +183,7 @@ impl Registry {
         for (name, help, value) in per_series {
             x.family(name, "counter", help);
             for (s, c) in &self.retransmits {
-                x.sample(name, &owner(s), value(c));
+                x.sample(name, &s.labels(), value(c));
             }
         }
         let name = "vigil_tcp_retransmit_failed_attempts_total";
@@ -197,6 +216,7 @@ impl Registry {
                 LossSlot::SynAckRetransmit,
                 "vigil_synack",
             ),
+            ("socket_drop", LossSlot::SocketDrop, "vigil_drop"),
         ];
         for (probe, slot, program) in probes {
             let counts = [
@@ -248,6 +268,11 @@ impl Registry {
             &[("probe", "synack_retransmit".into())],
             stats.received_synack.load(Ordering::Relaxed),
         );
+        x.sample(
+            name,
+            &[("probe", "socket_drop".into())],
+            stats.received_drop.load(Ordering::Relaxed),
+        );
         let name = "vigil_events_dropped_total";
         x.family(
             name,
@@ -258,6 +283,32 @@ impl Registry {
             name,
             &[("stage", "source_channel".into())],
             stats.channel_dropped.load(Ordering::Relaxed),
+        );
+        x.sample(
+            name,
+            &[("stage", "sampler_channel".into())],
+            stats.snapshots_dropped.load(Ordering::Relaxed),
+        );
+        let name = "vigil_sampler_passes_total";
+        x.family(
+            name,
+            "counter",
+            "Passes of the socket sampler over every network namespace.",
+        );
+        x.sample(name, &[], stats.sampler_passes.load(Ordering::Relaxed));
+        let name = "vigil_sampler_namespace_errors_total";
+        x.family(name, "counter", "Network namespaces the sampler could not enter or read (usually a process that just exited).");
+        x.sample(
+            name,
+            &[],
+            stats.sampler_namespace_errors.load(Ordering::Relaxed),
+        );
+        let name = "vigil_sampler_last_pass_seconds";
+        x.family(name, "gauge", "Duration of the last sampler pass.");
+        x.sample(
+            name,
+            &[],
+            stats.sampler_pass_micros.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let name = "vigil_event_decode_errors_total";
         x.family(
@@ -301,6 +352,7 @@ impl Registry {
             &[("cache", "proc_sockets".into())],
             self.proc_socket_entries,
         );
+        self.health.render(&mut x);
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");
         x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1);
@@ -309,20 +361,20 @@ impl Registry {
 }
 
 /// A metric family drawn from one aggregate: (name, help, value of a sample).
-type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
+pub type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
 
 /// Writes the text exposition format.
 #[derive(Default)]
-struct Exposition {
-    out: String,
+pub struct Exposition {
+    pub out: String,
 }
 
 impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+    pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
         self.out.push_str(name);
         if !labels.is_empty() {
             let pairs: Vec<String> = labels
@@ -374,7 +426,12 @@ mod tests {
 
     #[test]
     fn sums_segments_and_separates_failures() {
-        let mut r = Registry::new(vec![], None, vec![]);
+        let mut r = Registry::new(
+            vec![],
+            None,
+            vec![],
+            SocketHealth::new(Default::default(), 10),
+        );
         let who = Identity {
             pid: Some(3),
             comm: Some("origin".into()),

@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    events::{RetransmitEvent, RetransmitKind},
+    events::{KernelEvent, RetransmitKind},
     metrics::PipelineStats,
 };
 
-pub type Batch = Vec<RetransmitEvent>;
+pub type Batch = Vec<KernelEvent>;
 
 pub struct RingSource {
     pub ring: RingBuf<MapData>,
@@ -55,7 +55,7 @@ impl RingSource {
             }
         }
         drain(fd.get_mut(), &tx, &stats, batch_max_events);
-        debug!("retransmit source stopped");
+        debug!("ring source stopped");
         Ok(())
     }
 }
@@ -81,11 +81,16 @@ fn drain(
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(item) = ring.next() {
-        match RetransmitEvent::decode(&item) {
+        match KernelEvent::decode(&item) {
             Ok(e) => {
-                let counter = match e.kind {
-                    RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
-                    RetransmitKind::SynAck => &stats.received_synack,
+                let counter = match &e {
+                    KernelEvent::Retransmit(r) => match r.kind {
+                        RetransmitKind::Segment | RetransmitKind::Unseen => {
+                            &stats.received_retransmit
+                        }
+                        RetransmitKind::SynAck => &stats.received_synack,
+                    },
+                    KernelEvent::Drop(_) => &stats.received_drop,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 batch.push(e);

@@ -1,5 +1,6 @@
-//! The one owner of agent state: attributes each event, aggregates it, and
-//! appends it to the event log. Runs until every source has hung up.
+//! The one owner of agent state: attributes each event and socket sample,
+//! aggregates them, and appends events to the event log. Runs until every
+//! source has hung up.
 
 use std::{
     fs::File,
@@ -14,15 +15,27 @@ use tracing::{info, warn};
 
 use crate::{
     clock::MonotonicToWall,
-    enrich::{Enricher, Identity},
-    events::{tcp_state_name, OwnerSource, RetransmitEvent, RetransmitKind},
+    enrich::{Enricher, Identity, SocketKey},
+    events::{
+        tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
+    },
     metrics::Registry,
+    sampler::{Sample, Snapshot},
     sources::Batch,
 };
 
-/// One line of the event log (JSON Lines).
+/// Who, in the event log.
 #[derive(Serialize)]
-struct EventLine<'a> {
+struct Who<'a> {
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    cgroup: Option<&'a str>,
+    owner_source: Option<OwnerSource>,
+}
+
+/// A retransmit line of the event log (JSON Lines).
+#[derive(Serialize)]
+struct RetransmitLine<'a> {
     ts_unix_ns: u64,
     kind: RetransmitKind,
     netns: u32,
@@ -34,10 +47,23 @@ struct EventLine<'a> {
     counted_segments: u32,
     local: String,
     remote: String,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    cgroup: Option<&'a str>,
-    owner_source: Option<OwnerSource>,
+    #[serde(flatten)]
+    who: Who<'a>,
+}
+
+/// A drop line of the event log.
+#[derive(Serialize)]
+struct DropLine<'a> {
+    ts_unix_ns: u64,
+    kind: &'static str,
+    reason: &'a str,
+    netns: u32,
+    tcp_state: &'static str,
+    protocol: u32,
+    local: Option<String>,
+    remote: Option<String>,
+    #[serde(flatten)]
+    who: Who<'a>,
 }
 
 pub struct EventLog {
@@ -57,8 +83,8 @@ impl EventLog {
         })
     }
 
-    fn write(&mut self, e: &RetransmitEvent, who: &Identity) -> std::io::Result<()> {
-        let line = EventLine {
+    fn write_retransmit(&mut self, e: &RetransmitEvent, who: Who<'_>) -> std::io::Result<()> {
+        let line = RetransmitLine {
             ts_unix_ns: self.clock.to_unix_ns(e.ts_ns),
             kind: e.kind,
             netns: e.netns,
@@ -70,10 +96,23 @@ impl EventLog {
             counted_segments: e.counted_segments(),
             local: e.endpoints.local.to_string(),
             remote: e.endpoints.remote.to_string(),
-            pid: who.pid,
-            comm: who.comm.as_deref(),
-            cgroup: who.cgroup.as_deref(),
-            owner_source: e.owner.as_ref().map(|o| o.source),
+            who,
+        };
+        serde_json::to_writer(&mut self.out, &line)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn write_drop(&mut self, e: &DropEvent, reason: &str, who: Who<'_>) -> std::io::Result<()> {
+        let line = DropLine {
+            ts_unix_ns: self.clock.to_unix_ns(e.ts_ns),
+            kind: "drop",
+            reason,
+            netns: e.netns,
+            tcp_state: tcp_state_name(e.tcp_state),
+            protocol: e.protocol,
+            local: e.endpoints.map(|ep| ep.local.to_string()),
+            remote: e.endpoints.map(|ep| ep.remote.to_string()),
+            who,
         };
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
@@ -87,33 +126,117 @@ pub struct StateOwner {
 }
 
 impl StateOwner {
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
+    /// Runs until the event sources hang up; snapshots are taken while they last.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Batch>,
+        mut snapshots: mpsc::Receiver<Snapshot>,
+    ) {
         let mut processed: u64 = 0;
-        while let Some(mut batch) = rx.recv().await {
-            let identities: Vec<Identity> = batch
-                .iter_mut()
-                .map(|e| self.enricher.attribute(e))
-                .collect();
-            if let Ok(mut registry) = self.registry.lock() {
-                for (e, who) in batch.iter().zip(&identities) {
-                    registry.record_retransmit(e, who);
-                }
-                registry.cgroup_cache_entries = self.enricher.cgroups.cached();
-                registry.proc_socket_entries = self.enricher.proc_sockets();
+        loop {
+            tokio::select! {
+                batch = events.recv() => match batch {
+                    Some(batch) => {
+                        processed += batch.len() as u64;
+                        self.apply_events(batch);
+                    }
+                    None => break,
+                },
+                Some(snapshot) = snapshots.recv() => self.apply_snapshot(snapshot),
             }
-            if let Some(log) = &mut self.event_log {
-                let written = batch
-                    .iter()
-                    .zip(&identities)
-                    .try_for_each(|(e, who)| log.write(e, who))
-                    .and_then(|()| log.out.flush());
-                if let Err(e) = written {
-                    warn!(error = %e, "event log write failed; disabling the event log");
-                    self.event_log = None;
-                }
-            }
-            processed += batch.len() as u64;
         }
         info!(events = processed, "state owner drained all events");
+    }
+
+    fn apply_events(&mut self, mut batch: Batch) {
+        let identities: Vec<Identity> = batch
+            .iter_mut()
+            .map(|e| match e {
+                KernelEvent::Retransmit(r) => {
+                    let key = SocketKey::of_retransmit(r);
+                    self.enricher.attribute(&mut r.owner, key)
+                }
+                KernelEvent::Drop(d) => {
+                    let key = SocketKey::of_drop(d);
+                    self.enricher.attribute(&mut d.owner, key)
+                }
+            })
+            .collect();
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        for (e, who) in batch.iter().zip(&identities) {
+            match e {
+                KernelEvent::Retransmit(r) => registry.record_retransmit(r, who),
+                KernelEvent::Drop(d) => registry.health.record_drop(d, who),
+            }
+        }
+        registry.cgroup_cache_entries = self.enricher.cgroups.cached();
+        registry.proc_socket_entries = self.enricher.proc_sockets();
+        let Some(log) = &mut self.event_log else {
+            return;
+        };
+        let written = batch
+            .iter()
+            .zip(&identities)
+            .try_for_each(|(e, who)| {
+                let owner = |o: &Option<crate::events::Owner>| Who {
+                    pid: who.pid,
+                    comm: who.comm.as_deref(),
+                    cgroup: who.cgroup.as_deref(),
+                    owner_source: o.as_ref().map(|o| o.source),
+                };
+                match e {
+                    KernelEvent::Retransmit(r) => log.write_retransmit(r, owner(&r.owner)),
+                    KernelEvent::Drop(d) => {
+                        log.write_drop(d, &registry.health.reason_name(d.reason), owner(&d.owner))
+                    }
+                }
+            })
+            .and_then(|()| log.out.flush());
+        if let Err(e) = written {
+            warn!(error = %e, "event log write failed; disabling the event log");
+            self.event_log = None;
+        }
+    }
+
+    fn apply_snapshot(&mut self, mut snapshot: Snapshot) {
+        let mut listeners = Vec::new();
+        let mut connections = Vec::new();
+        for sample in &mut snapshot.samples {
+            match sample {
+                Sample::Listener(l) => {
+                    let key = SocketKey::Listener {
+                        netns: l.netns,
+                        port: l.local.port(),
+                    };
+                    let who = self.enricher.attribute(&mut l.owner, key);
+                    listeners.push(who);
+                }
+                Sample::Connection(c) => {
+                    let key = SocketKey::Connection {
+                        netns: c.netns,
+                        local: c.endpoints.local,
+                        remote: c.endpoints.remote,
+                    };
+                    let who = self.enricher.attribute(&mut c.owner, key);
+                    connections.push(who);
+                }
+            }
+        }
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        let ls = snapshot.samples.iter().filter_map(|s| match s {
+            Sample::Listener(l) => Some(l),
+            Sample::Connection(_) => None,
+        });
+        let cs = snapshot.samples.iter().filter_map(|s| match s {
+            Sample::Connection(c) => Some(c),
+            Sample::Listener(_) => None,
+        });
+        registry
+            .health
+            .apply_snapshot(ls.zip(listeners), cs.zip(connections));
     }
 }

@@ -3,9 +3,12 @@
 #![no_std]
 #![no_main]
 
+mod drops;
 mod kernel;
 mod owners;
 mod retransmit;
+mod ring;
+mod sampler;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,37 +7,21 @@
 //! for SYN-ACKs the kernel counted, one segment each.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, RingBuf},
+    macros::btf_tracepoint,
     programs::BtfTracePointContext,
-    Global,
 };
 use aya_log_ebpf::debug;
 use vigil_abi::{
-    loss_index, EventKind, KernelLayout, LossReason, LossSlot, RetransmitRecord, SockOwner,
-    SockState, COUNT_UNKNOWN, LOSS_SLOTS,
+    EventKind, KernelLayout, LossReason, LossSlot, RetransmitRecord, SockOwner, SockState,
+    COUNT_UNKNOWN,
 };
 
 use crate::{
     kernel::{layout, netns_inode, read, tuple},
     owners::VIGIL_SOCKS,
+    ring::{count_loss, submit},
 };
-
-/// Events to the agent; its size is set by the agent at load.
-#[map]
-pub static VIGIL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
-
-/// Bytes waiting in the ring before a submit wakes the agent. Waking it costs
-/// an interrupt per event (several microseconds inside a VM); below this the
-/// agent's own poll tick collects the events. Set by the agent.
-#[unsafe(no_mangle)]
-static VIGIL_WAKEUP_BYTES: Global<u64> = Global::new(0);
-
-/// Events lost in the kernel, per `loss_index(probe, reason)`, per CPU.
-#[map]
-pub static VIGIL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn vigil_retx(ctx: BtfTracePointContext) -> i32 {
@@ -160,7 +144,7 @@ pub struct Sample {
     pub owner: SockOwner,
 }
 
-/// Fills and submits one record; a full ring is counted, never waited on.
+/// Fills and submits one retransmit record.
 #[inline(always)]
 pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
     let record = RetransmitRecord {
@@ -179,28 +163,6 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
         tuple: tuple(l, s.tuple_skc)?,
         owner: s.owner,
     };
-    match VIGIL_EVENTS.reserve::<RetransmitRecord>(0) {
-        Some(mut entry) => {
-            entry.write(record);
-            let pending = VIGIL_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-            let wakeup = if pending >= VIGIL_WAKEUP_BYTES.load() {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(u64::from(wakeup));
-        }
-        None => {
-            count_loss(s.slot, LossReason::RingFull);
-        }
-    }
+    submit(&record, s.slot);
     Ok(())
-}
-
-#[inline(always)]
-fn count_loss(slot: LossSlot, reason: LossReason) {
-    if let Some(lost) = VIGIL_LOST.get_ptr_mut(loss_index(slot, reason)) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *lost += 1 };
-    }
 }

@@ -147,6 +147,26 @@ impl Agent {
         scrape(self.metrics_addr)
     }
 
+    /// The agent's latest socket sample, through the CLI (`vigil sockets --json`).
+    pub fn sockets(&self) -> anyhow::Result<Value> {
+        let out = Command::new(bin_path("vigil")?)
+            .args([
+                "sockets",
+                "--json",
+                "--agent",
+                &self.metrics_addr.to_string(),
+            ])
+            .output()
+            .context("running vigil sockets")?;
+        if !out.status.success() {
+            bail!(
+                "vigil sockets failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("vigil sockets --json output")
+    }
+
     /// SIGTERM and wait for exit.
     pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         self.child.terminate(Duration::from_secs(15))

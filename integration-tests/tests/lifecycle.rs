@@ -1,13 +1,18 @@
 //! What the agent leaves in the kernel when it exits: nothing. Checked with
-//! bpftool against the ids of every program and map the agent said it created.
+//! bpftool against the ids of every program, map and link the agent said it created.
 
 use std::{process::Command, time::Duration};
 
 use vigil_integration_tests::{bpf_available, wait_for, Agent};
 
+/// Whether bpftool still finds the object the agent logged as `kind`.
 fn bpftool_shows(kind: &str, id: u64) -> bool {
+    let tool_kind = match kind {
+        "program" => "prog",
+        other => other, // "map", "link"
+    };
     Command::new("bpftool")
-        .args([kind, "show", "id", &id.to_string()])
+        .args([tool_kind, "show", "id", &id.to_string()])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -45,10 +50,15 @@ fn objects_of(agent: &Agent) -> anyhow::Result<Vec<(String, u64, String)>> {
             .any(|(k, _, n)| k == "map" && n == "VIGIL_EVENTS"),
         "ring buffer reported"
     );
+    anyhow::ensure!(
+        objects
+            .iter()
+            .any(|(k, _, n)| k == "link" && n == "vigil_tcp_iter"),
+        "the socket sampler's iterator link reported"
+    );
     for (kind, id, name) in &objects {
-        let tool_kind = if kind == "program" { "prog" } else { "map" };
         anyhow::ensure!(
-            bpftool_shows(tool_kind, *id),
+            bpftool_shows(kind, *id),
             "{kind} {name} (id {id}) not visible while the agent runs"
         );
     }
@@ -72,8 +82,7 @@ fn assert_all_gone(objects: &[(String, u64, String)]) -> anyhow::Result<()> {
             let left: Vec<_> = objects
                 .iter()
                 .filter(|(kind, id, _)| {
-                    let tool_kind = if kind == "program" { "prog" } else { "map" };
-                    bpftool_shows(tool_kind, *id) || (kind == "program" && linked.contains(id))
+                    bpftool_shows(kind, *id) || (kind == "program" && linked.contains(id))
                 })
                 .collect();
             if !left.is_empty() {

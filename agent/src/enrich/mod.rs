@@ -14,7 +14,9 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use crate::events::{Owner, RetransmitEvent, RetransmitKind};
+use std::net::SocketAddr;
+
+use crate::events::{DropEvent, Owner, RetransmitEvent, RetransmitKind};
 use cgroups::CgroupResolver;
 use proc_sockets::ProcSocketTable;
 
@@ -27,6 +29,54 @@ fn scan_proc(proc_root: &std::path::Path) -> std::io::Result<ProcSocketTable> {
             tokio::task::block_in_place(scan)
         }
         _ => scan(),
+    }
+}
+
+/// How /proc finds the owner of a socket the kernel side did not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKey {
+    Connection {
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    Listener {
+        netns: u32,
+        port: u16,
+    },
+    /// Nothing to look up (a packet without a socket).
+    Unknown,
+}
+
+impl SocketKey {
+    pub fn of_retransmit(e: &RetransmitEvent) -> SocketKey {
+        match e.kind {
+            RetransmitKind::Segment | RetransmitKind::Unseen => SocketKey::Connection {
+                netns: e.netns,
+                local: e.endpoints.local,
+                remote: e.endpoints.remote,
+            },
+            // SYN-ACKs carry the request's tuple; the owner is the listener's.
+            RetransmitKind::SynAck => SocketKey::Listener {
+                netns: e.netns,
+                port: e.endpoints.local.port(),
+            },
+        }
+    }
+
+    pub fn of_drop(e: &DropEvent) -> SocketKey {
+        match e.endpoints {
+            Some(ep) if e.at_listener() => SocketKey::Listener {
+                netns: e.netns,
+                port: ep.local.port(),
+            },
+            Some(ep) => SocketKey::Connection {
+                netns: e.netns,
+                local: ep.local,
+                remote: ep.remote,
+            },
+            None => SocketKey::Unknown,
+        }
     }
 }
 
@@ -76,15 +126,15 @@ impl Enricher {
         self.proc_table.len()
     }
 
-    fn owner_from_proc(&mut self, e: &RetransmitEvent) -> Option<Owner> {
-        let found = match e.kind {
-            RetransmitKind::Segment | RetransmitKind::Unseen => {
-                self.proc_table
-                    .connection_owner(e.netns, e.endpoints.local, e.endpoints.remote)
-            }
-            RetransmitKind::SynAck => self
-                .proc_table
-                .listener_owner(e.netns, e.endpoints.local.port()),
+    fn owner_from_proc(&mut self, key: SocketKey) -> Option<Owner> {
+        let found = match key {
+            SocketKey::Connection {
+                netns,
+                local,
+                remote,
+            } => self.proc_table.connection_owner(netns, local, remote),
+            SocketKey::Listener { netns, port } => self.proc_table.listener_owner(netns, port),
+            SocketKey::Unknown => None,
         }
         .cloned()?;
         let cgroup_id = found
@@ -113,15 +163,15 @@ impl Enricher {
         }
     }
 
-    /// Fills `e.owner` when the kernel did not know it, and resolves the identity.
-    pub fn attribute(&mut self, e: &mut RetransmitEvent) -> Identity {
-        if e.owner.is_none() {
-            e.owner = self.owner_from_proc(e);
-            if e.owner.is_none() && self.rescan_if_due() {
-                e.owner = self.owner_from_proc(e);
+    /// Fills `owner` when the kernel did not know it, and resolves the identity.
+    pub fn attribute(&mut self, owner: &mut Option<Owner>, key: SocketKey) -> Identity {
+        if owner.is_none() && key != SocketKey::Unknown {
+            *owner = self.owner_from_proc(key);
+            if owner.is_none() && self.rescan_if_due() {
+                *owner = self.owner_from_proc(key);
             }
         }
-        match &e.owner {
+        match owner {
             Some(o) => Identity {
                 pid: Some(o.pid),
                 comm: Some(o.comm.clone()),

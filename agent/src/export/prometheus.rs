@@ -1,4 +1,5 @@
-//! The Prometheus scrape endpoint: GET /metrics over plain HTTP/1.1.
+//! The agent's HTTP endpoint: GET /metrics (Prometheus) and GET /v1/sockets
+//! (the latest socket sample as JSON, for `vigil sockets`), plain HTTP/1.1.
 //!
 //! Hand-rolled on purpose: one route, bounded request size and time, no
 //! keep-alive; a full HTTP stack would be most of the agent's dependencies.
@@ -117,12 +118,31 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 }
             }
         }
+        Some("/v1/sockets") => {
+            let body = source
+                .registry
+                .lock()
+                .ok()
+                .and_then(|r| serde_json::to_string(r.health.table()).ok());
+            match body {
+                Some(body) => respond(&mut stream, "200 OK", "application/json", &body).await,
+                None => {
+                    respond(
+                        &mut stream,
+                        "500 Internal Server Error",
+                        "text/plain",
+                        "registry unavailable\n",
+                    )
+                    .await
+                }
+            }
+        }
         Some("/") => {
             respond(
                 &mut stream,
                 "200 OK",
                 "text/plain",
-                "Vigil agent. Metrics: /metrics\n",
+                "Vigil agent. Metrics: /metrics; latest socket sample: /v1/sockets\n",
             )
             .await
         }

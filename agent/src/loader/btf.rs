@@ -1,5 +1,6 @@
 //! A minimal reader of kernel BTF: enough to find the byte offset and size of a
-//! struct member by a dotted path such as `sock_common.skc_net.net`.
+//! struct member by a dotted path such as `sock_common.skc_net.net`, and the
+//! values of an enum's names (drop reasons are numbered differently per kernel).
 //!
 //! Anonymous struct/union members are searched through, as C field access does.
 //! Format: Documentation/bpf/btf.rst (header, type section, string section).
@@ -27,6 +28,8 @@ pub enum BtfError {
     NotAggregate { path: String, member: String },
     #[error("`{path}` is a bitfield; the probes read whole bytes")]
     Bitfield { path: String },
+    #[error("BTF has no enum named `{name}`")]
+    NoSuchEnum { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,8 @@ struct Type {
     members: Vec<Member>,
     /// (element type, count) for arrays.
     array: Option<(u32, u32)>,
+    /// (name offset, value) for enums.
+    enumerators: Vec<(u32, i64)>,
 }
 
 /// Where a member lives and how big it is.
@@ -73,12 +78,19 @@ pub struct Btf {
     types: Vec<Type>, // index = type id; 0 is void
     strings: Vec<u8>,
     structs_by_name: HashMap<String, u32>,
+    enums_by_name: HashMap<String, u32>,
 }
 
 fn malformed(reason: impl Into<String>) -> BtfError {
     BtfError::Malformed {
         reason: reason.into(),
     }
+}
+
+fn name_at(strings: &[u8], off: u32) -> &str {
+    let tail = strings.get(off as usize..).unwrap_or_default();
+    let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+    std::str::from_utf8(&tail[..end]).unwrap_or("")
 }
 
 struct Cursor<'a> {
@@ -137,6 +149,7 @@ impl Btf {
             size_or_type: 0,
             members: vec![],
             array: None,
+            enumerators: vec![],
         }];
         let mut c = Cursor {
             data: type_data,
@@ -154,6 +167,7 @@ impl Btf {
                 size_or_type,
                 members: vec![],
                 array: None,
+                enumerators: vec![],
             };
             match (info >> 24) & 0x1f {
                 1 => {
@@ -189,7 +203,17 @@ impl Btf {
                 }
                 6 => {
                     ty.kind = Kind::Enum;
-                    c.skip(8 * vlen)?;
+                    for _ in 0..vlen {
+                        let name_off = c.u32()?;
+                        // Signedness is in kind_flag; drop reasons and the like are small.
+                        let val = c.u32()?;
+                        let val = if kind_flag {
+                            i64::from(val as i32)
+                        } else {
+                            i64::from(val)
+                        };
+                        ty.enumerators.push((name_off, val));
+                    }
                 }
                 7 | 12 | 16 => {} // fwd, func, float
                 8 => ty.kind = Kind::Typedef,
@@ -199,7 +223,12 @@ impl Btf {
                 15 => c.skip(12 * vlen)?,                // datasec
                 19 => {
                     ty.kind = Kind::Enum64;
-                    c.skip(12 * vlen)?;
+                    for _ in 0..vlen {
+                        let name_off = c.u32()?;
+                        let lo = u64::from(c.u32()?);
+                        let hi = u64::from(c.u32()?);
+                        ty.enumerators.push((name_off, (hi << 32 | lo) as i64));
+                    }
                 }
                 other => return Err(malformed(format!("unknown BTF kind {other}"))),
             }
@@ -210,22 +239,43 @@ impl Btf {
             types,
             strings,
             structs_by_name: HashMap::new(),
+            enums_by_name: HashMap::new(),
         };
         for id in 1..btf.types.len() {
             let ty = &btf.types[id];
-            if ty.kind == Kind::Struct && ty.name_off != 0 {
-                let name = btf.name(ty.name_off).to_owned();
-                // Keep the first definition; vmlinux has one per name.
-                btf.structs_by_name.entry(name).or_insert(id as u32);
+            if ty.name_off == 0 {
+                continue;
             }
+            let index = match ty.kind {
+                Kind::Struct => &mut btf.structs_by_name,
+                Kind::Enum | Kind::Enum64 => &mut btf.enums_by_name,
+                _ => continue,
+            };
+            let name = name_at(&btf.strings, ty.name_off).to_owned();
+            // Keep the first definition; vmlinux has one per name.
+            index.entry(name).or_insert(id as u32);
         }
         Ok(btf)
     }
 
     fn name(&self, off: u32) -> &str {
-        let tail = self.strings.get(off as usize..).unwrap_or_default();
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        std::str::from_utf8(&tail[..end]).unwrap_or("")
+        name_at(&self.strings, off)
+    }
+
+    /// The (name, value) pairs of enum `name`, in declaration order.
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>, BtfError> {
+        let ty = self
+            .enums_by_name
+            .get(name)
+            .and_then(|&id| self.ty(id))
+            .ok_or_else(|| BtfError::NoSuchEnum {
+                name: name.to_owned(),
+            })?;
+        Ok(ty
+            .enumerators
+            .iter()
+            .map(|&(off, val)| (self.name(off).to_owned(), val))
+            .collect())
     }
 
     fn ty(&self, id: u32) -> Option<&Type> {
@@ -447,6 +497,45 @@ mod tests {
         assert!(matches!(
             btf.field("loop.x"),
             Err(BtfError::NoSuchMember { .. })
+        ));
+    }
+
+    #[test]
+    fn reads_enum_values_signed_and_64_bit() {
+        let strings = b"\0reason\0A\0B\0wide\0W\0".to_vec();
+        let s = |name: &str| -> u32 {
+            let needle = format!("\0{name}\0");
+            strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .map_or(0, |p| p as u32 + 1)
+        };
+        let t: Vec<u32> = vec![
+            // 1: signed enum reason { A = 2, B = -1 }
+            s("reason"),
+            (1 << 31) | (6 << 24) | 2,
+            4,
+            s("A"),
+            2,
+            s("B"),
+            u32::MAX,
+            // 2: enum64 wide { W = 1 << 33 }
+            s("wide"),
+            (19 << 24) | 1,
+            8,
+            s("W"),
+            0,
+            2,
+        ];
+        let btf = Btf::parse(&btf_bytes(&t, &strings)).expect("parses");
+        assert_eq!(
+            btf.enum_values("reason"),
+            Ok(vec![("A".into(), 2), ("B".into(), -1)])
+        );
+        assert_eq!(btf.enum_values("wide"), Ok(vec![("W".into(), 1 << 33)]));
+        assert!(matches!(
+            btf.enum_values("reason2"),
+            Err(BtfError::NoSuchEnum { .. })
         ));
     }
 

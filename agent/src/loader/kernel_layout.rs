@@ -26,12 +26,6 @@ pub enum LayoutError {
     },
 }
 
-/// Reads /sys/kernel/btf/vmlinux and resolves the layout.
-pub fn from_running_kernel() -> Result<KernelLayout, LayoutError> {
-    let data = Btf::from_sys_fs().map_err(LayoutError::NoBtf)?;
-    resolve(&Btf::parse(&data)?)
-}
-
 fn sized(btf: &Btf, path: &'static str, expected: u32) -> Result<u32, LayoutError> {
     let Field { offset, size } = btf.field(path)?;
     if size != expected {
@@ -92,6 +86,14 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         task_comm: sized(btf, "task_struct.comm", 16)?,
         tcp_total_retrans: sized(btf, "tcp_sock.total_retrans", 4)?,
         skc_cookie: sized(btf, "sock_common.skc_cookie", 8)?,
+        sk_ack_backlog: sized(btf, "sock.sk_ack_backlog", 4)?,
+        sk_max_ack_backlog: sized(btf, "sock.sk_max_ack_backlog", 4)?,
+        skb_sk: sized(btf, "sk_buff.sk", 8)?,
+        tcp_srtt_us: sized(btf, "tcp_sock.srtt_us", 4)?,
+        tcp_mdev_us: sized(btf, "tcp_sock.mdev_us", 4)?,
+        tcp_snd_cwnd: sized(btf, "tcp_sock.snd_cwnd", 4)?,
+        sk_drops: sized(btf, "sock.sk_drops", 4)?,
+        _pad: 0,
     })
 }
 

@@ -5,15 +5,17 @@
 //! all of them; `Probes::detach` does it explicitly and logs what went away.
 
 pub mod btf;
+pub mod drop_reasons;
 pub mod kernel_layout;
 pub mod prog_stats;
+pub mod sys;
 pub mod tracefs;
 
 use std::fmt;
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use tracing::{info, warn};
@@ -30,6 +32,8 @@ pub enum Signal {
     Retransmit,
     SynAckRetransmit,
     SocketOwnership,
+    SocketDrop,
+    SocketSampling,
 }
 
 impl fmt::Display for Signal {
@@ -38,6 +42,8 @@ impl fmt::Display for Signal {
             Signal::Retransmit => "retransmit",
             Signal::SynAckRetransmit => "synack_retransmit",
             Signal::SocketOwnership => "socket_ownership",
+            Signal::SocketDrop => "socket_drop",
+            Signal::SocketSampling => "socket_sampling",
         })
     }
 }
@@ -52,6 +58,8 @@ enum Attach {
         name: &'static str,
         fields: &'static [(&'static str, usize)],
     },
+    /// BPF iterator; loaded here, instantiated per namespace by the sampler.
+    Iter { target: &'static str },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +126,24 @@ const HOOKS: &[HookSpec] = &[
             fields: SYS_EXIT_FIELDS,
         },
     },
+    HookSpec {
+        name: "tp_btf/kfree_skb",
+        signal: Signal::SocketDrop,
+        program: "vigil_drop",
+        attach: Attach::BtfTracepoint {
+            function: "kfree_skb",
+        },
+    },
+    HookSpec {
+        name: "iter/tcp",
+        signal: Signal::SocketSampling,
+        program: "vigil_tcp_iter",
+        attach: Attach::Iter { target: "tcp" },
+    },
 ];
+
+/// The program the socket sampler instantiates.
+const TCP_ITERATOR: &str = "vigil_tcp_iter";
 
 /// Names accepted in `probes.disable_hooks`.
 pub fn hook_names() -> impl Iterator<Item = &'static str> + Clone {
@@ -146,6 +171,8 @@ pub enum LoadError {
     NoObject,
     #[error("cannot resolve kernel structure layout")]
     Layout(#[from] kernel_layout::LayoutError),
+    #[error("kernel BTF has no `enum skb_drop_reason`")]
+    DropReasons(#[source] btf::BtfError),
     #[error("cannot read kernel BTF for BTF tracepoints")]
     KernelBtf(#[source] aya::BtfError),
     #[error(
@@ -175,6 +202,8 @@ pub struct LoadOptions {
     pub wakeup_bytes: u32,
     pub disable_hooks: Vec<String>,
     pub kernel_debug_logs: bool,
+    /// Drop-reason patterns (`probes.drop_reasons`).
+    pub drop_reasons: Vec<String>,
 }
 
 /// The loaded, attached programs. Dropping detaches everything.
@@ -183,6 +212,8 @@ pub struct Probes {
     pub hooks: Vec<HookReport>,
     /// The kernel programs' aya-log ring, when debug logs were asked for.
     pub kernel_logger: Option<KernelLogger>,
+    /// The drop reasons the drop probe reports, with their names on this kernel.
+    pub drop_reasons: drop_reasons::DropReasons,
 }
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -198,7 +229,17 @@ impl Probes {
         if PROBES_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        let layout = kernel_layout::from_running_kernel()?;
+        let btf_data = btf::Btf::from_sys_fs()
+            .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::NoBtf(e)))?;
+        let vigil_btf = btf::Btf::parse(&btf_data)
+            .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::Btf(e)))?;
+        let layout = kernel_layout::resolve(&vigil_btf)?;
+        let drop_reasons = drop_reasons::resolve(&vigil_btf, &opts.drop_reasons)
+            .map_err(LoadError::DropReasons)?;
+        drop(vigil_btf);
+        if !drop_reasons.unmatched.is_empty() {
+            warn!(patterns = ?drop_reasons.unmatched, "probes.drop_reasons entries match no drop reason of this kernel");
+        }
         let kernel_btf = Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
         // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
         let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
@@ -207,6 +248,7 @@ impl Probes {
             .override_global("VIGIL_LAYOUT", &layout, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
+            .override_global("VIGIL_DROP_REASONS", &drop_reasons.set, true)
             .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
             .load(PROBES_OBJECT)
@@ -251,10 +293,17 @@ impl Probes {
             ebpf,
             hooks,
             kernel_logger,
+            drop_reasons,
         };
         probes.require(Signal::Retransmit)?;
         if !probes.signal_active(Signal::SynAckRetransmit) {
             warn!("SYN-ACK retransmit hook missing: passive-open handshake retransmits are not counted");
+        }
+        if !probes.signal_active(Signal::SocketDrop) {
+            warn!("drop hook missing: socket drops and accept-queue overflows are not reported");
+        }
+        if !probes.signal_active(Signal::SocketSampling) {
+            warn!("TCP iterator missing: listen queues and RTT are not sampled");
         }
         if !probes.signal_active(Signal::SocketOwnership) {
             warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
@@ -263,7 +312,7 @@ impl Probes {
         Ok(probes)
     }
 
-    fn signal_active(&self, signal: Signal) -> bool {
+    pub fn signal_active(&self, signal: Signal) -> bool {
         self.hooks
             .iter()
             .any(|h| h.signal == signal && h.status == HookStatus::Active)
@@ -335,6 +384,15 @@ impl Probes {
             .collect()
     }
 
+    /// A handle on the loaded TCP iterator program, when its hook is active.
+    pub fn tcp_iterator(&self) -> Option<ProgramFd> {
+        if !self.signal_active(Signal::SocketSampling) {
+            return None;
+        }
+        let program: &Iter = self.ebpf.program(TCP_ITERATOR)?.try_into().ok()?;
+        program.fd().ok()?.try_clone().ok()
+    }
+
     /// Takes the maps the pipeline reads. Call once, before `detach`.
     pub fn take_maps(&mut self) -> Result<ProbeMaps, LoadError> {
         let mut take =
@@ -385,6 +443,10 @@ fn attach(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
             p.load().map_err(|e| describe("load", &e))?;
             p.attach(category, name)
                 .map_err(|e| describe("attach", &e))?;
+        }
+        Attach::Iter { target } => {
+            let p: &mut Iter = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load(target, btf).map_err(|e| describe("load", &e))?;
         }
     }
     Ok(())

@@ -4,23 +4,17 @@
 //! already running on that CPU (a softirq interrupting it). Those are events
 //! Vigil never saw, so they are reported as losses.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 use aya_obj::generated::{bpf_cmd, bpf_prog_info};
+
+use super::sys::{bpf, object_info};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ProgramStats {
     pub run_time_ns: u64,
     pub run_cnt: u64,
     pub recursion_misses: u64,
-}
-
-/// The `info` part of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
 }
 
 /// The `prog_id` part of `union bpf_attr` for BPF_PROG_GET_FD_BY_ID.
@@ -36,22 +30,6 @@ struct GetFdAttr {
 pub struct ProgramHandle {
     pub name: String,
     pub id: u32,
-}
-
-fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: attr is a live, correctly laid-out bpf_attr prefix for `cmd`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut T,
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(rc)
 }
 
 impl ProgramHandle {
@@ -70,12 +48,7 @@ impl ProgramHandle {
         let fd = self.open()?;
         // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
         let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-        let mut attr = InfoAttr {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of::<bpf_prog_info>() as u32,
-            info: (&raw mut info) as u64,
-        };
-        bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        object_info(fd.as_fd(), &mut info)?;
         Ok(ProgramStats {
             run_time_ns: info.run_time_ns,
             run_cnt: info.run_cnt,

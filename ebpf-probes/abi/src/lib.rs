@@ -12,8 +12,10 @@ pub const IPPROTO_TCP: u16 = 6;
 
 /// TCP states (include/net/tcp_states.h).
 pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_TIME_WAIT: u32 = 6;
 pub const TCP_CLOSE: u32 = 7;
 pub const TCP_LISTEN: u32 = 10;
+pub const TCP_NEW_SYN_RECV: u32 = 12;
 
 /// Discriminant at the start of every ring-buffer record.
 #[repr(u32)]
@@ -26,6 +28,8 @@ pub enum EventKind {
     /// Found when a socket closed: segments its `tcp_sock.total_retrans`
     /// counted after the last retransmit event Vigil saw on it.
     RetransmitUnseen = 3,
+    /// The kernel dropped a packet of a socket for a reason Vigil watches.
+    SocketDrop = 4,
 }
 
 /// `RetransmitRecord::counted` when the kernel side had no baseline for the socket.
@@ -37,6 +41,7 @@ pub const COUNT_UNKNOWN: u32 = u32::MAX;
 pub enum LossSlot {
     Retransmit = 0,
     SynAckRetransmit = 1,
+    SocketDrop = 2,
 }
 
 /// Why an event never reached the agent.
@@ -51,7 +56,7 @@ pub enum LossReason {
 
 const LOSS_REASONS: u32 = 2;
 /// Entries of the per-CPU `VIGIL_LOST` array.
-pub const LOSS_SLOTS: u32 = 2 * LOSS_REASONS;
+pub const LOSS_SLOTS: u32 = 3 * LOSS_REASONS;
 
 /// Index of a (probe, reason) counter in `VIGIL_LOST`.
 pub const fn loss_index(slot: LossSlot, reason: LossReason) -> u32 {
@@ -128,6 +133,83 @@ pub struct RetransmitRecord {
     pub owner: SockOwner,
 }
 
+/// Drop reasons are `enum skb_drop_reason` values of the running kernel (the
+/// agent maps them to names from BTF); the probe keeps those whose bit is set.
+pub const DROP_REASON_WORDS: usize = 4;
+/// A 256-bit set of drop reasons, written by the agent before load.
+pub type DropReasonSet = [u64; DROP_REASON_WORDS];
+
+/// Whether `reason` is in the set; reasons beyond the set are never watched.
+#[inline(always)]
+pub fn drop_reason_watched(set: &DropReasonSet, reason: u32) -> bool {
+    let word = (reason / 64) as usize;
+    word < DROP_REASON_WORDS && set[word] & (1u64 << (reason % 64)) != 0
+}
+
+/// One packet the kernel dropped, attributed to the socket it was for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropRecord {
+    /// `EventKind::SocketDrop` as u32.
+    pub kind: u32,
+    /// `enum skb_drop_reason` value.
+    pub reason: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    /// Kernel address of the socket (key of the owner table); 0 when none.
+    pub sk_addr: u64,
+    /// Network namespace inode number of the socket.
+    pub netns: u32,
+    /// TCP state of the socket (`TCP_LISTEN` for accept-queue overflows).
+    pub state: u32,
+    /// `sk_protocol` of the socket (TCP, UDP, ...).
+    pub protocol: u32,
+    pub _pad: u32,
+    pub tuple: SockTuple,
+    pub owner: SockOwner,
+}
+
+/// What an iterator sample describes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleKind {
+    /// A TCP listener and its accept queue.
+    Listener = 1,
+    /// A TCP connection (any full socket that is not listening).
+    Connection = 2,
+}
+
+/// One socket as the TCP iterator saw it, written with bpf_seq_write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketSample {
+    /// `SampleKind` as u32.
+    pub kind: u32,
+    pub state: u32,
+    pub sk_addr: u64,
+    /// Socket cookie (the kernel makes one on first use).
+    pub cookie: u64,
+    pub netns: u32,
+    /// Listener: connections waiting in the accept queue (`sk_ack_backlog`,
+    /// Recv-Q in `ss -lnt`).
+    pub queue_len: u32,
+    /// Listener: accept-queue capacity (`sk_max_ack_backlog`, Send-Q in `ss -lnt`).
+    pub queue_cap: u32,
+    /// Connection: smoothed RTT in microseconds (`srtt_us >> 3`, `rtt` in `ss -ti`).
+    pub srtt_us: u32,
+    /// Connection: RTT mean deviation in microseconds (`mdev_us >> 2`, as `ss -ti`).
+    pub rttvar_us: u32,
+    /// Connection: congestion window in segments.
+    pub cwnd: u32,
+    /// Connection: segments retransmitted over its lifetime.
+    pub total_retrans: u32,
+    /// Packets the kernel dropped for this socket over its lifetime
+    /// (`sk_drops`). For a listener: every TcpExt ListenDrops on it.
+    pub drops: u32,
+    pub tuple: SockTuple,
+    pub owner: SockOwner,
+}
+
 /// Byte offsets of the kernel fields the programs read, resolved by the agent from
 /// the running kernel's BTF (/sys/kernel/btf/vmlinux) and written into the
 /// programs' read-only data before load. This is how one object runs on many
@@ -168,6 +250,18 @@ pub struct KernelLayout {
     pub tcp_total_retrans: u32,
     /// struct sock_common: the cookie once generated (0 before).
     pub skc_cookie: u32,
+    // struct sock: accept queue of a listener
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    // struct sk_buff -> sk
+    pub skb_sk: u32,
+    // struct tcp_sock: RTT estimator and window
+    pub tcp_srtt_us: u32,
+    pub tcp_mdev_us: u32,
+    pub tcp_snd_cwnd: u32,
+    // struct sock: drop counter (atomic_t)
+    pub sk_drops: u32,
+    pub _pad: u32,
 }
 
 impl KernelLayout {
@@ -197,6 +291,14 @@ impl KernelLayout {
         task_comm: 0,
         tcp_total_retrans: 0,
         skc_cookie: 0,
+        sk_ack_backlog: 0,
+        sk_max_ack_backlog: 0,
+        skb_sk: 0,
+        tcp_srtt_us: 0,
+        tcp_mdev_us: 0,
+        tcp_snd_cwnd: 0,
+        sk_drops: 0,
+        _pad: 0,
     };
 }
 
@@ -219,6 +321,8 @@ mod pod {
     unsafe impl aya::Pod for super::RetransmitRecord {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::DropRecord {}
+    unsafe impl aya::Pod for super::SocketSample {}
 }
 
 #[cfg(test)]
@@ -237,6 +341,26 @@ mod tests {
             4 * 2 + 8 * 3 + 4 * 6 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 24);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 32);
+        assert_eq!(
+            size_of::<DropRecord>(),
+            4 * 2 + 8 * 2 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
+        );
+        assert_eq!(
+            size_of::<SocketSample>(),
+            4 * 2 + 8 * 2 + 4 * 8 + size_of::<SockTuple>() + size_of::<SockOwner>()
+        );
+    }
+
+    #[test]
+    fn drop_reason_set_bounds() {
+        let mut set = [0u64; DROP_REASON_WORDS];
+        set[0] = 1 << 6;
+        set[3] = 1 << 63;
+        assert!(drop_reason_watched(&set, 6));
+        assert!(drop_reason_watched(&set, 255));
+        assert!(!drop_reason_watched(&set, 7));
+        assert!(!drop_reason_watched(&set, 256));
+        assert!(!drop_reason_watched(&set, u32::MAX));
     }
 }

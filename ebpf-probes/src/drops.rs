@@ -1,0 +1,77 @@
+//! Packets the kernel dropped on the way into a socket, with the kernel's reason.
+//!
+//! `kfree_skb` fires for every dropped packet on the node (`consume_skb`, the
+//! normal free, has its own tracepoint), so the first thing the program does is
+//! test the reason against the set the agent asked for: on a node without
+//! socket drops that test is all it costs. The socket is the tracepoint's
+//! `rx_sk` (set by the receive path) or else the packet's own `skb->sk`.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext, Global,
+};
+use vigil_abi::{
+    drop_reason_watched, DropReasonSet, DropRecord, EventKind, LossReason, LossSlot, SockOwner,
+    SockTuple, DROP_REASON_WORDS, TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
+};
+
+use crate::{
+    kernel::{layout, netns_inode, read, tuple},
+    owners::VIGIL_SOCKS,
+    ring::{count_loss, submit},
+};
+
+/// Drop reasons to report (bits by `enum skb_drop_reason` value); set by the agent.
+#[unsafe(no_mangle)]
+static VIGIL_DROP_REASONS: Global<DropReasonSet> = Global::new([0; DROP_REASON_WORDS]);
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn vigil_drop(ctx: BtfTracePointContext) -> i32 {
+    // (skb, location, reason, rx_sk)
+    let reason: u32 = ctx.arg(2);
+    if !drop_reason_watched(&VIGIL_DROP_REASONS.load(), reason) {
+        return 0;
+    }
+    if try_drop(&ctx, reason).is_err() {
+        count_loss(LossSlot::SocketDrop, LossReason::ReadError);
+    }
+    0
+}
+
+fn try_drop(ctx: &BtfTracePointContext, reason: u32) -> Result<(), i64> {
+    let Some(l) = layout() else { return Ok(()) };
+    let skb: u64 = ctx.arg(0);
+    let rx_sk: u64 = ctx.arg(3);
+    let sk = if rx_sk != 0 {
+        rx_sk
+    } else {
+        read::<u64>(skb, l.skb_sk)?
+    };
+    let mut record = DropRecord {
+        kind: EventKind::SocketDrop as u32,
+        reason,
+        // SAFETY: plain helper call without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        sk_addr: sk,
+        netns: 0,
+        state: 0,
+        protocol: 0,
+        _pad: 0,
+        tuple: SockTuple::default(),
+        owner: SockOwner::default(),
+    };
+    if sk != 0 {
+        record.state = u32::from(read::<u8>(sk, l.skc_state)?);
+        record.netns = netns_inode(&l, sk)?;
+        record.tuple = tuple(&l, sk)?;
+        // Request and time-wait sockets end with sock_common: no protocol field.
+        if record.state != TCP_NEW_SYN_RECV && record.state != TCP_TIME_WAIT {
+            record.protocol = u32::from(read::<u16>(sk, l.sk_protocol)?);
+        }
+        // SAFETY: the value is copied out before the map can change it.
+        if let Some(state) = unsafe { VIGIL_SOCKS.get(sk) } {
+            record.owner = state.owner;
+        }
+    }
+    submit(&record, LossSlot::SocketDrop);
+    Ok(())
+}

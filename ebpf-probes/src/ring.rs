@@ -1,0 +1,49 @@
+//! The one ring buffer to the agent, and the per-CPU count of what never got in.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+    Global,
+};
+use vigil_abi::{loss_index, LossReason, LossSlot, LOSS_SLOTS};
+
+/// Events to the agent; its size is set by the agent at load.
+#[map]
+pub static VIGIL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Bytes waiting in the ring before a submit wakes the agent. Waking it costs
+/// an interrupt per event (several microseconds inside a VM); below this the
+/// agent's own poll tick collects the events. Set by the agent.
+#[unsafe(no_mangle)]
+static VIGIL_WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// Events lost in the kernel, per `loss_index(probe, reason)`, per CPU.
+#[map]
+pub static VIGIL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
+
+/// Copies `record` into the ring; a full ring is counted, never waited on.
+#[inline(always)]
+pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) {
+    match VIGIL_EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(*record);
+            let pending = VIGIL_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+            let wakeup = if pending >= VIGIL_WAKEUP_BYTES.load() {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(u64::from(wakeup));
+        }
+        None => count_loss(slot, LossReason::RingFull),
+    }
+}
+
+#[inline(always)]
+pub fn count_loss(slot: LossSlot, reason: LossReason) {
+    if let Some(lost) = VIGIL_LOST.get_ptr_mut(loss_index(slot, reason)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *lost += 1 };
+    }
+}
