@@ -79,26 +79,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let stop_sampler = CancellationToken::new();
-    let sampler_thread = match probes.tcp_iterator() {
+    let sampler_thread = match probes.socket_iterator() {
         Some(program) => match IterLink::create(std::os::fd::AsFd::as_fd(&program)) {
             Ok(link) => {
                 info!(
                     kind = "link",
                     id = link.id,
-                    name = "vigil_tcp_iter",
+                    name = "vigil_sock_iter",
                     "kernel object created"
                 );
                 let sampler = Sampler {
                     link,
                     interval: Duration::from_millis(config.sampler.interval_ms),
-                    all_namespaces: config.sampler.all_namespaces,
                     tx: snapshot_tx,
                     stats: stats.clone(),
                 };
                 Some(sampler.spawn(stop_sampler.clone())?)
             }
             Err(e) => {
-                warn!(error = %e, "cannot create the TCP iterator link; listen queues and RTT are not sampled");
+                warn!(error = %e, "cannot create the socket iterator link; listen queues and RTT are not sampled");
                 None
             }
         },

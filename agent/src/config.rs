@@ -118,12 +118,9 @@ impl Default for EnrichConfig {
 pub struct SamplerConfig {
     /// How often every TCP socket is sampled (listen queues, RTT, cwnd).
     pub interval_ms: u64,
-    /// Connections kept with their latest sample for `vigil connections`;
+    /// Connections kept with their latest sample for `vigil sockets`;
     /// beyond this the rest are aggregated but not listed.
     pub connection_table_entries: usize,
-    /// Sample the sockets of every network namespace on the node (needs
-    /// CAP_SYS_ADMIN to enter them); when false, only the agent's own.
-    pub all_namespaces: bool,
 }
 
 impl Default for SamplerConfig {
@@ -131,7 +128,6 @@ impl Default for SamplerConfig {
         SamplerConfig {
             interval_ms: 1_000,
             connection_table_entries: 10_000,
-            all_namespaces: true,
         }
     }
 }

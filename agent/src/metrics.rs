@@ -30,7 +30,7 @@ pub struct PipelineStats {
     pub decode_errors: AtomicU64,
     pub channel_dropped: AtomicU64,
     pub sampler_passes: AtomicU64,
-    pub sampler_namespace_errors: AtomicU64,
+    pub sampler_errors: AtomicU64,
     pub sampler_pass_micros: AtomicU64,
     pub snapshots_dropped: AtomicU64,
 }
@@ -293,16 +293,16 @@ impl Registry {
         x.family(
             name,
             "counter",
-            "Passes of the socket sampler over every network namespace.",
+            "Passes of the socket sampler over every TCP socket a process holds.",
         );
         x.sample(name, &[], stats.sampler_passes.load(Ordering::Relaxed));
-        let name = "vigil_sampler_namespace_errors_total";
-        x.family(name, "counter", "Network namespaces the sampler could not enter or read (usually a process that just exited).");
-        x.sample(
+        let name = "vigil_sampler_errors_total";
+        x.family(
             name,
-            &[],
-            stats.sampler_namespace_errors.load(Ordering::Relaxed),
+            "counter",
+            "Socket sampler passes that failed (the log says why).",
         );
+        x.sample(name, &[], stats.sampler_errors.load(Ordering::Relaxed));
         let name = "vigil_sampler_last_pass_seconds";
         x.family(name, "gauge", "Duration of the last sampler pass.");
         x.sample(

@@ -1,20 +1,16 @@
-//! Samples every TCP socket of the node once per interval through the kernel's
-//! TCP iterator: accept-queue length and capacity of listeners, RTT, RTT
-//! variance, cwnd and retransmits of connections. No /proc walk per sample.
+//! Samples every TCP socket a process holds, once per interval, through the
+//! kernel's task-file iterator: accept-queue length and capacity of listeners,
+//! RTT, RTT variance, cwnd and retransmits of connections, each with the
+//! process holding it. One pass covers every network namespace (pods
+//! included) without entering them and without walking /proc.
 //!
-//! The iterator sees the sockets of the network namespace its reader was in
-//! when it opened it, so a dedicated thread enters each namespace in turn
-//! (setns(2) affects only the calling thread), opens a pass there and comes
-//! back. Namespaces are found through /proc/PID/ns/net and never held open
-//! between passes: holding one would keep a deleted namespace alive.
+//! The pass runs on its own thread: reading the iterator is a blocking
+//! syscall whose length grows with the number of open files on the node.
 
 use std::{
-    collections::HashMap,
-    fs::File,
+    collections::HashSet,
     io::Read,
     net::SocketAddr,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
@@ -72,13 +68,19 @@ pub enum Sample {
     Connection(ConnectionSample),
 }
 
-/// One pass over every namespace.
+impl Sample {
+    pub fn cookie(&self) -> u64 {
+        match self {
+            Sample::Listener(l) => l.cookie,
+            Sample::Connection(c) => c.cookie,
+        }
+    }
+}
+
+/// One pass over every socket held by a process.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub samples: Vec<Sample>,
-    /// Namespaces read in this pass, and those that could not be entered or read.
-    pub namespaces: usize,
-    pub namespace_errors: usize,
 }
 
 /// Decodes the output of one iterator pass: back-to-back `SocketSample`s.
@@ -127,70 +129,15 @@ pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, DecodeError> {
         .collect()
 }
 
-fn netns_inode_of(link: &Path) -> Option<u64> {
-    let target = std::fs::read_link(link).ok()?;
-    target
-        .to_str()?
-        .strip_prefix("net:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// Where `ip netns` and container runtimes (CNI) keep named namespaces.
-const NAMED_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
-
-/// One path per network namespace: named ones (bind mounts, which exist even
-/// with no process inside) and /proc/PID/ns/net of every process.
-fn discover_namespaces(proc_root: &Path) -> HashMap<u64, PathBuf> {
-    let mut found = HashMap::new();
-    for dir in NAMED_NETNS_DIRS {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            // A bind-mounted nsfs file; its inode is the namespace's.
-            if let Ok(meta) = std::fs::metadata(&path) {
-                use std::os::unix::fs::MetadataExt;
-                found.entry(meta.ino()).or_insert(path);
-            }
-        }
-    }
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !name
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
-        if let Some(inode) = netns_inode_of(&path) {
-            found.entry(inode).or_insert(path);
-        }
-    }
-    found
-}
-
-fn setns(ns: &File) -> std::io::Result<()> {
-    // SAFETY: plain syscall on a namespace fd we hold; affects this thread only.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 pub struct Sampler {
     pub link: IterLink,
     pub interval: Duration,
-    pub all_namespaces: bool,
     pub tx: mpsc::Sender<Snapshot>,
     pub stats: Arc<PipelineStats>,
 }
 
 impl Sampler {
-    /// Runs on its own thread (it changes its network namespace) until `stop`.
+    /// Runs on its own thread until `stop`.
     pub fn spawn(self, stop: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("vigil-sampler".into())
@@ -198,57 +145,27 @@ impl Sampler {
     }
 
     fn run(self, stop: &CancellationToken) {
-        // The thread's own namespace, to come back to after each visit.
-        let home = match File::open("/proc/thread-self/ns/net") {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(error = %e, "cannot open this thread's network namespace; socket sampling stopped");
-                return;
-            }
-        };
-        let home_inode = netns_inode_of(Path::new("/proc/thread-self/ns/net"));
-        let mut all_namespaces = self.all_namespaces;
         info!(
             interval_ms = self.interval.as_millis() as u64,
-            all_namespaces, "socket sampler running"
+            "socket sampler running"
         );
         while !stop.is_cancelled() {
             let started = Instant::now();
-            let mut snapshot = Snapshot::default();
-            self.pass_here(&mut snapshot);
-            if all_namespaces {
-                let targets = discover_namespaces(Path::new("/proc"));
-                for (inode, path) in targets {
-                    if Some(inode) == home_inode || stop.is_cancelled() {
-                        continue;
-                    }
-                    match self.visit(&path, &home, &mut snapshot) {
-                        Ok(()) => {}
-                        Err(Visit::Skipped(e)) => {
-                            snapshot.namespace_errors += 1;
-                            debug!(netns = inode, error = %e, "namespace not sampled");
-                            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                                warn!("no permission to enter other network namespaces (CAP_SYS_ADMIN); sampling only the agent's own from now on");
-                                all_namespaces = false;
-                                break;
-                            }
-                        }
-                        Err(Visit::Stranded(e)) => {
-                            warn!(error = %e, "cannot return to the agent's network namespace; socket sampling stopped");
-                            return;
-                        }
-                    }
-                }
-            }
+            let snapshot = self.pass();
             self.stats.sampler_passes.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .sampler_namespace_errors
-                .fetch_add(snapshot.namespace_errors as u64, Ordering::Relaxed);
             self.stats
                 .sampler_pass_micros
                 .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            if self.tx.try_send(snapshot).is_err() {
-                self.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
+            match snapshot {
+                Ok(snapshot) => {
+                    if self.tx.try_send(snapshot).is_err() {
+                        self.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    self.stats.sampler_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "socket sample failed; trying again next interval");
+                }
             }
             // Sleep out the interval in short steps so a stop is seen quickly.
             while !stop.is_cancelled() && started.elapsed() < self.interval {
@@ -259,42 +176,23 @@ impl Sampler {
         debug!("socket sampler stopped");
     }
 
-    /// One iterator pass in the thread's current namespace.
-    fn pass_here(&self, snapshot: &mut Snapshot) {
+    /// One iterator pass. A socket held by several processes (inherited
+    /// across fork, passed over a unix socket) is reported once, for the
+    /// first holder the kernel visits.
+    fn pass(&self) -> Result<Snapshot, String> {
         let mut bytes = Vec::new();
-        let read = self
-            .link
+        self.link
             .open()
-            .and_then(|mut pass| pass.read_to_end(&mut bytes));
-        match read
-            .map_err(|e| e.to_string())
-            .and_then(|_| decode_samples(&bytes).map_err(|e| e.to_string()))
-        {
-            Ok(samples) => {
-                snapshot.samples.extend(samples);
-                snapshot.namespaces += 1;
-            }
-            Err(e) => {
-                snapshot.namespace_errors += 1;
-                debug!(error = %e, "iterator pass failed");
-            }
-        }
+            .and_then(|mut pass| pass.read_to_end(&mut bytes))
+            .map_err(|e| format!("reading the socket iterator: {e}"))?;
+        let mut seen = HashSet::new();
+        let samples = decode_samples(&bytes)
+            .map_err(|e| format!("decoding the socket iterator: {e}"))?
+            .into_iter()
+            .filter(|s| seen.insert(s.cookie()))
+            .collect();
+        Ok(Snapshot { samples })
     }
-
-    fn visit(&self, ns_path: &Path, home: &File, snapshot: &mut Snapshot) -> Result<(), Visit> {
-        // The process may have exited since discovery: then there is nothing to sample.
-        let ns = File::open(ns_path).map_err(Visit::Skipped)?;
-        setns(&ns).map_err(Visit::Skipped)?;
-        self.pass_here(snapshot);
-        setns(home).map_err(Visit::Stranded)
-    }
-}
-
-enum Visit {
-    /// This namespace could not be entered; the thread is still at home.
-    Skipped(std::io::Error),
-    /// The thread could not return home; it must not sample any further.
-    Stranded(std::io::Error),
 }
 
 #[cfg(test)]
@@ -365,12 +263,5 @@ mod tests {
         assert!(decode_samples(&good[..good.len() - 1]).is_err());
         assert_eq!(decode_samples(&bytes(&[raw(7)])), Err(DecodeError::Kind(7)));
         assert_eq!(decode_samples(&[]), Ok(vec![]));
-    }
-
-    #[test]
-    fn finds_this_process_namespace() {
-        let found = discover_namespaces(Path::new("/proc"));
-        let mine = netns_inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
-        assert!(found.contains_key(&mine), "{found:?}");
     }
 }

@@ -163,11 +163,12 @@ impl SocketHealth {
     /// adds each connection's RTT to its owner's histogram, and counts the
     /// drops each listener added since the previous pass as overflows.
     ///
-    /// Why a counter and not events: on Linux 6.18 neither accept-queue
-    /// overflow path (SYN dropped in tcp_conn_request, final ACK dropped in
-    /// tcp_check_req) frees the packet through `kfree_skb` (measured: 85
-    /// ListenOverflows, no kfree_skb event), but both bump the listener's
-    /// `sk_drops` together with TcpExt ListenDrops.
+    /// Why a counter and not drop events: on Linux 6.18 a SYN that finds the
+    /// accept queue full is freed through `consume_skb` (no drop event; 85
+    /// ListenOverflows, 0 kfree_skb measured), and only a final ACK that finds
+    /// it full is dropped as TCP_LISTEN_OVERFLOW (or NO_SOCKET after a
+    /// syncookie). Every such drop bumps the listener's `sk_drops` together
+    /// with TcpExt ListenDrops.
     pub fn apply_snapshot<'a>(
         &mut self,
         listeners: impl Iterator<Item = (&'a ListenerSample, Identity)>,

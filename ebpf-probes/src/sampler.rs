@@ -1,19 +1,24 @@
-//! A TCP socket iterator (`iter/tcp`): the agent reads it once per sample
-//! interval and gets one `SocketSample` per socket — accept-queue fill of
-//! listeners, RTT/cwnd/retransmits of connections — without walking /proc.
+//! A socket sampler on the task-file iterator (`iter/task_file`): the agent
+//! reads it once per sample interval and gets one `SocketSample` per TCP
+//! socket a process holds — accept-queue fill of listeners, RTT/cwnd/
+//! retransmits of connections — with the holding process as owner.
 //!
-//! The kernel visits the sockets of the network namespace the reading process
-//! was in when it created the iterator, so the agent creates one per namespace.
+//! Why task files and not `iter/tcp`: the TCP iterator only walks the network
+//! namespace its reader is in, so covering every pod would mean entering each
+//! namespace (setns needs CAP_SYS_ADMIN). Processes' files span all network
+//! namespaces and name the owner directly. Sockets no process holds (not yet
+//! accepted, or closed and finishing) are not sampled; the accept queue's
+//! length on the listener counts the former.
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_seq_write};
-use vigil_abi::{SampleKind, SocketSample, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_TIME_WAIT};
-
-use crate::{
-    kernel::{layout, netns_inode, read, tuple},
-    owners::VIGIL_SOCKS,
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_seq_write, bpf_sock_from_file};
+use vigil_abi::{
+    KernelLayout, SampleKind, SockOwner, SocketSample, AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN,
+    TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
 };
+
+use crate::kernel::{family, layout, netns_inode, read, tuple};
 
 /// `struct bpf_iter_meta` (include/linux/bpf.h); only `seq` is used.
 #[repr(C)]
@@ -23,25 +28,28 @@ pub struct IterMeta {
     seq_num: u64,
 }
 
-/// `struct bpf_iter__tcp`: the program's context.
+/// `struct bpf_iter__task_file`: the program's context.
 #[repr(C)]
-pub struct IterTcp {
+pub struct IterTaskFile {
     meta: *mut IterMeta,
-    sk_common: *mut c_void,
-    uid: u32,
+    task: *mut c_void,
+    fd: u32,
+    file: *mut c_void,
 }
 
+const SOCK_STREAM: u16 = 1;
+
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/tcp")]
-pub extern "C" fn vigil_tcp_iter(ctx: *mut IterTcp) -> i32 {
-    // SAFETY: the kernel passes a valid context; both loads are checked by the
-    // verifier against the BTF of `struct bpf_iter__tcp`.
-    let (meta, skc) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
-    // The last call of an iteration has no socket.
-    if skc.is_null() {
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn vigil_sock_iter(ctx: *mut IterTaskFile) -> i32 {
+    // SAFETY: the kernel passes a valid context; the loads are checked by the
+    // verifier against the BTF of `struct bpf_iter__task_file`.
+    let (meta, task, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).file) };
+    // The last call of an iteration has no task and no file.
+    if task.is_null() || file.is_null() {
         return 0;
     }
-    if let Ok(sample) = sample(skc) {
+    if let Ok(Some(sample)) = sample(task as u64, file) {
         // SAFETY: `meta` is the iterator's own, `seq` its seq_file; the sample
         // is a plain struct on the stack.
         unsafe {
@@ -55,29 +63,70 @@ pub extern "C" fn vigil_tcp_iter(ctx: *mut IterTcp) -> i32 {
     0
 }
 
+/// The TCP socket behind `file`, if it is one, as the kernel-typed pointer the
+/// cookie helper requires.
 #[inline(always)]
-fn sample(skc: *mut c_void) -> Result<SocketSample, i64> {
-    let Some(l) = layout() else { return Err(0) };
-    let sk = skc as u64;
+fn tcp_socket(l: &KernelLayout, file: *mut c_void) -> Result<Option<*mut c_void>, i64> {
+    // SAFETY: `file` is the iterator's own; the helper checks it is a socket.
+    let socket = unsafe { bpf_sock_from_file(file.cast()) };
+    if socket.is_null() {
+        return Ok(None);
+    }
+    // A load through the typed pointer (offset from BTF, constant to the
+    // verifier) keeps `struct sock *` typed, unlike bpf_probe_read_kernel.
+    // SAFETY: `socket_sk` is the offset of `socket.sk` on this kernel.
+    let sk_ptr = unsafe {
+        core::ptr::read((socket as *const u8).add(l.socket_sk as usize) as *const *mut c_void)
+    };
+    if sk_ptr.is_null() {
+        return Ok(None);
+    }
+    let sk = sk_ptr as u64;
+    let fam = family(l, sk)?;
+    let is_tcp = (fam == AF_INET || fam == AF_INET6)
+        && read::<u16>(sk, l.sk_protocol)? == IPPROTO_TCP
+        && read::<u16>(sk, l.sk_type)? == SOCK_STREAM;
+    Ok(is_tcp.then_some(sk_ptr))
+}
+
+/// The task as a socket owner: its process, process name and cgroup v2 id.
+#[inline(always)]
+fn owner(l: &KernelLayout, task: u64) -> Result<SockOwner, i64> {
+    let leader: u64 = read(task, l.task_group_leader)?;
+    let css_set: u64 = read(task, l.task_cgroups)?;
+    let cgroup: u64 = read(css_set, l.css_set_dfl_cgrp)?;
+    let kn: u64 = read(cgroup, l.cgroup_kn)?;
+    Ok(SockOwner {
+        tgid: read::<i32>(task, l.task_tgid)? as u32,
+        known: 1,
+        cgroup_id: read(kn, l.kernfs_node_id)?,
+        comm: read(leader, l.task_comm)?,
+    })
+}
+
+#[inline(always)]
+fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
+    let Some(l) = layout() else { return Ok(None) };
+    let Some(sk_ptr) = tcp_socket(&l, file)? else {
+        return Ok(None);
+    };
+    let sk = sk_ptr as u64;
     let state = u32::from(read::<u8>(sk, l.skc_state)?);
-    // Time-wait and request sockets are not full sockets: nothing to sample.
+    // Held sockets are full sockets; these states never are.
     if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
-        return Err(0);
+        return Ok(None);
     }
     let mut s = SocketSample {
         state,
         sk_addr: sk,
-        // SAFETY: `skc` is a socket the kernel handed the iterator.
-        cookie: unsafe { bpf_get_socket_cookie(skc) },
+        // SAFETY: `sk_ptr` is a full socket held open by the file being visited.
+        cookie: unsafe { bpf_get_socket_cookie(sk_ptr) },
         netns: netns_inode(&l, sk)?,
         tuple: tuple(&l, sk)?,
         drops: read(sk, l.sk_drops)?,
+        owner: owner(&l, task)?,
         ..SocketSample::default()
     };
-    // SAFETY: the value is copied out before the map can change it.
-    if let Some(known) = unsafe { VIGIL_SOCKS.get(sk) } {
-        s.owner = known.owner;
-    }
     if state == TCP_LISTEN {
         s.kind = SampleKind::Listener as u32;
         s.queue_len = read(sk, l.sk_ack_backlog)?;
@@ -90,5 +139,5 @@ fn sample(skc: *mut c_void) -> Result<SocketSample, i64> {
         s.cwnd = read(sk, l.tcp_snd_cwnd)?;
         s.total_retrans = read(sk, l.tcp_total_retrans)?;
     }
-    Ok(s)
+    Ok(Some(s))
 }

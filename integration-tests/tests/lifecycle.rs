@@ -53,7 +53,7 @@ fn objects_of(agent: &Agent) -> anyhow::Result<Vec<(String, u64, String)>> {
     anyhow::ensure!(
         objects
             .iter()
-            .any(|(k, _, n)| k == "link" && n == "vigil_tcp_iter"),
+            .any(|(k, _, n)| k == "link" && n == "vigil_sock_iter"),
         "the socket sampler's iterator link reported"
     );
     for (kind, id, name) in &objects {

@@ -622,7 +622,7 @@ fn hook_of(program: &str) -> &'static str {
         "vigil_sk_state" => "tracepoint/sock/inet_sock_set_state",
         "vigil_accept4" | "vigil_accept" => "tracepoint/syscalls/sys_exit_accept*",
         "vigil_drop" => "tp_btf/kfree_skb",
-        "vigil_tcp_iter" => "iter/tcp (per socket sampled)",
+        "vigil_sock_iter" => "iter/task_file (per open file)",
         _ => "tracepoint/tcp/tcp_retransmit_skb",
     }
 }

@@ -93,6 +93,12 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         tcp_mdev_us: sized(btf, "tcp_sock.mdev_us", 4)?,
         tcp_snd_cwnd: sized(btf, "tcp_sock.snd_cwnd", 4)?,
         sk_drops: sized(btf, "sock.sk_drops", 4)?,
+        sk_type: sized(btf, "sock.sk_type", 2)?,
+        task_tgid: sized(btf, "task_struct.tgid", 4)?,
+        task_cgroups: sized(btf, "task_struct.cgroups", 8)?,
+        css_set_dfl_cgrp: sized(btf, "css_set.dfl_cgrp", 8)?,
+        cgroup_kn: sized(btf, "cgroup.kn", 8)?,
+        kernfs_node_id: sized(btf, "kernfs_node.id", 8)?,
         _pad: 0,
     })
 }

@@ -58,7 +58,7 @@ enum Attach {
         name: &'static str,
         fields: &'static [(&'static str, usize)],
     },
-    /// BPF iterator; loaded here, instantiated per namespace by the sampler.
+    /// BPF iterator; loaded here, read once per sample by the sampler.
     Iter { target: &'static str },
 }
 
@@ -135,15 +135,17 @@ const HOOKS: &[HookSpec] = &[
         },
     },
     HookSpec {
-        name: "iter/tcp",
+        name: "iter/task_file",
         signal: Signal::SocketSampling,
-        program: "vigil_tcp_iter",
-        attach: Attach::Iter { target: "tcp" },
+        program: "vigil_sock_iter",
+        attach: Attach::Iter {
+            target: "task_file",
+        },
     },
 ];
 
 /// The program the socket sampler instantiates.
-const TCP_ITERATOR: &str = "vigil_tcp_iter";
+const SOCKET_ITERATOR: &str = "vigil_sock_iter";
 
 /// Names accepted in `probes.disable_hooks`.
 pub fn hook_names() -> impl Iterator<Item = &'static str> + Clone {
@@ -303,7 +305,7 @@ impl Probes {
             warn!("drop hook missing: socket drops and accept-queue overflows are not reported");
         }
         if !probes.signal_active(Signal::SocketSampling) {
-            warn!("TCP iterator missing: listen queues and RTT are not sampled");
+            warn!("socket iterator missing: listen queues and RTT are not sampled");
         }
         if !probes.signal_active(Signal::SocketOwnership) {
             warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
@@ -384,12 +386,12 @@ impl Probes {
             .collect()
     }
 
-    /// A handle on the loaded TCP iterator program, when its hook is active.
-    pub fn tcp_iterator(&self) -> Option<ProgramFd> {
+    /// A handle on the loaded socket iterator program, when its hook is active.
+    pub fn socket_iterator(&self) -> Option<ProgramFd> {
         if !self.signal_active(Signal::SocketSampling) {
             return None;
         }
-        let program: &Iter = self.ebpf.program(TCP_ITERATOR)?.try_into().ok()?;
+        let program: &Iter = self.ebpf.program(SOCKET_ITERATOR)?.try_into().ok()?;
         program.fd().ok()?.try_clone().ok()
     }
 

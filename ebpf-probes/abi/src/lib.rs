@@ -259,8 +259,15 @@ pub struct KernelLayout {
     pub tcp_srtt_us: u32,
     pub tcp_mdev_us: u32,
     pub tcp_snd_cwnd: u32,
-    // struct sock: drop counter (atomic_t)
+    // struct sock: drop counter (atomic_t), and socket type
     pub sk_drops: u32,
+    pub sk_type: u32,
+    // task -> tgid, and task -> cgroups (css_set) -> dfl_cgrp -> kn -> id
+    pub task_tgid: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
     pub _pad: u32,
 }
 
@@ -298,6 +305,12 @@ impl KernelLayout {
         tcp_mdev_us: 0,
         tcp_snd_cwnd: 0,
         sk_drops: 0,
+        sk_type: 0,
+        task_tgid: 0,
+        task_cgroups: 0,
+        css_set_dfl_cgrp: 0,
+        cgroup_kn: 0,
+        kernfs_node_id: 0,
         _pad: 0,
     };
 }
@@ -341,7 +354,7 @@ mod tests {
             4 * 2 + 8 * 3 + 4 * 6 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 32);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 38);
         assert_eq!(
             size_of::<DropRecord>(),
             4 * 2 + 8 * 2 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
