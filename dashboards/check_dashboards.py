@@ -7,16 +7,25 @@ For every dashboards/*.json it verifies that:
     within the dashboard; dashboard uids are unique across files;
   * every metric name used in a panel query or a template variable query
     (a token starting with `vigil_`, outside quoted strings) is one the agent
-    declares with a `# TYPE <name> <type>` line in agent/src/metrics.rs;
+    declares with a `# TYPE <name> <type>` line in a .rs file under agent/src
+    (searched recursively: metrics.rs, socket_health.rs, ...); a name ending in
+    _bucket, _sum or _count also passes when its base name is a histogram or
+    summary;
   * every panel title and query is listed in dashboards/README.md.
 
-A metric counts as declared when agent/src/metrics.rs either has a literal
-`# TYPE <name> <type>` line, or writes its `# TYPE` lines from a format string
-("# TYPE {name} ...") and has <name> as a complete string literal ("<name>")
-outside its test module. The second form is how the file declares most metrics
-(names are passed to a helper that writes "# HELP {name} ...\n# TYPE {name} ...");
-a literal-only grep would miss every one of them. Limitation: any other string
-literal that starts with vigil_ (e.g. a kernel program name) also passes.
+A metric counts as declared when a .rs file under agent/src either has a
+literal `# TYPE <name> <type>` line, or some file writes its `# TYPE` lines from
+a format string ("# TYPE {name} ...") and this file has <name> as a complete
+string literal ("<name>") outside its test module. The second form is how the
+agent declares most metrics (names are passed to a helper in metrics.rs that
+writes "# HELP {name} ...\n# TYPE {name} {kind}"); a literal-only grep would
+miss every one of them. The type of such a name is the first type literal
+("counter", "gauge", "histogram", "summary", "untyped") that follows it in the
+same file, as in `let name = "vigil_x_seconds"; x.family(name, "histogram", ..)`
+or an array of names followed by one `x.family(name, "counter", help)`; only a
+histogram or summary name passes with the _bucket/_sum/_count suffixes.
+Limitation: any other string literal that starts with vigil_ (e.g. a kernel
+program name) also passes, as a metric of unknown type.
 
 Usage: python3 dashboards/check_dashboards.py [--root REPO_ROOT]
 Exits 0 when everything holds, 1 with one line per problem otherwise.
@@ -36,23 +45,43 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 LITERAL_TYPE_LINE = re.compile(r"#\s*TYPE\s+(vigil_[A-Za-z0-9_:]+)\s+(counter|gauge|histogram|summary|untyped)\b")
 # A `# TYPE` line written from a format string: "# TYPE {name} counter", "# TYPE {name} {kind}".
 TEMPLATED_TYPE_LINE = re.compile(r"#\s*TYPE\s+\{[A-Za-z0-9_]*\}")
-NAME_LITERAL = re.compile(r'"(vigil_[A-Za-z0-9_:]+)"')
+# A metric name literal, or a metric type literal (the kind passed to the helper).
+NAME_OR_KIND_LITERAL = re.compile(r'"(vigil_[A-Za-z0-9_:]+)"|"(counter|gauge|histogram|summary|untyped)"')
 TEST_MODULE = "#[cfg(test)]"
 # Series a histogram or summary named NAME exposes besides NAME itself.
 DERIVED_SUFFIXES = ("_bucket", "_sum", "_count")
+# Type of a name literal that no type literal follows in its file.
+UNKNOWN_KIND = "unknown"
 
 
-def declared_metrics(metrics_rs: Path) -> dict[str, str]:
-    """Metric name -> type for agent/src/metrics.rs. The type is "declared" when
-    the name reaches a templated `# TYPE` line; then "declared+histogram" if the
-    file writes histograms or summaries at all (their _bucket/_sum/_count series)."""
-    text = metrics_rs.read_text(encoding="utf-8")
-    code = text.split(TEST_MODULE, 1)[0]
-    declared = {name: kind for name, kind in LITERAL_TYPE_LINE.findall(code)}
-    if TEMPLATED_TYPE_LINE.search(code):
-        kind = "declared+histogram" if ('"histogram"' in code or '"summary"' in code) else "declared"
-        for name in NAME_LITERAL.findall(code):
+def source_files(src_dir: Path) -> list[Path]:
+    """Every .rs file under agent/src, recursively, in a stable order."""
+    return sorted(src_dir.rglob("*.rs"))
+
+
+def declared_metrics(src_files: list[Path]) -> dict[str, str]:
+    """Metric name -> type ("counter", "gauge", "histogram", ..., or "unknown")
+    for the agent's sources, test modules excluded."""
+    codes = [f.read_text(encoding="utf-8").split(TEST_MODULE, 1)[0] for f in src_files]
+    declared: dict[str, str] = {}
+    for code in codes:
+        for name, kind in LITERAL_TYPE_LINE.findall(code):
             declared.setdefault(name, kind)
+    if any(TEMPLATED_TYPE_LINE.search(code) for code in codes):
+        untyped: list[str] = []
+        for code in codes:
+            pending: list[str] = []
+            for name, kind in NAME_OR_KIND_LITERAL.findall(code):
+                if name:
+                    pending.append(name)
+                    continue
+                for n in pending:
+                    declared.setdefault(n, kind)
+                pending = []
+            untyped.extend(pending)
+        # Last, so a type found in any file wins over a bare mention in another.
+        for n in untyped:
+            declared.setdefault(n, UNKNOWN_KIND)
     return declared
 
 
@@ -61,14 +90,30 @@ def metric_names(expr: str) -> set[str]:
     return set(METRIC_TOKEN.findall(QUOTED.sub('""', expr)))
 
 
+def histogram_base(name: str, declared: dict[str, str]) -> str | None:
+    """NAME when `name` is NAME_bucket/_sum/_count and NAME is declared (any type)."""
+    for suffix in DERIVED_SUFFIXES:
+        base = name[: -len(suffix)] if name.endswith(suffix) else None
+        if base and base in declared:
+            return base
+    return None
+
+
 def is_declared(name: str, declared: dict[str, str]) -> bool:
     if name in declared:
         return True
-    for suffix in DERIVED_SUFFIXES:
-        base = name[: -len(suffix)] if name.endswith(suffix) else None
-        if base and declared.get(base) in ("histogram", "summary", "declared+histogram"):
-            return True
-    return False
+    base = histogram_base(name, declared)
+    return base is not None and declared[base] in ("histogram", "summary")
+
+
+def undeclared_message(where: str, name: str, declared: dict[str, str]) -> str:
+    base = histogram_base(name, declared)
+    if base is not None:
+        return (
+            f"{where} uses {name}, but agent/src declares {base} as a {declared[base]}, "
+            f"not a histogram or summary (no '# TYPE {name}' line)"
+        )
+    return f"{where} uses {name}, which agent/src does not declare (no '# TYPE {name}' line)"
 
 
 def walk_panels(panels: list) -> list[dict]:
@@ -132,20 +177,14 @@ def check_dashboard(path: Path, declared: dict[str, str], readme: str | None, ui
                 continue
             for name in sorted(metric_names(expr)):
                 if not is_declared(name, declared):
-                    problems.append(
-                        f"{path.name}: panel {title!r} uses {name}, which agent/src/metrics.rs does not declare "
-                        f"(no '# TYPE {name}' line)"
-                    )
+                    problems.append(undeclared_message(f"{path.name}: panel {title!r}", name, declared))
             if readme is not None and expr not in readme:
                 problems.append(f"{path.name}: the query of panel {title!r} is not in dashboards/README.md: {expr}")
 
     for var_name, query in variable_queries(dashboard):
         for name in sorted(metric_names(query)):
             if not is_declared(name, declared):
-                problems.append(
-                    f"{path.name}: template variable ${var_name} uses {name}, which agent/src/metrics.rs does not "
-                    f"declare (no '# TYPE {name}' line)"
-                )
+                problems.append(undeclared_message(f"{path.name}: template variable ${var_name}", name, declared))
     return problems
 
 
@@ -156,14 +195,15 @@ def main() -> int:
     args = parser.parse_args()
     root: Path = args.root.resolve()
     dashboards_dir = root / "dashboards"
-    metrics_rs = root / "agent" / "src" / "metrics.rs"
+    src_dir = root / "agent" / "src"
 
-    if not metrics_rs.is_file():
-        print(f"check_dashboards: {metrics_rs} not found (wrong --root?)", file=sys.stderr)
+    src_files = source_files(src_dir) if src_dir.is_dir() else []
+    if not (src_dir / "metrics.rs").is_file():
+        print(f"check_dashboards: {src_dir / 'metrics.rs'} not found (wrong --root?)", file=sys.stderr)
         return 1
-    declared = declared_metrics(metrics_rs)
+    declared = declared_metrics(src_files)
     if not declared:
-        print(f"check_dashboards: no '# TYPE vigil_...' declarations found in {metrics_rs}", file=sys.stderr)
+        print(f"check_dashboards: no '# TYPE vigil_...' declarations found in {src_dir}/**/*.rs", file=sys.stderr)
         return 1
 
     files = sorted(dashboards_dir.glob("*.json"))
@@ -185,7 +225,11 @@ def main() -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    print(f"check_dashboards: {len(files)} dashboard(s) OK; {len(declared)} metrics declared in agent/src/metrics.rs")
+    typed = sum(kind != UNKNOWN_KIND for kind in declared.values())
+    print(
+        f"check_dashboards: {len(files)} dashboard(s) OK; {typed} metrics declared "
+        f"in {len(src_files)} file(s) under agent/src"
+    )
     return 0
 
 

@@ -5,6 +5,11 @@
 //! test the reason against the set the agent asked for: on a node without
 //! socket drops that test is all it costs. The socket is the tracepoint's
 //! `rx_sk` (set by the receive path) or else the packet's own `skb->sk`.
+//!
+//! `sock:sock_rcvqueue_full` and `sock:sock_exceed_buf_limit` are not hooked:
+//! TCP's receive path uses neither (both stayed at 0 while TCPRcvQDrop rose,
+//! measured on 6.18), and the datagram drops the first one reports also reach
+//! `kfree_skb` with reason SOCKET_RCVBUFF.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext, Global,

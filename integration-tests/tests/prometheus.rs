@@ -1,19 +1,25 @@
 //! The agent as Prometheus itself sees it: Debian's prometheus scrapes a
 //! running agent, PromQL returns the kernel's retransmit total for the origin's
-//! namespace, and every query of the shipped Grafana dashboard evaluates.
+//! namespace, and every query of the shipped Grafana dashboards evaluates and
+//! draws data.
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{anyhow, bail, Context};
+use nix::sys::socket::{
+    bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn,
+};
 use serde_json::Value;
-use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, Scenario};
-use vigil_testbed::netns::ChildGuard;
+use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, Scenario, TempPath};
+use vigil_testbed::netns::{ChildGuard, Netns};
 
 const SCRAPE_INTERVAL: &str = "1s";
 
@@ -59,6 +65,13 @@ impl PrometheusServer {
                 .is_ok_and(|(code, _)| code == 200)
                 .then_some(()))
         })?;
+        // Service discovery hands Prometheus its first targets only after a
+        // few seconds; until the first scrape, nothing the test does is seen.
+        wait_for(
+            Duration::from_secs(30),
+            "Prometheus's first scrape of the agent",
+            || Ok((!server.query("up{job=\"vigil\"} == 1")?.is_empty()).then_some(())),
+        )?;
         Ok(server)
     }
 
@@ -78,6 +91,38 @@ impl PrometheusServer {
             .cloned()
             .unwrap_or_default())
     }
+
+    /// Evaluates `promql` as a Grafana panel does, from `start` (Unix seconds)
+    /// to now at a 1 s step; true when some point of some series is a number
+    /// (not NaN or ±Inf, as 0/0 and histogram_quantile of no observations give).
+    fn has_data_since(&self, promql: &str, start: f64) -> anyhow::Result<bool> {
+        let end = unix_now();
+        let (code, body) = http_get(
+            self.addr,
+            &format!(
+                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=1",
+                percent_encode(promql)
+            ),
+        )?;
+        let reply: Value =
+            serde_json::from_str(&body).with_context(|| format!("reply to {promql}: {body}"))?;
+        if code != 200 || reply["status"] != "success" {
+            bail!("range query {promql} failed ({code}): {body}");
+        }
+        Ok(reply["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|series| series["values"].as_array().into_iter().flatten())
+            .filter_map(|point| point[1].as_str()?.parse::<f64>().ok())
+            .any(f64::is_finite))
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Drop for PrometheusServer {
@@ -141,9 +186,29 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// Every PromQL expression of a dashboard, with Grafana's variables filled in
-/// the way "All" and a short range would fill them.
+/// Fills in Grafana's variables the way "All" and a short range would.
+fn fill_variables(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "5m")
+        .replace("$instance", ".*")
+        .replace("$netns", ".*")
+        .replace("$cgroup", ".*")
+        .replace("$process", ".*")
+}
+
+/// Every PromQL expression of a dashboard's panels, variables filled in.
 fn dashboard_queries(path: &str) -> anyhow::Result<Vec<String>> {
+    Ok(dashboard_json(path)?
+        .0
+        .iter()
+        .map(|e| fill_variables(e))
+        .collect())
+}
+
+/// (panel expressions, template variable queries) of a dashboard. A
+/// variable's `label_values(selector, label)` becomes the PromQL
+/// `group by (label) (selector)`, which has data exactly when the drop-down does.
+fn dashboard_json(path: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(path);
@@ -163,17 +228,78 @@ fn dashboard_queries(path: &str) -> anyhow::Result<Vec<String>> {
         dashboard["panels"].as_array().map_or(&[], Vec::as_slice),
         &mut exprs,
     );
-    Ok(exprs
+    let mut variables = Vec::new();
+    for var in dashboard["templating"]["list"]
+        .as_array()
         .into_iter()
-        .map(|e| {
-            e.replace("$__rate_interval", "1m")
-                .replace("$__range", "5m")
-                .replace("$instance", ".*")
-                .replace("$netns", ".*")
-                .replace("$cgroup", ".*")
-                .replace("$process", ".*")
-        })
-        .collect())
+        .flatten()
+    {
+        let Some(query) = var["definition"]
+            .as_str()
+            .filter(|_| var["type"] == "query")
+        else {
+            continue;
+        };
+        let (selector, label) = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(','))
+            .with_context(|| {
+                format!("{path}: variable query {query:?} is not label_values(selector, label)")
+            })?;
+        variables.push(format!("group by ({}) ({selector})", label.trim()));
+    }
+    Ok((exprs, variables))
+}
+
+/// Starts a non-blocking connect (the handshake completes in the kernel).
+fn start_connect(to: SocketAddrV4) -> anyhow::Result<TcpStream> {
+    let s = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    match connect(s.as_raw_fd(), &SockaddrIn::from(to)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(TcpStream::from(s)),
+        Err(e) => bail!("connect {to}: {e}"),
+    }
+}
+
+/// Sockets of the socket-health panels, kept open while they are sampled.
+type HealthSockets = (TcpListener, Vec<TcpStream>, UdpSocket);
+
+/// On loopback in `ns`: a listener with backlog 4 that never accepts, hit by
+/// 20 connects (accept-queue overflows, a full queue, connections with an
+/// RTT), and a UDP socket with the smallest receive buffer that is never read,
+/// sent 64 datagrams (socket drops, reason SOCKET_RCVBUFF). Sockets stay in
+/// the namespace they were made in, so the thread can return them.
+fn overflow_and_drop(ns: &Netns) -> anyhow::Result<HealthSockets> {
+    ns.spawn_thread(|| {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7036);
+        let s = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
+        bind(s.as_raw_fd(), &SockaddrIn::from(addr))?;
+        listen(&s, Backlog::new(4)?)?;
+        let mut streams = Vec::new();
+        for _ in 0..20 {
+            streams.push(start_connect(addr)?);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        setsockopt(&rx, sockopt::RcvBuf, &1)?;
+        let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        for _ in 0..64 {
+            tx.send_to(&[0x56; 1000], rx.local_addr()?)?;
+        }
+        Ok((TcpListener::from(s), streams, rx))
+    })?
+    .join()
+    .map_err(|_| anyhow!("thread in {} panicked", ns.name()))?
 }
 
 #[test]
@@ -181,12 +307,23 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
     if !bpf_available("prometheus_sees_the_kernel_total_and_dashboards_evaluate") {
         return Ok(());
     }
-    let agent = Agent::start(&[])?;
+    // Sample sockets every 200 ms, so listener gauges, connection counts and
+    // RTT observations cover the few seconds of the scenario.
+    let config = TempPath::new("prom.toml");
+    std::fs::write(&config.0, "[sampler]\ninterval_ms = 200\n")?;
+    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
+    let start = unix_now();
     let prometheus = PrometheusServer::start(agent.metrics_addr)?;
     let mut scenario = Scenario::start(&tag("prom"), 35, false)?;
+    // Overflows and drops in a namespace of their own: the origin's namespace
+    // keeps only the load's retransmits, which are compared exactly below.
+    let health_ns = Netns::create(&format!("vigil-{}-q", tag("prom")))?;
+    let health_sockets = overflow_and_drop(&health_ns)?;
     let before = scenario.mib("Tcp", "RetransSegs")?.0;
     scenario.link.set_loss(scenario.port, 10)?;
-    scenario.run_load(false, 4, 8, 6.0)?;
+    // Requests without end, cut at 3 s: retransmits and connections span
+    // several scrapes, so rates and ratios of rates have points.
+    scenario.run_load(false, 4, 1_000_000, 3.0)?;
     scenario.quiesce()?;
     let kernel = scenario.mib("Tcp", "RetransSegs")?.0 - before;
     assert!(kernel > 0, "10% loss causes retransmits");
@@ -240,8 +377,49 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
             assert!(!result.is_empty(), "dashboard query returned no data: {q}");
         }
     }
+
+    // Every panel and drop-down of both dashboards draws data over the test's
+    // time range, as Grafana would show it (gauges of closed sockets included).
+    let mut checked = 0;
+    for path in [
+        "dashboards/vigil-retransmits.json",
+        "dashboards/vigil-socket-health.json",
+    ] {
+        let (exprs, variables) = dashboard_json(path)?;
+        assert!(exprs.len() >= 10, "{path} has its panels: {exprs:?}");
+        let all: Vec<String> = exprs
+            .iter()
+            .chain(&variables)
+            .map(|e| fill_variables(e))
+            .collect();
+        let mut empty = Vec::new();
+        let drew = wait_for(
+            Duration::from_secs(20),
+            "dashboard queries to draw data",
+            || {
+                empty.clear();
+                for q in &all {
+                    // Only the two retransmit panels exempted above may be empty.
+                    let may_be_empty = q.contains("failed_attempts") || q.contains("synack");
+                    if !prometheus.has_data_since(q, start)? && !may_be_empty {
+                        empty.push(q.clone());
+                    }
+                }
+                Ok(empty.is_empty().then_some(()))
+            },
+        );
+        if let Err(e) = drew {
+            bail!(
+                "{path}: {e}; queries without data: {empty:#?}\nagent:\n{}",
+                agent.scrape()?
+            );
+        }
+        checked += all.len();
+    }
+    drop(health_sockets);
     eprintln!(
-        "PromQL total {total} == RetransSegs delta {kernel}; {} dashboard queries evaluated",
+        "PromQL total {total} == RetransSegs delta {kernel}; {} dashboard queries evaluated; \
+         {checked} panel and variable queries of both dashboards drew data",
         queries.len()
     );
     Ok(())

@@ -16,12 +16,13 @@ use vigil_integration_tests::{
 };
 use vigil_testbed::netns::{LinkPair, Netns};
 
-/// Agent config for these tests: sample often so states that last about a
-/// second (a full accept queue) are seen.
-fn fast_sampler_config(name: &str) -> anyhow::Result<TempPath> {
-    let path = TempPath::new(name);
-    std::fs::write(&path.0, "[sampler]\ninterval_ms = 200\n")?;
-    Ok(path)
+/// An agent that samples sockets often, so states that last about a second
+/// (a full accept queue) are seen. The config file lives as long as the agent.
+fn fast_sampling_agent(name: &str) -> anyhow::Result<(Agent, TempPath)> {
+    let config = TempPath::new(name);
+    std::fs::write(&config.0, "[sampler]\ninterval_ms = 200\n")?;
+    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
+    Ok((agent, config))
 }
 
 /// The name the kernel gives this test process (what the agent labels it with).
@@ -132,8 +133,7 @@ fn listen_overflows_equal_kernel_counter() -> anyhow::Result<()> {
     if !bpf_available("listen_overflows_equal_kernel_counter") {
         return Ok(());
     }
-    let config = fast_sampler_config("overflow.toml")?;
-    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
+    let (agent, _config) = fast_sampling_agent("overflow.toml")?;
     let link = LinkPair::create(&tag("ovf"), 40)?;
     link.server
         .run(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"])?;
@@ -440,8 +440,7 @@ fn rtt_follows_tbf_queueing() -> anyhow::Result<()> {
     if !bpf_available("rtt_follows_tbf_queueing") {
         return Ok(());
     }
-    let config = fast_sampler_config("rtt.toml")?;
-    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
+    let (agent, _config) = fast_sampling_agent("rtt.toml")?;
     let scenario = Scenario::start(&tag("rtt"), 42, false)?;
     let server = &scenario.link.server;
     server.run(&["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"])?;

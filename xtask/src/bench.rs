@@ -229,22 +229,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|id| !before_tools.contains(id))
         .collect();
     let peer_script = BPFTRACE_PEER.replace("SKB_CB", &skb_cb_offset()?.to_string());
-    let peer = ChildGuard::spawn(
-        Command::new("bpftrace")
-            .args(["-e", &peer_script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    let mut peer_ids = Vec::new();
-    wait_until("bpftrace", || {
-        peer_ids = all_programs()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| !with_agent.contains(id))
-            .collect();
-        !peer_ids.is_empty()
-    })?;
+    let (peer, peer_ids) = start_bpftrace(&peer_script, &with_agent)?;
     let agent_before = proc_usage(agent.pid())?;
     let peer_before = proc_usage(peer.pid())?;
     let kernel_before = link.server.mib()?.get("Tcp", "RetransSegs").unwrap_or(0);
@@ -395,22 +380,7 @@ fn drop_filter_phase(
         "tracepoint:skb:kfree_skb /{}/ {{ @drops[args->reason] = count(); }}",
         predicate.join(" || ")
     );
-    let peer = ChildGuard::spawn(
-        Command::new("bpftrace")
-            .args(["-e", &script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    let mut peer_ids = Vec::new();
-    wait_until("bpftrace (drop peer)", || {
-        peer_ids = all_programs()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| !not_peer.contains(id))
-            .collect();
-        !peer_ids.is_empty()
-    })?;
+    let (peer, mut peer_ids) = start_bpftrace(&script, not_peer)?;
     let floor = EmptyProbe::attach("kfree_skb")?;
     peer_ids.push(floor.id);
     let vigil_drop = |progs: Vec<ProgCost>| progs.into_iter().find(|p| p.name == "vigil_drop");
@@ -602,6 +572,28 @@ impl EmptyProbe {
             id: u64::from(info[1]),
         })
     }
+}
+
+/// Starts bpftrace with `script` and returns it with the ids of the programs
+/// it loaded (those not among `existing`), once they are attached.
+fn start_bpftrace(script: &str, existing: &[u64]) -> anyhow::Result<(ChildGuard, Vec<u64>)> {
+    let peer = ChildGuard::spawn(
+        Command::new("bpftrace")
+            .args(["-e", script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let mut ids = Vec::new();
+    wait_until("bpftrace", || {
+        ids = all_programs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !existing.contains(id))
+            .collect();
+        !ids.is_empty()
+    })?;
+    Ok((peer, ids))
 }
 
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {

@@ -97,26 +97,12 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
     match request_path(&head) {
         Some("/metrics") => {
             let body = source.registry.lock().map(|r| r.render(&source.stats)).ok();
-            match body {
-                Some(body) => {
-                    respond(
-                        &mut stream,
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        &body,
-                    )
-                    .await
-                }
-                None => {
-                    respond(
-                        &mut stream,
-                        "500 Internal Server Error",
-                        "text/plain",
-                        "registry unavailable\n",
-                    )
-                    .await
-                }
-            }
+            respond_with(
+                &mut stream,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+            .await
         }
         Some("/v1/sockets") => {
             let body = source
@@ -124,18 +110,7 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 .lock()
                 .ok()
                 .and_then(|r| serde_json::to_string(r.health.table()).ok());
-            match body {
-                Some(body) => respond(&mut stream, "200 OK", "application/json", &body).await,
-                None => {
-                    respond(
-                        &mut stream,
-                        "500 Internal Server Error",
-                        "text/plain",
-                        "registry unavailable\n",
-                    )
-                    .await
-                }
-            }
+            respond_with(&mut stream, "application/json", body).await
         }
         Some("/") => {
             respond(
@@ -161,6 +136,26 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 "400 Bad Request",
                 "text/plain",
                 "bad request\n",
+            )
+            .await
+        }
+    }
+}
+
+/// 200 with `body`, or 500 when the registry could not produce it.
+async fn respond_with(
+    stream: &mut TcpStream,
+    content_type: &str,
+    body: Option<String>,
+) -> std::io::Result<()> {
+    match body {
+        Some(body) => respond(stream, "200 OK", content_type, &body).await,
+        None => {
+            respond(
+                stream,
+                "500 Internal Server Error",
+                "text/plain",
+                "registry unavailable\n",
             )
             .await
         }

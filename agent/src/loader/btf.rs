@@ -401,16 +401,18 @@ mod tests {
 
     /// Builds BTF bytes: `struct inner { u16 a; u16 b; }`,
     /// `struct outer { u32 x; union { u32 y; struct inner in; }; u8 bf:3; }`.
+    /// Offset of `name` in a string section (0, the empty name, when absent).
+    fn str_off(strings: &[u8], name: &str) -> u32 {
+        let needle = format!("\0{name}\0");
+        strings
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .map_or(0, |p| p as u32 + 1)
+    }
+
     fn sample() -> Vec<u8> {
         let strings = b"\0u16\0u32\0inner\0a\0b\0outer\0x\0y\0in\0u8\0bf\0".to_vec();
-        let s = |name: &str| -> u32 {
-            let needle = format!("\0{name}\0");
-            strings
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .map(|p| p as u32 + 1)
-                .unwrap_or(0)
-        };
+        let s = |name: &str| str_off(&strings, name);
         let mut t: Vec<u32> = Vec::new();
         // 1: u16 int
         t.extend([s("u16"), 1 << 24, 2, 16]);
@@ -503,13 +505,7 @@ mod tests {
     #[test]
     fn reads_enum_values_signed_and_64_bit() {
         let strings = b"\0reason\0A\0B\0wide\0W\0".to_vec();
-        let s = |name: &str| -> u32 {
-            let needle = format!("\0{name}\0");
-            strings
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .map_or(0, |p| p as u32 + 1)
-        };
+        let s = |name: &str| str_off(&strings, name);
         let t: Vec<u32> = vec![
             // 1: signed enum reason { A = 2, B = -1 }
             s("reason"),
