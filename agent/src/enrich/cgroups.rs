@@ -62,7 +62,9 @@ impl CgroupResolver {
         Some(id)
     }
 
-    /// The path of a cgroup id; walks the hierarchy on a miss, at most once per interval.
+    /// The path of a cgroup id. On a miss the whole hierarchy is indexed (at
+    /// most once per interval), so one walk answers for every cgroup that
+    /// existed then, however many different ids miss in the meantime.
     pub fn path_of(&mut self, id: u64) -> Option<String> {
         if id == 0 {
             return None;
@@ -79,9 +81,20 @@ impl CgroupResolver {
         }
         self.last_walk = Some(now);
         let root = self.root.clone()?;
-        let found = walk(&root, &root, id, 0)?;
-        self.remember(id, found.clone());
-        Some(found)
+        let mut all = Vec::new();
+        walk(&root, &root, 0, &mut all);
+        let found = all.iter().find(|(i, _)| *i == id).map(|(_, p)| p.clone());
+        // The one asked for first, so a hierarchy larger than the cache still answers it.
+        if let Some(p) = &found {
+            self.remember(id, p.clone());
+        }
+        for (i, p) in all {
+            if self.cache.len() >= self.capacity {
+                break;
+            }
+            self.cache.entry(i).or_insert(p);
+        }
+        found
     }
 
     fn remember(&mut self, id: u64, path: String) {
@@ -93,23 +106,20 @@ impl CgroupResolver {
     }
 }
 
-fn walk(root: &Path, dir: &Path, id: u64, depth: usize) -> Option<String> {
-    let meta = std::fs::metadata(dir).ok()?;
-    if meta.ino() == id {
-        let rel = dir.strip_prefix(root).ok()?;
-        return Some(format!("/{}", rel.display()));
-    }
+/// Every cgroup under `dir` as (id, path relative to `root`), depth-bounded.
+fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<(u64, String)>) {
+    let (Ok(meta), Ok(rel)) = (std::fs::metadata(dir), dir.strip_prefix(root)) else {
+        return;
+    };
+    out.push((meta.ino(), format!("/{}", rel.display())));
     if depth >= MAX_WALK_DEPTH {
-        return None;
+        return;
     }
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            if let Some(p) = walk(root, &entry.path(), id, depth + 1) {
-                return Some(p);
-            }
+            walk(root, &entry.path(), depth + 1, out);
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -149,5 +159,31 @@ mod tests {
         let id = r.id_of(&path).expect("id of own cgroup");
         let mut fresh = CgroupResolver::new(16, Duration::ZERO);
         assert_eq!(fresh.path_of(id).as_deref(), Some(path.as_str()));
+    }
+
+    /// One walk answers for every cgroup: a second id resolves from the cache
+    /// even while the walk interval forbids another walk.
+    #[test]
+    fn one_walk_indexes_the_hierarchy() {
+        let mut r = CgroupResolver::new(1 << 16, Duration::from_secs(3600));
+        let Some(root) = r.root().map(Path::to_owned) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI machines have a cgroup2 mount"
+            );
+            return;
+        };
+        let root_id = std::fs::metadata(&root).expect("root").ino();
+        assert_eq!(r.path_of(root_id).as_deref(), Some("/"));
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("v2 entry");
+        let own_id = std::fs::metadata(root.join(path.trim_start_matches('/')))
+            .expect("own cgroup dir")
+            .ino();
+        assert_eq!(r.path_of(own_id).as_deref(), Some(path), "from the first walk");
+        assert_eq!(r.path_of(u64::MAX), None, "unknown ids do not walk again");
     }
 }
