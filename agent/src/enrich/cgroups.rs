@@ -183,7 +183,11 @@ mod tests {
         let own_id = std::fs::metadata(root.join(path.trim_start_matches('/')))
             .expect("own cgroup dir")
             .ino();
-        assert_eq!(r.path_of(own_id).as_deref(), Some(path), "from the first walk");
+        assert_eq!(
+            r.path_of(own_id).as_deref(),
+            Some(path),
+            "from the first walk"
+        );
         assert_eq!(r.path_of(u64::MAX), None, "unknown ids do not walk again");
     }
 }
