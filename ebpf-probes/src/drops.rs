@@ -15,8 +15,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext, Global,
 };
 use vigil_abi::{
-    drop_reason_watched, DropReasonSet, DropRecord, EventKind, LossReason, LossSlot, SockOwner,
-    SockTuple, DROP_REASON_WORDS, TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
+    DropReasonSet, DropRecord, EventKind, LossReason, LossSlot, SockOwner, SockTuple,
+    DROP_REASON_WORDS, TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
 };
 
 use crate::{
@@ -29,11 +29,26 @@ use crate::{
 #[unsafe(no_mangle)]
 static VIGIL_DROP_REASONS: Global<DropReasonSet> = Global::new([0; DROP_REASON_WORDS]);
 
+/// `vigil_abi::drop_reason_watched`, reading only the one word of the set it
+/// needs (this runs for every dropped packet on the node).
+#[inline(always)]
+fn watched(reason: u32) -> bool {
+    let word = (reason / 64) as usize;
+    if word >= DROP_REASON_WORDS {
+        return false;
+    }
+    let words = (&VIGIL_DROP_REASONS as *const Global<DropReasonSet>).cast::<u64>();
+    // SAFETY: Global is repr(transparent) over the [u64; DROP_REASON_WORDS] the
+    // agent wrote, and `word` is in bounds.
+    let bits = unsafe { core::ptr::read_volatile(words.add(word)) };
+    bits & (1 << (reason % 64)) != 0
+}
+
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn vigil_drop(ctx: BtfTracePointContext) -> i32 {
     // (skb, location, reason, rx_sk)
     let reason: u32 = ctx.arg(2);
-    if !drop_reason_watched(&VIGIL_DROP_REASONS.load(), reason) {
+    if !watched(reason) {
         return 0;
     }
     if try_drop(&ctx, reason).is_err() {
@@ -42,6 +57,8 @@ pub fn vigil_drop(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+// Not inlined: the filter above then runs in a program with a small stack frame.
+#[inline(never)]
 fn try_drop(ctx: &BtfTracePointContext, reason: u32) -> Result<(), i64> {
     let Some(l) = layout() else { return Ok(()) };
     let skb: u64 = ctx.arg(0);
