@@ -48,11 +48,13 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
     let server_ns = scenario.link.server.inode()?.to_string();
     let client_ns = scenario.link.client.inode()?.to_string();
     let text = wait_for_total(&agent, &server_ns, server)?;
-    assert_eq!(
-        metric_sum(&text, "vigil_events_lost_total", &[]),
-        0,
-        "no ring-buffer loss"
-    );
+    for probe in ["retransmit", "synack_retransmit"] {
+        assert_eq!(
+            metric_sum(&text, "vigil_events_lost_total", &[("probe", probe)]),
+            0,
+            "no {probe} event lost (ring full, read error, recursion)"
+        );
+    }
     for (side, netns, kernel) in [
         ("server", &server_ns, server),
         ("client", &client_ns, client),

@@ -370,6 +370,15 @@ fn receive_buffer_drops_equal_kernel_counter() -> anyhow::Result<()> {
     })?;
     let comm = own_comm()?;
     let text = agent.scrape()?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "vigil_events_lost_total",
+            &[("probe", "socket_drop")]
+        ),
+        0,
+        "no drop event lost (ring full, read error, recursion)"
+    );
     let mine = metric_sum(
         &text,
         "vigil_socket_drops_total",

@@ -265,15 +265,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if events == 0 {
         bail!("the agent read no events; the benchmark measured nothing");
     }
-    let lost: Vec<String> = ["ring_full", "read_error", "recursion"]
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {r}",
-                metric_sum(&text, "vigil_events_lost_total", &[("reason", r)])
-            )
-        })
-        .collect();
+    let mut lost = Vec::new();
+    for probe in ["retransmit", "synack_retransmit", "socket_drop"] {
+        for reason in ["ring_full", "read_error", "recursion"] {
+            let n = metric_sum(
+                &text,
+                "vigil_events_lost_total",
+                &[("probe", probe), ("reason", reason)],
+            );
+            if n > 0 {
+                lost.push(format!("{n} {probe}/{reason}"));
+            }
+        }
+    }
+    if lost.is_empty() {
+        lost.push("none".into());
+    }
     let lost = lost.join(", ");
     let agent_progs = programs_with_ids(&agent_ids)?;
     let peer_progs = programs_with_ids(&peer_ids)?;
