@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    cardinality::SeriesBudget,
     config::Config,
     enrich::Enricher,
     export::prometheus::{self, MetricsSource},
@@ -51,11 +52,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stats = Arc::new(PipelineStats::default());
     let registry = Arc::new(Mutex::new(Registry::new(
         probes.hooks.clone(),
-        Some(maps.lost),
+        Some(maps.losses),
         probes.program_handles(),
         SocketHealth::new(
             probes.drop_reasons.clone(),
             config.sampler.connection_table_entries,
+        ),
+        SeriesBudget::new(
+            config.metrics.max_series,
+            Duration::from_secs(config.metrics.series_idle_expiry_secs),
         ),
     )));
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity_batches);

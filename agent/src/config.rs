@@ -16,6 +16,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub enrich: EnrichConfig,
     pub sampler: SamplerConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -132,6 +133,25 @@ impl Default for SamplerConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Most owner label sets (netns, cgroup, process) per-owner metrics may
+    /// have; beyond it observations go to one overflow series (cgroup="_overflow").
+    pub max_series: usize,
+    /// Owner label sets without updates for this long are forgotten.
+    pub series_idle_expiry_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_series: 10_000,
+            series_idle_expiry_secs: 900,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
@@ -221,6 +241,9 @@ impl Config {
                 "probes.drop_reasons",
                 format!("`{bad}` is not a drop reason name (like SOCKET_RCVBUFF) or prefix (like TCP_*)"),
             );
+        }
+        if self.metrics.max_series == 0 {
+            return invalid("metrics.max_series", "must be at least 1".into());
         }
         if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
             return invalid("sampler.interval_ms", "must be 10..=3600000".into());

@@ -1,11 +1,13 @@
 //! The Vigil node agent as a library; `main.rs` is a thin CLI over it.
 
 pub mod agent;
+pub mod cardinality;
 pub mod clock;
 pub mod config;
 pub mod enrich;
 pub mod events;
 pub mod export;
+pub mod kube_pods;
 pub mod loader;
 pub mod metrics;
 pub mod sampler;

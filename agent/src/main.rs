@@ -30,6 +30,11 @@ enum Command {
     Hooks,
     /// Print the configuration with every default filled in, as TOML.
     DefaultConfig,
+    /// Show a running agent's hooks and self-telemetry: events received and
+    /// lost per probe, queue drops, sampler passes, series budget, caches.
+    ///
+    /// Example: vigil status --agent 10.0.3.7:9464
+    Status(AgentAddr),
     /// Show the running agent's latest socket sample: listeners by accept-queue
     /// fill, then connections by RTT (or retransmits).
     ///
@@ -38,10 +43,16 @@ enum Command {
 }
 
 #[derive(clap::Args, Debug)]
-struct SocketsArgs {
+struct AgentAddr {
     /// Address of the agent's HTTP endpoint (its --metrics-addr).
     #[arg(long, env = "VIGIL_AGENT", default_value = "127.0.0.1:9464")]
     agent: SocketAddr,
+}
+
+#[derive(clap::Args, Debug)]
+struct SocketsArgs {
+    #[command(flatten)]
+    agent: AgentAddr,
     /// Order of the connection table.
     #[arg(long, value_enum, default_value_t = vigil::triage::SortBy::Rtt)]
     sort: vigil::triage::SortBy,
@@ -146,7 +157,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Sockets(args) => match vigil::triage::fetch(args.agent) {
+        Command::Status(args) => match vigil::triage::status(args.agent) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sockets(args) => match vigil::triage::fetch(args.agent.agent) {
             Ok(table) if args.json => match serde_json::to_string_pretty(&table) {
                 Ok(text) => {
                     println!("{text}");

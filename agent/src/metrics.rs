@@ -6,18 +6,20 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
 };
 
-use aya::maps::{MapData, PerCpuArray};
 use vigil_abi::{loss_index, LossReason, LossSlot};
 
 use crate::{
+    cardinality::SeriesBudget,
     enrich::Identity,
-    events::{OwnerSource, RetransmitEvent, RetransmitKind},
+    events::{DropEvent, OwnerSource, RetransmitEvent, RetransmitKind},
     loader::{
         prog_stats::{ProgramHandle, ProgramStats},
-        HookReport, HookStatus,
+        HookReport, HookStatus, LossMaps,
     },
+    sampler::{ConnectionSample, ListenerSample},
     socket_health::SocketHealth,
 };
 
@@ -36,7 +38,7 @@ pub struct PipelineStats {
 }
 
 /// The identity labels every per-owner metric carries.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Series {
     netns: u32,
     cgroup: String,
@@ -49,6 +51,15 @@ impl Series {
             netns,
             cgroup: who.cgroup.clone().unwrap_or_else(|| UNKNOWN.into()),
             process: who.comm.clone().unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
+
+    /// Where observations go once the series budget is spent.
+    pub fn overflow() -> Series {
+        Series {
+            netns: 0,
+            cgroup: OVERFLOW.into(),
+            process: OVERFLOW.into(),
         }
     }
 
@@ -74,11 +85,12 @@ pub struct Registry {
     failed_attempts: BTreeMap<(u32, &'static str), u64>,
     attributed: BTreeMap<&'static str, u64>,
     hooks: Vec<HookReport>,
-    lost: Option<PerCpuArray<MapData, u64>>,
+    lost: Option<LossMaps>,
     programs: Vec<ProgramHandle>,
     pub cgroup_cache_entries: usize,
     pub proc_socket_entries: usize,
     pub health: SocketHealth,
+    pub budget: SeriesBudget,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -95,16 +107,20 @@ fn errno_name(err: i32) -> &'static str {
 }
 
 const UNKNOWN: &str = "unknown";
+/// Label value of the overflow series (not a cgroup path or process name).
+const OVERFLOW: &str = "_overflow";
 
 impl Registry {
     pub fn new(
         hooks: Vec<HookReport>,
-        lost: Option<PerCpuArray<MapData, u64>>,
+        lost: Option<LossMaps>,
         programs: Vec<ProgramHandle>,
         health: SocketHealth,
+        budget: SeriesBudget,
     ) -> Registry {
         Registry {
             health,
+            budget,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
@@ -133,10 +149,8 @@ impl Registry {
         if counted == 0 {
             return;
         }
-        let c = self
-            .retransmits
-            .entry(Series::of(e.netns, who))
-            .or_default();
+        let series = self.budget.admit(Series::of(e.netns, who), Instant::now());
+        let c = self.retransmits.entry(series).or_default();
         if e.kind != RetransmitKind::Unseen {
             c.events += 1;
         }
@@ -147,11 +161,40 @@ impl Registry {
         }
     }
 
+    pub fn record_drop(&mut self, e: &DropEvent, who: &Identity) {
+        let series = self.budget.admit(Series::of(e.netns, who), Instant::now());
+        self.health.record_drop(e, series);
+    }
+
+    /// Applies a socket sample, and forgets series idle past the expiry.
+    pub fn apply_snapshot<'a>(
+        &mut self,
+        listeners: impl Iterator<Item = (&'a ListenerSample, Identity)>,
+        connections: impl Iterator<Item = (&'a ConnectionSample, Identity)>,
+    ) {
+        let now = Instant::now();
+        let listeners: Vec<_> = listeners
+            .map(|(l, who)| (l, self.budget.admit(Series::of(l.netns, &who), now), who))
+            .collect();
+        let connections: Vec<_> = connections
+            .map(|(c, who)| (c, self.budget.admit(Series::of(c.netns, &who), now), who))
+            .collect();
+        self.health
+            .apply_snapshot(listeners.into_iter(), connections.into_iter());
+        let expired = self.budget.expire(now);
+        if !expired.is_empty() {
+            for s in &expired {
+                self.retransmits.remove(s);
+            }
+            self.health.forget(&expired);
+        }
+    }
+
     /// Kernel-side losses, summed over CPUs: [probe][reason] as in `loss_index`.
     fn lost_events(&self, slot: LossSlot, reason: LossReason) -> u64 {
         self.lost
             .as_ref()
-            .and_then(|lost| lost.get(&loss_index(slot, reason), 0).ok())
+            .and_then(|lost| lost.events.get(&loss_index(slot, reason), 0).ok())
             .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
@@ -230,6 +273,14 @@ impl Registry {
                     &[("probe", probe.into()), ("reason", reason.into())],
                     n,
                 );
+            }
+        }
+        let name = "vigil_tcp_retransmit_segments_lost_total";
+        x.family(name, "counter", "Retransmitted segments the kernel counted whose record never reached the agent, for good (a lost record's segments otherwise ride on the socket's next record); per netns, vigil_tcp_retransmitted_segments_total plus this equals Tcp RetransSegs.");
+        if let Some(lost) = &self.lost {
+            for (netns, per_cpu) in lost.segments.iter().flatten() {
+                let n: u64 = per_cpu.iter().sum();
+                x.sample(name, &[("netns", netns.to_string())], n);
             }
         }
         let per_program: [Family<ProgramStats, f64>; 3] = [
@@ -353,6 +404,26 @@ impl Registry {
             self.proc_socket_entries,
         );
         self.health.render(&mut x);
+        let name = "vigil_series_limit";
+        x.family(name, "gauge", "Most owner label sets (netns, cgroup, process) per-owner metrics may have (metrics.max_series).");
+        x.sample(name, &[], self.budget.limit());
+        let name = "vigil_series_active";
+        x.family(
+            name,
+            "gauge",
+            "Owner label sets in use, the overflow series not included.",
+        );
+        x.sample(name, &[], self.budget.active());
+        let name = "vigil_series_overflow_total";
+        x.family(name, "counter", "Observations recorded under the overflow series (cgroup=\"_overflow\") because the limit was reached.");
+        x.sample(name, &[], self.budget.overflowed);
+        let name = "vigil_series_expired_total";
+        x.family(
+            name,
+            "counter",
+            "Owner label sets forgotten after metrics.series_idle_expiry_secs without updates.",
+        );
+        x.sample(name, &[], self.budget.expired);
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");
         x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1);
@@ -398,6 +469,7 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
     use crate::events::{Endpoints, Owner};
+    use std::time::Duration;
 
     fn event(segs: u32, err: i32, kind: RetransmitKind) -> RetransmitEvent {
         RetransmitEvent {
@@ -424,18 +496,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sums_segments_and_separates_failures() {
-        let mut r = Registry::new(
+    fn registry(max_series: usize) -> Registry {
+        Registry::new(
             vec![],
             None,
             vec![],
             SocketHealth::new(Default::default(), 10),
+            SeriesBudget::new(max_series, Duration::from_secs(600)),
+        )
+    }
+
+    #[test]
+    fn owners_beyond_the_limit_share_the_overflow_series() {
+        let mut r = registry(2);
+        for i in 0..5 {
+            let who = Identity {
+                pid: Some(i),
+                comm: Some(format!("pod{i}")),
+                cgroup: Some(format!("/kubepods/pod{i}")),
+                pod: None,
+            };
+            r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &who);
+        }
+        let text = r.render(&PipelineStats::default());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("vigil_tcp_retransmitted_segments_total{"))
+            .count();
+        assert_eq!(series, 3, "two owners and the overflow series:\n{text}");
+        assert!(
+            text.contains(r#"vigil_tcp_retransmitted_segments_total{netns="0",cgroup="_overflow",process="_overflow"} 3"#),
+            "{text}"
         );
+        assert!(text.contains("vigil_series_overflow_total 3"), "{text}");
+        assert!(text.contains("vigil_series_active 2"), "{text}");
+        assert!(text.contains("vigil_series_limit 2"), "{text}");
+    }
+
+    #[test]
+    fn sums_segments_and_separates_failures() {
+        let mut r = registry(100);
         let who = Identity {
             pid: Some(3),
             comm: Some("origin".into()),
             cgroup: Some("/pods/a\"b".into()),
+            pod: None,
         };
         r.record_retransmit(&event(4, 0, RetransmitKind::Segment), &who);
         r.record_retransmit(&event(2, 0, RetransmitKind::Segment), &who);

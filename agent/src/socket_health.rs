@@ -89,6 +89,8 @@ pub struct ConnectionRow {
     pub pid: Option<u32>,
     pub process: Option<String>,
     pub cgroup: Option<String>,
+    /// Kubernetes pod uid, when the cgroup is a pod's.
+    pub pod_uid: Option<String>,
     pub cookie: u64,
 }
 
@@ -104,6 +106,8 @@ pub struct ListenerRow {
     pub pid: Option<u32>,
     pub process: Option<String>,
     pub cgroup: Option<String>,
+    /// Kubernetes pod uid, when the cgroup is a pod's.
+    pub pod_uid: Option<String>,
     pub cookie: u64,
 }
 
@@ -153,8 +157,8 @@ impl SocketHealth {
             .map_or_else(|| format!("reason_{reason}"), str::to_owned)
     }
 
-    pub fn record_drop(&mut self, e: &DropEvent, who: &Identity) {
-        let series = Series::of(e.netns, who);
+    /// Counts a drop for `series` (the owner, as the series budget admitted it).
+    pub fn record_drop(&mut self, e: &DropEvent, series: Series) {
         let reason = self.reason_name(e.reason);
         *self.drops.entry((series, reason)).or_default() += 1;
     }
@@ -171,15 +175,14 @@ impl SocketHealth {
     /// with TcpExt ListenDrops.
     pub fn apply_snapshot<'a>(
         &mut self,
-        listeners: impl Iterator<Item = (&'a ListenerSample, Identity)>,
-        connections: impl Iterator<Item = (&'a ConnectionSample, Identity)>,
+        listeners: impl Iterator<Item = (&'a ListenerSample, Series, Identity)>,
+        connections: impl Iterator<Item = (&'a ConnectionSample, Series, Identity)>,
     ) {
         self.listeners.clear();
         self.connections.clear();
         self.table = SocketTable::default();
         let mut drops_now = HashMap::new();
-        for (l, who) in listeners {
-            let owner = Series::of(l.netns, &who);
+        for (l, owner, who) in listeners {
             let before = match self.listener_drops.get(&l.cookie) {
                 Some(&seen) => seen,
                 None if !self.first_pass_done => l.drops,
@@ -209,13 +212,13 @@ impl SocketHealth {
                 pid: who.pid,
                 process: who.comm,
                 cgroup: who.cgroup,
+                pod_uid: who.pod.map(|p| p.uid),
                 cookie: l.cookie,
             });
         }
         self.listener_drops = drops_now;
         self.first_pass_done = true;
-        for (c, who) in connections {
-            let series = Series::of(c.netns, &who);
+        for (c, series, who) in connections {
             *self.connections.entry(series.clone()).or_default() += 1;
             // A connection without an RTT sample yet (still connecting) has srtt 0.
             if c.srtt_us > 0 {
@@ -238,10 +241,18 @@ impl SocketHealth {
                     pid: who.pid,
                     process: who.comm,
                     cgroup: who.cgroup,
+                    pod_uid: who.pod.map(|p| p.uid),
                     cookie: c.cookie,
                 });
             }
         }
+    }
+
+    /// Drops every counter of series the budget forgot.
+    pub fn forget(&mut self, gone: &[Series]) {
+        self.drops.retain(|(s, _), _| !gone.contains(s));
+        self.overflows.retain(|s, _| !gone.contains(s));
+        self.rtt.retain(|s, _| !gone.contains(s));
     }
 
     pub fn table(&self) -> &SocketTable {
@@ -322,7 +333,10 @@ mod tests {
 
     fn pass(h: &mut SocketHealth, ls: &[ListenerSample]) {
         h.apply_snapshot(
-            ls.iter().map(|l| (l, Identity::default())),
+            ls.iter().map(|l| {
+                let who = Identity::default();
+                (l, Series::of(l.netns, &who), who)
+            }),
             std::iter::empty(),
         );
     }

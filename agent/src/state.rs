@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     clock::MonotonicToWall,
-    enrich::{Enricher, Identity, SocketKey},
+    enrich::{workload::PodRef, Enricher, Identity, SocketKey},
     events::{
         tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
     },
@@ -30,6 +30,8 @@ struct Who<'a> {
     pid: Option<u32>,
     comm: Option<&'a str>,
     cgroup: Option<&'a str>,
+    /// Pod uid, QoS class, container id and runtime, when the cgroup is a pod's.
+    pod: Option<&'a PodRef>,
     owner_source: Option<OwnerSource>,
 }
 
@@ -168,7 +170,7 @@ impl StateOwner {
         for (e, who) in batch.iter().zip(&identities) {
             match e {
                 KernelEvent::Retransmit(r) => registry.record_retransmit(r, who),
-                KernelEvent::Drop(d) => registry.health.record_drop(d, who),
+                KernelEvent::Drop(d) => registry.record_drop(d, who),
             }
         }
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
@@ -184,6 +186,7 @@ impl StateOwner {
                     pid: who.pid,
                     comm: who.comm.as_deref(),
                     cgroup: who.cgroup.as_deref(),
+                    pod: who.pod.as_ref(),
                     owner_source: o.as_ref().map(|o| o.source),
                 };
                 match e {
@@ -235,8 +238,8 @@ impl StateOwner {
             Sample::Connection(c) => Some(c),
             Sample::Listener(_) => None,
         });
-        registry
-            .health
-            .apply_snapshot(ls.zip(listeners), cs.zip(connections));
+        registry.apply_snapshot(ls.zip(listeners), cs.zip(connections));
+        registry.cgroup_cache_entries = self.enricher.cgroups.cached();
+        registry.proc_socket_entries = self.enricher.proc_sockets();
     }
 }

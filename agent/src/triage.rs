@@ -1,5 +1,7 @@
-//! `vigil sockets`: what the running agent's latest sample shows, as tables an
-//! SRE reads during an incident (fullest accept queues, slowest connections).
+//! The CLI's view of a running agent, over its HTTP endpoint: `vigil status`
+//! (hooks, event flow, losses, caches, series budget) and `vigil sockets`
+//! (the latest socket sample as tables an SRE reads during an incident:
+//! fullest accept queues, slowest connections).
 
 use std::{
     io::{Read, Write},
@@ -36,12 +38,19 @@ pub enum TriageError {
 
 /// GETs /v1/sockets from the agent.
 pub fn fetch(addr: SocketAddr) -> Result<SocketTable, TriageError> {
+    Ok(serde_json::from_slice(&get(addr, "/v1/sockets")?)?)
+}
+
+/// GETs `path` from the agent; the body of a 200 answer.
+fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
     let io = |source| TriageError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
         .map_err(|source| TriageError::Connect { addr, source })?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     stream
-        .write_all(b"GET /v1/sockets HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .map_err(io)?;
     let mut response = Vec::new();
     stream
@@ -60,7 +69,128 @@ pub fn fetch(addr: SocketAddr) -> Result<SocketTable, TriageError> {
     if !status.contains(" 200 ") {
         return Err(TriageError::Status { addr, status });
     }
-    Ok(serde_json::from_slice(&response[split + 4..])?)
+    response.drain(..split + 4);
+    Ok(response)
+}
+
+/// One sample of the exposition text: labels and value.
+struct Sample<'a> {
+    labels: Vec<(&'a str, &'a str)>,
+    value: f64,
+}
+
+/// The samples of metric `name` in Prometheus text (Vigil's own output:
+/// label values never contain `",` or `}`).
+fn samples<'a>(text: &'a str, name: &str) -> Vec<Sample<'a>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            (metric == name).then_some(())?;
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            Some(Sample {
+                labels,
+                value: value.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn total(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
+    samples(text, name)
+        .iter()
+        .filter(|s| filter.iter().all(|f| s.labels.contains(f)))
+        .fold(0.0, |sum, s| sum + s.value) // `sum()` of nothing is -0 for floats
+}
+
+/// `vigil status`: the agent's hooks and self-telemetry, from its /metrics.
+pub fn status(addr: SocketAddr) -> Result<String, TriageError> {
+    let text = String::from_utf8_lossy(&get(addr, "/metrics")?).into_owned();
+    Ok(render_status(addr, &text))
+}
+
+pub fn render_status(addr: SocketAddr, text: &str) -> String {
+    let label = |s: &Sample, k: &str| {
+        s.labels
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map_or("", |(_, v)| *v)
+            .to_owned()
+    };
+    let version = samples(text, "vigil_build_info")
+        .first()
+        .map_or_else(|| "?".to_owned(), |s| label(s, "version"));
+    let mut out = format!("vigil agent {version} at {addr}\n\nhooks\n");
+    for s in samples(text, "vigil_hook_active") {
+        let state = if s.value == 1.0 { "active" } else { "INACTIVE" };
+        out.push_str(&format!(
+            "  {:<8} {:<44} {}\n",
+            state,
+            label(&s, "hook"),
+            label(&s, "signal")
+        ));
+    }
+    out.push_str("\nevents          received       lost (ring full / read error / recursion)\n");
+    for probe in ["retransmit", "synack_retransmit", "socket_drop"] {
+        let received = total(text, "vigil_events_received_total", &[("probe", probe)]);
+        let lost = |reason| {
+            total(
+                text,
+                "vigil_events_lost_total",
+                &[("probe", probe), ("reason", reason)],
+            )
+        };
+        out.push_str(&format!(
+            "  {probe:<18} {received:>10}   {} / {} / {}\n",
+            lost("ring_full"),
+            lost("read_error"),
+            lost("recursion")
+        ));
+    }
+    out.push_str(&format!(
+        "  dropped in the agent: {} (source channel), {} (sampler channel); undecodable: {}\n",
+        total(
+            text,
+            "vigil_events_dropped_total",
+            &[("stage", "source_channel")]
+        ),
+        total(
+            text,
+            "vigil_events_dropped_total",
+            &[("stage", "sampler_channel")]
+        ),
+        total(text, "vigil_event_decode_errors_total", &[])
+    ));
+    out.push_str(&format!(
+        "\nsocket sampler  {} passes, {} failed, last pass {:.1} ms\n",
+        total(text, "vigil_sampler_passes_total", &[]),
+        total(text, "vigil_sampler_errors_total", &[]),
+        total(text, "vigil_sampler_last_pass_seconds", &[]) * 1e3
+    ));
+    out.push_str(&format!(
+        "series          {} of {} in use, {} observations in the overflow series, {} expired\n",
+        total(text, "vigil_series_active", &[]),
+        total(text, "vigil_series_limit", &[]),
+        total(text, "vigil_series_overflow_total", &[]),
+        total(text, "vigil_series_expired_total", &[])
+    ));
+    let caches: Vec<String> = samples(text, "vigil_cache_entries")
+        .iter()
+        .map(|s| format!("{} {}", label(s, "cache"), s.value))
+        .collect();
+    out.push_str(&format!("caches          {}\n", caches.join(", ")));
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -154,6 +284,7 @@ mod tests {
             pid: Some(7),
             process: Some("origin".into()),
             cgroup: None,
+            pod_uid: None,
             cookie: 1,
         }
     }
@@ -179,6 +310,31 @@ mod tests {
             by_retrans.lines().nth(1).expect("row").contains("  5  "),
             "{by_retrans}"
         );
+    }
+
+    #[test]
+    fn status_summarises_the_exposition() {
+        let text = "\
+# HELP vigil_hook_active x
+vigil_hook_active{hook=\"tp_btf/kfree_skb\",signal=\"socket_drop\"} 1
+vigil_hook_active{hook=\"iter/task_file\",signal=\"socket_sampling\"} 0
+vigil_events_received_total{probe=\"socket_drop\"} 42
+vigil_events_lost_total{probe=\"socket_drop\",reason=\"ring_full\"} 7
+vigil_series_active 3
+vigil_series_limit 10
+vigil_cache_entries{cache=\"cgroup_paths\"} 5
+vigil_build_info{version=\"0.1.0\"} 1
+";
+        let out = render_status("127.0.0.1:9464".parse().expect("addr"), text);
+        assert!(out.contains("vigil agent 0.1.0"), "{out}");
+        assert!(out.contains("active   tp_btf/kfree_skb"), "{out}");
+        assert!(out.contains("INACTIVE iter/task_file"), "{out}");
+        assert!(
+            out.contains("socket_drop                42   7 / 0 / 0"),
+            "{out}"
+        );
+        assert!(out.contains("3 of 10 in use"), "{out}");
+        assert!(out.contains("cgroup_paths 5"), "{out}");
     }
 
     #[test]

@@ -107,8 +107,11 @@ fn reconcile_on_close(l: &KernelLayout, sk: u64, oldstate: u32) -> Result<(), i6
             total_retrans: total,
             counted: unseen,
             owner: state.owner,
+            // The socket's last word: nothing later can carry these segments.
+            lost_for_good: unseen,
         },
-    )
+    )?;
+    Ok(())
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]

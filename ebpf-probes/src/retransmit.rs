@@ -8,7 +8,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
+    macros::{btf_tracepoint, map},
+    maps::LruPerCpuHashMap,
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::debug;
@@ -42,44 +43,48 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let segs = u32::from(read::<u16>(skb, l.skb_cb + l.tcp_skb_cb_gso_segs)?);
     let state = u32::from(read::<u8>(sk, l.skc_state)?);
     let total_retrans: u32 = read(sk, l.tcp_total_retrans)?;
-    let (counted, owner) = account(sk, total_retrans);
-    emit(
-        &l,
-        &Sample {
-            kind: EventKind::Retransmit,
-            slot: LossSlot::Retransmit,
-            owner_sk: sk,
-            tuple_skc: sk,
-            cookie,
-            state,
-            segs,
-            err,
-            total_retrans,
-            counted,
-            owner,
+    let (counted, owner) = look(sk, total_retrans);
+    let sample = Sample {
+        kind: EventKind::Retransmit,
+        slot: LossSlot::Retransmit,
+        owner_sk: sk,
+        tuple_skc: sk,
+        cookie,
+        state,
+        segs,
+        err,
+        total_retrans,
+        counted,
+        owner,
+        // Lost at the first look at an older socket, its own segments (sent,
+        // so counted) ride on no later delta; otherwise the next record has them.
+        lost_for_good: if counted == COUNT_UNKNOWN && err == 0 {
+            segs
+        } else {
+            0
         },
-    )
+    };
+    if emit(&l, &sample)? {
+        // Only a delivered record moves the baseline: the segments of a lost
+        // one stay in the delta the socket's next record (or its close) carries.
+        advance(sk, total_retrans);
+    }
+    Ok(())
 }
 
-/// Segments the kernel counted on `sk` since the last look (its `total_retrans`
-/// delta), and the socket's owner; moves the baseline to `total_retrans`.
+/// Segments the kernel counted on `sk` since the last delivered record (its
+/// `total_retrans` delta, or `COUNT_UNKNOWN` at the first look at a socket
+/// older than the agent), and the socket's owner.
 #[inline(always)]
-fn account(sk: u64, total_retrans: u32) -> (u32, SockOwner) {
-    match VIGIL_SOCKS.get_ptr_mut(sk) {
-        Some(state) => {
-            // SAFETY: a valid map value; the socket's lock serialises its retransmits.
-            let state = unsafe { &mut *state };
-            let counted = if state.baseline_known == 1 {
-                total_retrans.wrapping_sub(state.retrans_seen)
-            } else {
-                COUNT_UNKNOWN
-            };
-            state.retrans_seen = total_retrans;
-            state.baseline_known = 1;
-            (counted, state.owner)
+fn look(sk: u64, total_retrans: u32) -> (u32, SockOwner) {
+    // SAFETY: the value is copied out before the map can change it.
+    match unsafe { VIGIL_SOCKS.get(sk) } {
+        Some(state) if state.baseline_known == 1 => {
+            (total_retrans.wrapping_sub(state.retrans_seen), state.owner)
         }
+        Some(state) => (COUNT_UNKNOWN, state.owner),
         None => {
-            // A socket older than the agent: no baseline until now.
+            // A socket older than the agent: from now on this is its baseline.
             let state = SockState {
                 owner: SockOwner::default(),
                 retrans_seen: total_retrans,
@@ -87,6 +92,18 @@ fn account(sk: u64, total_retrans: u32) -> (u32, SockOwner) {
             };
             let _ = VIGIL_SOCKS.insert(sk, state, 0);
             (COUNT_UNKNOWN, SockOwner::default())
+        }
+    }
+}
+
+/// Records that the agent has now been told about `total_retrans` segments.
+#[inline(always)]
+fn advance(sk: u64, total_retrans: u32) {
+    if let Some(state) = VIGIL_SOCKS.get_ptr_mut(sk) {
+        // SAFETY: a valid map value; the socket's lock serialises its retransmits.
+        unsafe {
+            (*state).retrans_seen = total_retrans;
+            (*state).baseline_known = 1;
         }
     }
 }
@@ -123,8 +140,10 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
             total_retrans: 0,
             counted: 1,
             owner,
+            lost_for_good: 1,
         },
-    )
+    )?;
+    Ok(())
 }
 
 /// What a hook learnt, before the common fields are added.
@@ -142,11 +161,13 @@ pub struct Sample {
     pub total_retrans: u32,
     pub counted: u32,
     pub owner: SockOwner,
+    /// Segments no later record can carry if this one is lost.
+    pub lost_for_good: u32,
 }
 
-/// Fills and submits one retransmit record.
+/// Fills and submits one retransmit record; whether it reached the ring.
 #[inline(always)]
-pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
+pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
     let record = RetransmitRecord {
         kind: s.kind as u32,
         state: s.state,
@@ -163,6 +184,27 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<(), i64> {
         tuple: tuple(l, s.tuple_skc)?,
         owner: s.owner,
     };
-    submit(&record, s.slot);
-    Ok(())
+    let delivered = submit(&record, s.slot);
+    if !delivered && s.lost_for_good > 0 {
+        count_lost_segments(record.netns, s.lost_for_good);
+    }
+    Ok(delivered)
+}
+
+/// Retransmitted segments the kernel counted whose record was lost for good,
+/// per network namespace (LRU: a namespace's count outlives it only so long).
+/// Reported segments plus these equal the namespace's Tcp RetransSegs.
+#[map]
+pub static VIGIL_LOST_SEGMENTS: LruPerCpuHashMap<u32, u64> =
+    LruPerCpuHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn count_lost_segments(netns: u32, n: u32) {
+    match VIGIL_LOST_SEGMENTS.get_ptr_mut(netns) {
+        // SAFETY: this CPU's slot of the value; nothing else writes it meanwhile.
+        Some(v) => unsafe { *v += u64::from(n) },
+        None => {
+            let _ = VIGIL_LOST_SEGMENTS.insert(netns, u64::from(n), 0);
+        }
+    }
 }

@@ -23,8 +23,9 @@ static VIGIL_WAKEUP_BYTES: Global<u64> = Global::new(0);
 pub static VIGIL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 /// Copies `record` into the ring; a full ring is counted, never waited on.
+/// Returns whether the record got in.
 #[inline(always)]
-pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) {
+pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) -> bool {
     match VIGIL_EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(*record);
@@ -35,8 +36,12 @@ pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) {
                 BPF_RB_NO_WAKEUP
             };
             entry.submit(u64::from(wakeup));
+            true
         }
-        None => count_loss(slot, LossReason::RingFull),
+        None => {
+            count_loss(slot, LossReason::RingFull);
+            false
+        }
     }
 }
 

@@ -1,10 +1,13 @@
 //! Text the agent reads from the system or the operator: tracefs format files,
-//! mountinfo, and the TOML config.
+//! mountinfo, cgroup paths, metrics text (the CLI reads the agent's), and the
+//! TOML config.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let _ = vigil::loader::tracefs::field_offset(text, "skaddr");
     let _ = vigil::enrich::cgroups::cgroup2_mount(text);
+    let _ = vigil::enrich::workload::parse(text);
+    let _ = vigil::triage::render_status("127.0.0.1:9464".parse().expect("addr"), text);
     if let Ok(config) = vigil::config::Config::from_toml(text) {
         let _ = config.validate(vigil::loader::hook_names());
     }

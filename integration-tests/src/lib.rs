@@ -3,7 +3,8 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    net::SocketAddr,
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -210,6 +211,102 @@ pub fn read_event_log(path: &Path) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
+/// A cgroup v2 directory (and any parents it needed) created for a test and
+/// removed on drop, deepest first.
+pub struct TestCgroup {
+    /// Absolute directory under the cgroup2 mount.
+    pub dir: PathBuf,
+    /// Path as /proc/PID/cgroup prints it ("/a/b").
+    pub rel: String,
+    created: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    /// Creates `rel` (e.g. "vigil-it-x/kubepods/pod<uid>") under the cgroup2 mount.
+    pub fn create(rel: &str) -> anyhow::Result<TestCgroup> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let root = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                (post.split_whitespace().next()? == "cgroup2")
+                    .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
+            })
+            .ok_or_else(|| anyhow!("no cgroup2 mount"))?;
+        let mut dir = PathBuf::from(root);
+        let mut created = Vec::new();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            dir.push(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir)
+                    .with_context(|| format!("creating cgroup {}", dir.display()))?;
+                created.push(dir.clone());
+            }
+        }
+        Ok(TestCgroup {
+            dir,
+            rel: format!("/{}", rel.trim_matches('/')),
+            created,
+        })
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Empty by now (its processes were the test's); retry briefly while they exit.
+        for dir in self.created.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Closes with RST (SO_LINGER 0) so no FIN handshake outlives the test phase.
+pub fn abort(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a live fd and a struct linger value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(stream);
+}
+
+/// Starts a non-blocking connect (the handshake completes in the kernel).
+pub fn start_connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = nix::sys::socket::SockaddrIn::from(match to {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => bail!("IPv4 only"),
+    });
+    match nix::sys::socket::connect(socket.as_raw_fd(), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => bail!("connect {to}: {e}"),
+    }
+    Ok(TcpStream::from(socket))
+}
+
 /// A temporary file path removed on drop.
 pub struct TempPath(pub PathBuf);
 
@@ -237,16 +334,19 @@ pub struct Scenario {
 pub use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 
 impl Scenario {
-    /// `prefix` runs in the namespace before the origin (e.g. a cgroup move through `sh -c`).
+    /// An origin (2 SO_REUSEPORT workers) on link pair `index`, reached from its client namespace.
     pub fn start(tag: &str, index: u8, v6: bool) -> anyhow::Result<Scenario> {
-        Scenario::start_with(tag, index, v6, None)
+        Scenario::start_with(tag, index, v6, None, &[])
     }
 
+    /// `cgroup_procs`: the origin joins that cgroup; `origin_args`: extra
+    /// `vigil-origin` flags (e.g. `--backlog 4`).
     pub fn start_with(
         tag: &str,
         index: u8,
         v6: bool,
         cgroup_procs: Option<&Path>,
+        origin_args: &[&str],
     ) -> anyhow::Result<Scenario> {
         let link = vigil_testbed::netns::LinkPair::create(tag, index)?;
         let listen = SocketAddr::new(link.server_addr(v6), ORIGIN_PORT);
@@ -267,7 +367,7 @@ impl Scenario {
             }
             None => link.server.command(&origin_bin),
         };
-        cmd.stderr(Stdio::inherit());
+        cmd.args(origin_args).stderr(Stdio::inherit());
         let (origin, origin_pid) = spawn_origin(&mut cmd, listen, 2, 300)?;
         Ok(Scenario {
             link,

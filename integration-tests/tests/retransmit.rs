@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use vigil_integration_tests::{
-    bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath,
+    bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath, TestCgroup,
 };
 
 /// Transfers through a lossy veth link, then compares the agent's segment
@@ -234,44 +234,6 @@ fn assert_owned_by_origin(e: &serde_json::Value, origin_pid: u32) {
     );
 }
 
-/// The cgroup the origin runs in, created for the test and removed after.
-struct TestCgroup {
-    dir: std::path::PathBuf,
-    rel: String,
-}
-
-impl TestCgroup {
-    fn create(name: &str) -> anyhow::Result<TestCgroup> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let root = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (pre, post) = l.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2")
-                    .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
-            })
-            .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount"))?;
-        let dir = std::path::Path::new(&root).join(name);
-        std::fs::create_dir_all(&dir)?;
-        Ok(TestCgroup {
-            dir,
-            rel: format!("/{name}"),
-        })
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Empty by now (its only process was the origin); retry briefly while it exits.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 /// Every retransmit on a socket created after the agent started carries the
 /// origin's pid, process name, cgroup and network namespace, learnt in the kernel.
 #[test]
@@ -284,8 +246,7 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
     let log = TempPath::new("attr-new.jsonl");
     let log_arg = log.0.display().to_string();
     let mut agent = Agent::start(&["--event-log", &log_arg])?;
-    let mut scenario =
-        Scenario::start_with(&name, 30, false, Some(&cgroup.dir.join("cgroup.procs")))?;
+    let mut scenario = Scenario::start_with(&name, 30, false, Some(&cgroup.procs()), &[])?;
     let netns = scenario.server_netns()?;
     scenario.link.set_loss(scenario.port, 10)?;
     scenario.run_load(false, 3, 6, 6.0)?;

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context};
 use serde_json::Value;
 use vigil_integration_tests::{
-    bpf_available, metric_sum, tag, wait_for, Agent, Scenario, TempPath,
+    abort, bpf_available, metric_sum, start_connect, tag, wait_for, Agent, Scenario, TempPath,
 };
 use vigil_testbed::netns::{LinkPair, Netns};
 
@@ -56,44 +56,6 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> anyhow::Result<
         );
     }
     Ok(())
-}
-
-/// Closes with RST (SO_LINGER 0) so no FIN handshake outlives the test phase.
-fn abort(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt with a live fd and a struct linger value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-    drop(stream);
-}
-
-/// Starts a non-blocking connect (the handshake completes in the kernel).
-fn start_connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
-    let socket = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Stream,
-        nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    let addr = nix::sys::socket::SockaddrIn::from(match to {
-        SocketAddr::V4(v4) => v4,
-        SocketAddr::V6(_) => bail!("IPv4 only"),
-    });
-    match nix::sys::socket::connect(socket.as_raw_fd(), &addr) {
-        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
-        Err(e) => bail!("connect {to}: {e}"),
-    }
-    Ok(TcpStream::from(socket))
 }
 
 /// `ss -Hlnt` Recv-Q and Send-Q of the listener on `port`.

@@ -1,5 +1,9 @@
 //! cgroup v2 id <-> path. The id the kernel reports (bpf_get_current_cgroup_id)
-//! is the inode number of the cgroup's directory in the cgroup2 filesystem.
+//! is the inode number of the cgroup's directory in the cgroup2 filesystem,
+//! and also its kernfs file handle: `open_by_handle_at` on the cgroup2 mount
+//! opens the directory straight from the id (needs CAP_DAC_READ_SEARCH), and
+//! /proc/self/fd names it. Without that capability, the hierarchy is walked
+//! (at most once per interval) and indexed.
 
 use std::{
     collections::HashMap,
@@ -22,8 +26,47 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// `FILEID_KERNFS` (include/linux/exportfs.h): a kernfs node id as file handle.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// `struct file_handle` with room for a kernfs id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: [u8; 8],
+}
+
+/// The path of cgroup `id` relative to the mount at `root`, from its file handle.
+fn path_by_handle(mount: &std::fs::File, root: &Path, id: u64) -> Option<String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id: id.to_ne_bytes(),
+    };
+    // SAFETY: a correctly sized file_handle; the fd returned is new and ours.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut handle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: open_by_handle_at returned a new descriptor nothing else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    let rel = target.strip_prefix(root).ok()?;
+    Some(format!("/{}", rel.display()))
+}
+
 pub struct CgroupResolver {
     root: Option<PathBuf>,
+    /// The cgroup2 mount, opened once, for `open_by_handle_at`.
+    mount: Option<std::fs::File>,
     cache: HashMap<u64, String>,
     capacity: usize,
     last_walk: Option<Instant>,
@@ -35,8 +78,10 @@ impl CgroupResolver {
         let root = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|m| cgroup2_mount(&m));
+        let mount = root.as_ref().and_then(|r| std::fs::File::open(r).ok());
         CgroupResolver {
             root,
+            mount,
             cache: HashMap::new(),
             capacity,
             last_walk: None,
@@ -71,6 +116,12 @@ impl CgroupResolver {
         }
         if let Some(p) = self.cache.get(&id) {
             return Some(p.clone());
+        }
+        if let (Some(mount), Some(root)) = (&self.mount, &self.root) {
+            if let Some(p) = path_by_handle(mount, root, id) {
+                self.remember(id, p.clone());
+                return Some(p);
+            }
         }
         let now = Instant::now();
         if self
@@ -161,11 +212,43 @@ mod tests {
         assert_eq!(fresh.path_of(id).as_deref(), Some(path.as_str()));
     }
 
+    /// A cgroup made after the resolver's last walk resolves at once through
+    /// its file handle (as root; CAP_DAC_READ_SEARCH in the chart).
+    #[test]
+    fn new_cgroup_resolves_by_handle_without_a_walk() {
+        let mut r = CgroupResolver::new(16, Duration::from_secs(3600));
+        let Some(root) = r.root().map(Path::to_owned) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI machines have a cgroup2 mount"
+            );
+            return;
+        };
+        if !nix_is_root() {
+            return;
+        }
+        // Spend the walk allowance first.
+        let _ = r.path_of(u64::MAX);
+        let name = format!("vigil-ut-handle-{}", std::process::id());
+        let dir = root.join(&name);
+        std::fs::create_dir(&dir).expect("create test cgroup");
+        let id = std::fs::metadata(&dir).expect("stat").ino();
+        let found = r.path_of(id);
+        let _ = std::fs::remove_dir(&dir);
+        assert_eq!(found, Some(format!("/{name}")));
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
     /// One walk answers for every cgroup: a second id resolves from the cache
     /// even while the walk interval forbids another walk.
     #[test]
     fn one_walk_indexes_the_hierarchy() {
         let mut r = CgroupResolver::new(1 << 16, Duration::from_secs(3600));
+        r.mount = None; // the walk, not the file handle
         let Some(root) = r.root().map(Path::to_owned) else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),

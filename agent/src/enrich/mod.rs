@@ -6,6 +6,7 @@
 
 pub mod cgroups;
 pub mod proc_sockets;
+pub mod workload;
 
 use std::{
     path::PathBuf,
@@ -86,6 +87,8 @@ pub struct Identity {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
+    /// The Kubernetes pod (and container) the cgroup path names, if any.
+    pub pod: Option<workload::PodRef>,
 }
 
 pub struct Enricher {
@@ -172,11 +175,15 @@ impl Enricher {
             }
         }
         match owner {
-            Some(o) => Identity {
-                pid: Some(o.pid),
-                comm: Some(o.comm.clone()),
-                cgroup: self.cgroups.path_of(o.cgroup_id),
-            },
+            Some(o) => {
+                let cgroup = self.cgroups.path_of(o.cgroup_id);
+                Identity {
+                    pid: Some(o.pid),
+                    comm: Some(o.comm.clone()),
+                    pod: cgroup.as_deref().and_then(workload::parse),
+                    cgroup,
+                }
+            }
             None => Identity::default(),
         }
     }

@@ -14,7 +14,7 @@ pub mod tracefs;
 use std::fmt;
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -223,7 +223,15 @@ pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 /// Maps handed to the pipeline.
 pub struct ProbeMaps {
     pub events: RingBuf<MapData>,
-    pub lost: PerCpuArray<MapData, u64>,
+    pub losses: LossMaps,
+}
+
+/// What the kernel side counts of what never reached the agent.
+pub struct LossMaps {
+    /// Events, per `loss_index(probe, reason)`, per CPU.
+    pub events: PerCpuArray<MapData, u64>,
+    /// Retransmitted segments whose record was lost for good, per netns, per CPU.
+    pub segments: PerCpuHashMap<MapData, u32, u64>,
 }
 
 impl Probes {
@@ -354,6 +362,7 @@ impl Probes {
                 aya::maps::Map::RingBuf(m)
                 | aya::maps::Map::PerCpuArray(m)
                 | aya::maps::Map::LruHashMap(m)
+                | aya::maps::Map::PerCpuLruHashMap(m)
                 | aya::maps::Map::Array(m) => m.info().map(|i| i.id()).ok(),
                 _ => None,
             };
@@ -407,7 +416,19 @@ impl Probes {
             name: "VIGIL_LOST",
             source,
         })?;
-        Ok(ProbeMaps { events, lost })
+        let segments = PerCpuHashMap::try_from(take("VIGIL_LOST_SEGMENTS")?).map_err(|source| {
+            LoadError::Map {
+                name: "VIGIL_LOST_SEGMENTS",
+                source,
+            }
+        })?;
+        Ok(ProbeMaps {
+            events,
+            losses: LossMaps {
+                events: lost,
+                segments,
+            },
+        })
     }
 
     /// Detaches every hook and releases every program and map.
