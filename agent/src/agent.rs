@@ -2,7 +2,7 @@
 //! them down in order on SIGTERM/SIGINT.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     enrich::Enricher,
     export::prometheus::{self, MetricsSource},
+    kube_pods::{self, KubeStats, PodDirectory},
     loader::{sys::IterLink, LoadOptions, Probes},
     metrics::{PipelineStats, Registry},
     sampler::Sampler,
@@ -44,10 +45,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let maps = probes.take_maps()?;
     // After the ownership hooks are attached, so no socket falls between the two.
-    let enricher = Enricher::bootstrap(
+    let mut enricher = Enricher::bootstrap(
         Duration::from_millis(config.enrich.proc_rescan_min_interval_ms),
         config.enrich.cgroup_cache_entries,
     );
+    let node_name = config.agent.resolved_node_name();
+    info!(node = %node_name, "node identity");
+    let stop_watch = CancellationToken::new();
+    let kube_stats = Arc::new(KubeStats::default());
+    let pod_watch = match config.enrich.kubernetes_api {
+        true => kube_pods::client_from_env().await.map(|client| {
+            let dir = Arc::new(RwLock::new(PodDirectory::new(
+                config.enrich.pod_directory_entries,
+            )));
+            enricher.pods = Some(dir.clone());
+            kube_pods::spawn(
+                client,
+                node_name.clone(),
+                dir,
+                kube_stats.clone(),
+                stop_watch.clone(),
+            )
+        }),
+        false => None,
+    };
 
     let stats = Arc::new(PipelineStats::default());
     let registry = Arc::new(Mutex::new(Registry::new(
@@ -63,6 +84,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(config.metrics.series_idle_expiry_secs),
         ),
     )));
+    if pod_watch.is_some() {
+        if let Ok(mut r) = registry.lock() {
+            r.kube = Some(kube_stats.clone());
+        }
+    }
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity_batches);
     // One snapshot in flight is enough: a newer one replaces an older one anyway.
     let (snapshot_tx, snapshot_rx) = mpsc::channel(1);
@@ -158,6 +184,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     stop_exporters.cancel();
     stop_sampler.cancel();
+    stop_watch.cancel();
+    if let Some(watch) = pod_watch {
+        let _ = watch.await;
+    }
     let _ = metrics_task.await;
     if let Some(thread) = sampler_thread {
         // It checks for the stop at least every 50 ms, and between namespaces.

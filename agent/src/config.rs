@@ -28,6 +28,10 @@ pub struct AgentConfig {
     pub event_log: Option<PathBuf>,
     /// How long shutdown may take to drain and flush before the agent exits anyway.
     pub shutdown_timeout_ms: u64,
+    /// This node's name (the pods watched are those bound to it). Unset: the
+    /// NODE_NAME environment variable (the chart sets it from the downward
+    /// API), else the kernel's hostname.
+    pub node_name: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -36,6 +40,7 @@ impl Default for AgentConfig {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             event_log: None,
             shutdown_timeout_ms: 5_000,
+            node_name: None,
         }
     }
 }
@@ -103,6 +108,12 @@ pub struct EnrichConfig {
     pub proc_rescan_min_interval_ms: u64,
     /// Cached cgroup id -> path entries.
     pub cgroup_cache_entries: usize,
+    /// Watch this node's pods in the Kubernetes API for their names and
+    /// namespaces, when running in a cluster (KUBERNETES_SERVICE_HOST or
+    /// KUBECONFIG set). Off, or outside a cluster: pod uids from cgroups only.
+    pub kubernetes_api: bool,
+    /// Pods the directory holds; more are refused and counted.
+    pub pod_directory_entries: usize,
 }
 
 impl Default for EnrichConfig {
@@ -110,6 +121,8 @@ impl Default for EnrichConfig {
         EnrichConfig {
             proc_rescan_min_interval_ms: 1_000,
             cgroup_cache_entries: 4_096,
+            kubernetes_api: true,
+            pod_directory_entries: crate::kube_pods::DEFAULT_MAX_PODS,
         }
     }
 }
@@ -164,6 +177,21 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+}
+
+impl AgentConfig {
+    /// The node name: configured, else NODE_NAME, else the kernel's hostname.
+    pub fn resolved_node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl Config {

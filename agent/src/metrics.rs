@@ -5,7 +5,10 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -15,6 +18,7 @@ use crate::{
     cardinality::SeriesBudget,
     enrich::Identity,
     events::{DropEvent, OwnerSource, RetransmitEvent, RetransmitKind},
+    kube_pods::KubeStats,
     loader::{
         prog_stats::{ProgramHandle, ProgramStats},
         HookReport, HookStatus, LossMaps,
@@ -91,6 +95,8 @@ pub struct Registry {
     pub proc_socket_entries: usize,
     pub health: SocketHealth,
     pub budget: SeriesBudget,
+    /// The pod watch's telemetry, when the agent watches the Kubernetes API.
+    pub kube: Option<Arc<KubeStats>>,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -121,6 +127,7 @@ impl Registry {
         Registry {
             health,
             budget,
+            kube: None,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
@@ -424,6 +431,34 @@ impl Registry {
             "Owner label sets forgotten after metrics.series_idle_expiry_secs without updates.",
         );
         x.sample(name, &[], self.budget.expired);
+        if let Some(k) = &self.kube {
+            let counters = [
+                ("vigil_kube_watch_events_total", "Pod watch events applied (and completed lists)."),
+                ("vigil_kube_watch_errors_total", "Errors listing or watching pods (each followed by a backoff and a resume or relist)."),
+                ("vigil_kube_relists_total", "Pod lists after the first: the watch could not be resumed."),
+                ("vigil_kube_pods_refused_total", "Pods not kept because the directory was full (enrich.pod_directory_entries)."),
+            ];
+            let values = [
+                &k.events_applied,
+                &k.watch_errors,
+                &k.relists,
+                &k.pods_refused,
+            ];
+            for ((name, help), v) in counters.into_iter().zip(values) {
+                x.family(name, "counter", help);
+                x.sample(name, &[], v.load(Ordering::Relaxed));
+            }
+            let name = "vigil_kube_pods";
+            x.family(name, "gauge", "Pods of this node in the directory.");
+            x.sample(name, &[], k.pods.load(Ordering::Relaxed));
+            let name = "vigil_kube_synced";
+            x.family(
+                name,
+                "gauge",
+                "1 once the first list of this node's pods completed.",
+            );
+            x.sample(name, &[], u8::from(k.synced.load(Ordering::Relaxed)));
+        }
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");
         x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1);

@@ -185,6 +185,20 @@ pub fn render_status(addr: SocketAddr, text: &str) -> String {
         total(text, "vigil_series_overflow_total", &[]),
         total(text, "vigil_series_expired_total", &[])
     ));
+    if !samples(text, "vigil_kube_synced").is_empty() {
+        out.push_str(&format!(
+            "kubernetes      {} pods of this node{}, {} watch errors, {} relists, {} refused\n",
+            total(text, "vigil_kube_pods", &[]),
+            if total(text, "vigil_kube_synced", &[]) == 1.0 {
+                ""
+            } else {
+                " (first list pending)"
+            },
+            total(text, "vigil_kube_watch_errors_total", &[]),
+            total(text, "vigil_kube_relists_total", &[]),
+            total(text, "vigil_kube_pods_refused_total", &[])
+        ));
+    }
     let caches: Vec<String> = samples(text, "vigil_cache_entries")
         .iter()
         .map(|s| format!("{} {}", label(s, "cache"), s.value))

@@ -10,6 +10,7 @@ pub mod workload;
 
 use std::{
     path::PathBuf,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -17,7 +18,10 @@ use tracing::{debug, info, warn};
 
 use std::net::SocketAddr;
 
-use crate::events::{DropEvent, Owner, RetransmitEvent, RetransmitKind};
+use crate::{
+    events::{DropEvent, Owner, RetransmitEvent, RetransmitKind},
+    kube_pods::PodDirectory,
+};
 use cgroups::CgroupResolver;
 use proc_sockets::ProcSocketTable;
 
@@ -92,6 +96,8 @@ pub struct Identity {
 }
 
 pub struct Enricher {
+    /// Pods of this node from the Kubernetes API, when in a cluster.
+    pub pods: Option<Arc<RwLock<PodDirectory>>>,
     proc_root: PathBuf,
     proc_table: ProcSocketTable,
     last_scan: Instant,
@@ -117,6 +123,7 @@ impl Enricher {
             warn!("no cgroup2 mount found; events carry no cgroup");
         }
         Enricher {
+            pods: None,
             proc_root,
             proc_table,
             last_scan: Instant::now(),
@@ -166,6 +173,20 @@ impl Enricher {
         }
     }
 
+    /// Adds the pod's namespace and name from the API's pod directory.
+    fn name_pod(&self, mut pod: workload::PodRef) -> workload::PodRef {
+        let known = self.pods.as_ref().and_then(|dir| {
+            let dir = dir.read().ok()?;
+            let meta = dir.by_uid(&pod.uid)?;
+            Some((meta.namespace.clone(), meta.name.clone()))
+        });
+        if let Some((namespace, name)) = known {
+            pod.namespace = Some(namespace);
+            pod.name = Some(name);
+        }
+        pod
+    }
+
     /// Fills `owner` when the kernel did not know it, and resolves the identity.
     pub fn attribute(&mut self, owner: &mut Option<Owner>, key: SocketKey) -> Identity {
         if owner.is_none() && key != SocketKey::Unknown {
@@ -177,14 +198,52 @@ impl Enricher {
         match owner {
             Some(o) => {
                 let cgroup = self.cgroups.path_of(o.cgroup_id);
+                let pod = cgroup
+                    .as_deref()
+                    .and_then(workload::parse)
+                    .map(|p| self.name_pod(p));
                 Identity {
                     pid: Some(o.pid),
                     comm: Some(o.comm.clone()),
-                    pod: cgroup.as_deref().and_then(workload::parse),
+                    pod,
                     cgroup,
                 }
             }
             None => Identity::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube_pods::PodMeta;
+
+    /// A pod found by its cgroup gets its namespace and name from the API's
+    /// directory; one the directory does not know keeps only its uid.
+    #[test]
+    fn pods_are_named_from_the_directory() {
+        let uid = "5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718";
+        let mut dir = PodDirectory::new(8);
+        assert!(dir.apply(PodMeta {
+            uid: uid.into(),
+            name: "origin-7d9f".into(),
+            namespace: "video".into(),
+            labels: Default::default(),
+            ips: vec![],
+            host_network: false,
+        }));
+        let mut enricher = Enricher::bootstrap(Duration::from_secs(1), 16);
+        enricher.pods = Some(Arc::new(RwLock::new(dir)));
+        let path = format!("/kubepods/burstable/pod{uid}");
+        let pod = enricher.name_pod(workload::parse(&path).expect("a pod path"));
+        assert_eq!(
+            (pod.namespace.as_deref(), pod.name.as_deref()),
+            (Some("video"), Some("origin-7d9f"))
+        );
+        let other = workload::parse("/kubepods/pod00000000-0000-4000-8000-000000000001")
+            .expect("a pod path");
+        let other = enricher.name_pod(other);
+        assert_eq!((other.namespace, other.name), (None, None));
     }
 }

@@ -36,6 +36,11 @@ pub enum Runtime {
 pub struct PodRef {
     /// metadata.uid, with dashes (as the API has it).
     pub uid: String,
+    /// Namespace and name, when the Kubernetes API told us (see `kube_pods`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub qos: QosClass,
     /// The container's id (64 hex digits), when the path reaches a container.
     pub container_id: Option<String>,
@@ -108,6 +113,8 @@ pub fn parse(path: &str) -> Option<PodRef> {
     let container = segments.get(at + 1).and_then(|s| container_segment(s));
     Some(PodRef {
         uid,
+        namespace: None,
+        name: None,
         qos,
         container_id: container.as_ref().map(|(id, _)| id.clone()),
         runtime: container.map(|(_, r)| r),
@@ -124,6 +131,8 @@ mod tests {
     fn pod(qos: QosClass, container: Option<Runtime>) -> Option<PodRef> {
         Some(PodRef {
             uid: UID.into(),
+            namespace: None,
+            name: None,
             qos,
             container_id: container.map(|_| CID.into()),
             runtime: container,
