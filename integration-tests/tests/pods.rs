@@ -13,8 +13,8 @@ use vigil_integration_tests::{
 
 /// Stops the origin (SIGSTOP: a stalled worker), sends 30 connections at its
 /// queues of 4, lets it go again; returns the pod namespace's ListenOverflows
-/// delta, after checking every listen drop was an overflow.
-fn overflow_stalled_origin(scenario: &Scenario) -> anyhow::Result<u64> {
+/// and ListenDrops before, to compare with once the counts settle.
+fn overflow_stalled_origin(scenario: &Scenario) -> anyhow::Result<(u64, u64)> {
     use nix::{sys::signal, unistd::Pid};
     let before = (
         scenario.mib("TcpExt", "ListenOverflows")?.0,
@@ -35,17 +35,7 @@ fn overflow_stalled_origin(scenario: &Scenario) -> anyhow::Result<u64> {
     let joined = clients.join();
     signal::kill(origin, signal::Signal::SIGCONT)?;
     joined.map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    let overflows = scenario.mib("TcpExt", "ListenOverflows")?.0 - before.0;
-    let drops = scenario.mib("TcpExt", "ListenDrops")?.0 - before.1;
-    assert!(
-        overflows > 0,
-        "30 connections into stalled queues of 4 overflow"
-    );
-    assert_eq!(
-        drops, overflows,
-        "precondition: every listen drop was an overflow"
-    );
-    Ok(overflows)
+    Ok(before)
 }
 
 struct FakePod {
@@ -129,28 +119,45 @@ fn retransmits_are_attributed_to_their_pod() -> anyhow::Result<()> {
         )?;
         assert_eq!(row["pod_uid"].as_str(), Some(pod.uid), "listener row {row}");
         scenario.link.set_loss(scenario.port, 0)?;
-        let overflows = overflow_stalled_origin(&scenario)?;
+        let before_overflow = overflow_stalled_origin(&scenario)?;
         let ns = netns.to_string();
         let labels = [("netns", ns.as_str()), ("cgroup", cgroup.rel.as_str())];
+        // Handshakes in flight when the origin resumed may still overflow:
+        // compare with the kernel's counters as they are at each look.
+        let mut kernel_now = (0, 0);
         wait_for(
             std::time::Duration::from_secs(5),
             "the pod's listen overflows = ListenOverflows",
             || {
+                kernel_now = (
+                    scenario.mib("TcpExt", "ListenOverflows")?.0 - before_overflow.0,
+                    scenario.mib("TcpExt", "ListenDrops")?.0 - before_overflow.1,
+                );
                 let n = metric_sum(
                     &agent.scrape()?,
                     "vigil_tcp_listen_overflows_total",
                     &labels,
                 );
-                Ok((n == overflows).then_some(()))
+                Ok((n == kernel_now.0).then_some(()))
             },
         )
         .map_err(|e| {
             anyhow::anyhow!(
-                "pod {}: {e}; kernel ListenOverflows +{overflows}\n{}",
+                "pod {}: {e}; kernel ListenOverflows +{}\n{}",
                 pod.uid,
+                kernel_now.0,
                 agent.scrape().unwrap_or_default()
             )
         })?;
+        let (overflows, drops) = kernel_now;
+        assert!(
+            overflows > 0,
+            "30 connections into stalled queues of 4 overflow"
+        );
+        assert_eq!(
+            drops, overflows,
+            "precondition: every listen drop was an overflow"
+        );
         // Overflows are read from the listener while it lives (each sample):
         // only now may the origin go.
         scenario.quiesce()?;
