@@ -81,6 +81,10 @@ struct AgentArgs {
     /// Let the kernel programs' debug messages through to the log (slow).
     #[arg(long)]
     kernel_debug_logs: bool,
+    /// This node's name, for the Kubernetes pod watch [default: agent.node_name,
+    /// else $NODE_NAME, else the hostname].
+    #[arg(long)]
+    node_name: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -134,6 +138,9 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
         .disable_hooks
         .extend(args.disable_hooks.iter().cloned());
     config.probes.kernel_debug_logs |= args.kernel_debug_logs;
+    if let Some(node) = &args.node_name {
+        config.agent.node_name = Some(node.clone());
+    }
     config.validate(loader::hook_names())?;
     Ok(config)
 }

@@ -49,6 +49,9 @@ struct RetransmitLine<'a> {
     counted_segments: u32,
     local: String,
     remote: String,
+    /// "namespace/name" of the peer when it is a pod of this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_pod: Option<String>,
     #[serde(flatten)]
     who: Who<'a>,
 }
@@ -64,6 +67,8 @@ struct DropLine<'a> {
     protocol: u32,
     local: Option<String>,
     remote: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_pod: Option<String>,
     #[serde(flatten)]
     who: Who<'a>,
 }
@@ -85,7 +90,12 @@ impl EventLog {
         })
     }
 
-    fn write_retransmit(&mut self, e: &RetransmitEvent, who: Who<'_>) -> std::io::Result<()> {
+    fn write_retransmit(
+        &mut self,
+        e: &RetransmitEvent,
+        remote_pod: Option<String>,
+        who: Who<'_>,
+    ) -> std::io::Result<()> {
         let line = RetransmitLine {
             ts_unix_ns: self.clock.to_unix_ns(e.ts_ns),
             kind: e.kind,
@@ -98,13 +108,20 @@ impl EventLog {
             counted_segments: e.counted_segments(),
             local: e.endpoints.local.to_string(),
             remote: e.endpoints.remote.to_string(),
+            remote_pod,
             who,
         };
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
     }
 
-    fn write_drop(&mut self, e: &DropEvent, reason: &str, who: Who<'_>) -> std::io::Result<()> {
+    fn write_drop(
+        &mut self,
+        e: &DropEvent,
+        reason: &str,
+        remote_pod: Option<String>,
+        who: Who<'_>,
+    ) -> std::io::Result<()> {
         let line = DropLine {
             ts_unix_ns: self.clock.to_unix_ns(e.ts_ns),
             kind: "drop",
@@ -114,6 +131,7 @@ impl EventLog {
             protocol: e.protocol,
             local: e.endpoints.map(|ep| ep.local.to_string()),
             remote: e.endpoints.map(|ep| ep.remote.to_string()),
+            remote_pod,
             who,
         };
         serde_json::to_writer(&mut self.out, &line)?;
@@ -178,6 +196,7 @@ impl StateOwner {
         let Some(log) = &mut self.event_log else {
             return;
         };
+        let enricher = &self.enricher;
         let written = batch
             .iter()
             .zip(&identities)
@@ -190,9 +209,14 @@ impl StateOwner {
                     owner_source: o.as_ref().map(|o| o.source),
                 };
                 match e {
-                    KernelEvent::Retransmit(r) => log.write_retransmit(r, owner(&r.owner)),
+                    KernelEvent::Retransmit(r) => {
+                        let peer = enricher.peer_pod(r.endpoints.remote.ip());
+                        log.write_retransmit(r, peer, owner(&r.owner))
+                    }
                     KernelEvent::Drop(d) => {
-                        log.write_drop(d, &registry.health.reason_name(d.reason), owner(&d.owner))
+                        let peer = d.endpoints.and_then(|ep| enricher.peer_pod(ep.remote.ip()));
+                        let reason = registry.health.reason_name(d.reason);
+                        log.write_drop(d, &reason, peer, owner(&d.owner))
                     }
                 }
             })

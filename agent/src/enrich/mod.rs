@@ -187,6 +187,14 @@ impl Enricher {
         pod
     }
 
+    /// The pod behind a peer address, as "namespace/name", when the API's
+    /// directory has a pod of this node with that IP (never a metric label).
+    pub fn peer_pod(&self, ip: std::net::IpAddr) -> Option<String> {
+        let dir = self.pods.as_ref()?.read().ok()?;
+        dir.by_ip(ip.to_canonical())
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+    }
+
     /// Fills `owner` when the kernel did not know it, and resolves the identity.
     pub fn attribute(&mut self, owner: &mut Option<Owner>, key: SocketKey) -> Identity {
         if owner.is_none() && key != SocketKey::Unknown {
@@ -245,5 +253,33 @@ mod tests {
             .expect("a pod path");
         let other = enricher.name_pod(other);
         assert_eq!((other.namespace, other.name), (None, None));
+    }
+
+    #[test]
+    fn peers_on_this_node_are_named() {
+        let mut dir = PodDirectory::new(8);
+        assert!(dir.apply(PodMeta {
+            uid: "u1".into(),
+            name: "player-1".into(),
+            namespace: "edge".into(),
+            labels: Default::default(),
+            ips: vec!["10.1.2.3".parse().expect("ip")],
+            host_network: false,
+        }));
+        let mut enricher = Enricher::bootstrap(Duration::from_secs(1), 16);
+        assert_eq!(
+            enricher.peer_pod("10.1.2.3".parse().expect("ip")),
+            None,
+            "no directory"
+        );
+        enricher.pods = Some(Arc::new(RwLock::new(dir)));
+        assert_eq!(
+            enricher
+                .peer_pod("::ffff:10.1.2.3".parse().expect("ip"))
+                .as_deref(),
+            Some("edge/player-1"),
+            "IPv4-mapped addresses are the same peer"
+        );
+        assert_eq!(enricher.peer_pod("10.9.9.9".parse().expect("ip")), None);
     }
 }
