@@ -7,6 +7,7 @@ pub mod config;
 pub mod enrich;
 pub mod events;
 pub mod export;
+pub mod exposition;
 pub mod kube_pods;
 pub mod loader;
 pub mod metrics;

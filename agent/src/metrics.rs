@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -14,6 +13,7 @@ use std::{
 
 use vigil_abi::{loss_index, LossReason, LossSlot};
 
+pub use crate::exposition::Exposition;
 use crate::{
     cardinality::SeriesBudget,
     enrich::Identity,
@@ -207,6 +207,11 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, stats: &PipelineStats) -> String {
+        self.families(stats).text()
+    }
+
+    /// Every metric family of this moment (for Prometheus and OTLP alike).
+    pub fn families(&self, stats: &PipelineStats) -> Exposition {
         let mut x = Exposition::default();
         let per_series: [Family<RetransmitCounts, u64>; 4] = [
             (
@@ -461,44 +466,13 @@ impl Registry {
         }
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");
-        x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1);
-        x.out
+        x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1u8);
+        x
     }
 }
 
 /// A metric family drawn from one aggregate: (name, help, value of a sample).
 pub type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
-
-/// Writes the text exposition format.
-#[derive(Default)]
-pub struct Exposition {
-    pub out: String,
-}
-
-impl Exposition {
-    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            let pairs: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.out, "{{{}}}", pairs.join(","));
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-}
-
-/// Label value escaping per the exposition format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     enrich::Identity,
     events::DropEvent,
+    exposition::HistogramPoint,
     loader::drop_reasons::DropReasons,
     metrics::{Exposition, Family, Series},
     sampler::{ConnectionSample, ListenerSample},
@@ -44,20 +45,16 @@ impl Histogram {
     }
 
     fn render(&self, x: &mut Exposition, name: &str, labels: &[(&str, String)]) {
-        let bucket = format!("{name}_bucket");
-        let mut cumulative = 0;
-        let les = RTT_BUCKETS
-            .iter()
-            .map(|le| le.to_string())
-            .chain(std::iter::once("+Inf".to_owned()));
-        for (le, n) in les.zip(self.counts) {
-            cumulative += n;
-            let mut l = labels.to_vec();
-            l.push(("le", le));
-            x.sample(&bucket, &l, cumulative);
-        }
-        x.sample(&format!("{name}_sum"), labels, self.sum);
-        x.sample(&format!("{name}_count"), labels, self.count);
+        x.histogram(
+            name,
+            labels,
+            HistogramPoint {
+                bounds: RTT_BUCKETS.to_vec(),
+                counts: self.counts.to_vec(),
+                sum: self.sum,
+                count: self.count,
+            },
+        );
     }
 }
 
@@ -356,8 +353,9 @@ mod tests {
         assert_eq!(overflows(&h), 58, "cookie 1 came back: treated as new");
         let mut x = Exposition::default();
         h.render(&mut x);
-        assert!(x.out.contains("vigil_tcp_listen_queue_length{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 4"), "{}", x.out);
-        assert!(x.out.contains("vigil_tcp_listen_sockets{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 2"), "{}", x.out);
+        let out = x.text();
+        assert!(out.contains("vigil_tcp_listen_queue_length{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 4"), "{out}");
+        assert!(out.contains("vigil_tcp_listen_sockets{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 2"), "{out}");
     }
 
     #[test]
@@ -367,8 +365,9 @@ mod tests {
             h.observe(v);
         }
         let mut x = Exposition::default();
+        x.family("rtt", "histogram", "RTT.");
         h.render(&mut x, "rtt", &[("netns", "1".into())]);
-        let out = x.out;
+        let out = x.text();
         assert!(
             out.contains("rtt_bucket{netns=\"1\",le=\"0.0001\"} 1\n"),
             "{out}"

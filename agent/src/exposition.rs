@@ -1,0 +1,227 @@
+//! Metric families as the agent builds them for every scrape or export: one
+//! structure, written as Prometheus text and converted to OTLP.
+
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn prometheus(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A histogram observation set: `counts[i]` observations in bucket `i` (not
+/// cumulative), the last bucket being above every bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramPoint {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Histogram(HistogramPoint),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub labels: Vec<(String, String)>,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    /// Prometheus name (counters end in `_total`).
+    pub name: String,
+    pub help: String,
+    pub kind: Kind,
+    pub points: Vec<Point>,
+}
+
+/// Numbers a sample can carry.
+pub trait SampleValue {
+    fn as_f64(&self) -> f64;
+}
+
+macro_rules! sample_value {
+    ($($t:ty),*) => {$(
+        impl SampleValue for $t {
+            fn as_f64(&self) -> f64 {
+                *self as f64
+            }
+        }
+    )*};
+}
+sample_value!(u8, u32, u64, usize, f64);
+
+impl<T: SampleValue> SampleValue for &T {
+    fn as_f64(&self) -> f64 {
+        (*self).as_f64()
+    }
+}
+
+/// The families of one snapshot, in the order they were declared.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    pub families: Vec<Family>,
+}
+
+impl Exposition {
+    /// Starts a family; `kind` is "counter", "gauge" or "histogram".
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let kind = match kind {
+            "counter" => Kind::Counter,
+            "histogram" => Kind::Histogram,
+            _ => Kind::Gauge,
+        };
+        self.families.push(Family {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind,
+            points: Vec::new(),
+        });
+    }
+
+    fn point(&mut self, name: &str, labels: &[(&str, String)], value: Value) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        match self.families.iter_mut().rev().find(|f| f.name == name) {
+            Some(f) => f.points.push(Point { labels, value }),
+            // A sample without its family is a bug in the agent: never panic
+            // on the scrape path, make it visible instead.
+            None => {
+                debug_assert!(false, "sample of undeclared family {name}");
+            }
+        }
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl SampleValue) {
+        self.point(name, labels, Value::Number(value.as_f64()));
+    }
+
+    pub fn histogram(&mut self, name: &str, labels: &[(&str, String)], h: HistogramPoint) {
+        self.point(name, labels, Value::Histogram(h));
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.families {
+            let name = &f.name;
+            let _ = writeln!(
+                out,
+                "# HELP {name} {}\n# TYPE {name} {}",
+                f.help,
+                f.kind.prometheus()
+            );
+            for p in &f.points {
+                match &p.value {
+                    Value::Number(v) => line(&mut out, name, &p.labels, None, *v),
+                    Value::Histogram(h) => {
+                        let bucket = format!("{name}_bucket");
+                        let mut cumulative = 0;
+                        let les = h
+                            .bounds
+                            .iter()
+                            .map(f64::to_string)
+                            .chain(std::iter::once("+Inf".to_owned()));
+                        for (le, n) in les.zip(&h.counts) {
+                            cumulative += n;
+                            line(&mut out, &bucket, &p.labels, Some(&le), cumulative as f64);
+                        }
+                        line(&mut out, &format!("{name}_sum"), &p.labels, None, h.sum);
+                        line(
+                            &mut out,
+                            &format!("{name}_count"),
+                            &p.labels,
+                            None,
+                            h.count as f64,
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn line(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&str>, v: f64) {
+    out.push_str(name);
+    let mut pairs: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    if let Some(le) = le {
+        pairs.push(format!("le=\"{le}\""));
+    }
+    if !pairs.is_empty() {
+        let _ = write!(out, "{{{}}}", pairs.join(","));
+    }
+    let _ = writeln!(out, " {v}");
+}
+
+/// Label value escaping per the exposition format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_counters_gauges_and_histograms() {
+        let mut x = Exposition::default();
+        x.family("a_total", "counter", "A.");
+        x.sample("a_total", &[("k", "v\"1".into())], 7u64);
+        x.family("g", "gauge", "G.");
+        x.sample("g", &[], 0.25);
+        x.family("h_seconds", "histogram", "H.");
+        x.histogram(
+            "h_seconds",
+            &[("p", "x".into())],
+            HistogramPoint {
+                bounds: vec![0.1, 1.0],
+                counts: vec![1, 2, 3],
+                sum: 9.5,
+                count: 6,
+            },
+        );
+        let text = x.text();
+        assert!(
+            text.contains("# TYPE a_total counter\na_total{k=\"v\\\"1\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("g 0.25\n"), "{text}");
+        assert!(
+            text.contains("h_seconds_bucket{p=\"x\",le=\"0.1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("h_seconds_bucket{p=\"x\",le=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("h_seconds_bucket{p=\"x\",le=\"+Inf\"} 6\n"),
+            "{text}"
+        );
+        assert!(text.contains("h_seconds_count{p=\"x\"} 6\n"), "{text}");
+    }
+}
