@@ -145,6 +145,20 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Prints a command's output, or its error (exit status 1).
+fn print_or_fail<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vigil: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -154,50 +168,21 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::DefaultConfig => match toml::to_string(&Config::default()) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("vigil: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Status(args) => match vigil::triage::status(args.agent) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("vigil: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Sockets(args) => match vigil::triage::fetch(args.agent.agent) {
-            Ok(table) if args.json => match serde_json::to_string_pretty(&table) {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
+        Command::DefaultConfig => print_or_fail(toml::to_string(&Config::default())),
+        Command::Status(args) => print_or_fail(vigil::triage::status(args.agent)),
+        Command::Sockets(args) => {
+            print_or_fail(vigil::triage::fetch(args.agent.agent).and_then(|table| {
+                if args.json {
+                    Ok(serde_json::to_string_pretty(&table)? + "\n")
+                } else {
+                    Ok(format!(
+                        "{}\n{}",
+                        vigil::triage::listeners_table(&table.listeners, args.limit),
+                        vigil::triage::connections_table(&table, args.sort, args.limit)
+                    ))
                 }
-                Err(e) => {
-                    eprintln!("vigil: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Ok(table) => {
-                print!(
-                    "{}\n{}",
-                    vigil::triage::listeners_table(&table.listeners, args.limit),
-                    vigil::triage::connections_table(&table, args.sort, args.limit)
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("vigil: {e}");
-                ExitCode::FAILURE
-            }
-        },
+            }))
+        }
         Command::Agent(args) => {
             init_logging(args.log_format, args.kernel_debug_logs);
             let config = match load_config(&args) {

@@ -105,6 +105,21 @@ impl Agent {
         }
     }
 
+    /// Starts the agent with `toml` as its config file (plus `args`); the
+    /// file lives as long as the returned path.
+    pub fn start_with_config(
+        name: &str,
+        toml: &str,
+        args: &[&str],
+    ) -> anyhow::Result<(Agent, TempPath)> {
+        let config = TempPath::new(name);
+        std::fs::write(&config.0, toml)?;
+        let path = config.0.display().to_string();
+        let mut all = vec!["--config", path.as_str()];
+        all.extend_from_slice(args);
+        Ok((Agent::start(&all)?, config))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.pid()
     }

@@ -5,9 +5,7 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::Context;
-use vigil_integration_tests::{
-    bpf_available, metric_sum, tag, wait_for, Agent, TempPath, TestCgroup,
-};
+use vigil_integration_tests::{bpf_available, metric_sum, tag, wait_for, Agent, TestCgroup};
 use vigil_testbed::netns::LinkPair;
 
 const PODS: usize = 500;
@@ -61,12 +59,11 @@ fn series_stay_under_the_limit_with_many_pods() -> anyhow::Result<()> {
     if !bpf_available("series_stay_under_the_limit_with_many_pods") {
         return Ok(());
     }
-    let config = TempPath::new("cardinality.toml");
-    std::fs::write(
-        &config.0,
-        format!("[metrics]\nmax_series = {MAX_SERIES}\n[sampler]\ninterval_ms = 200\n"),
+    let (agent, _config) = Agent::start_with_config(
+        "cardinality.toml",
+        &format!("[metrics]\nmax_series = {MAX_SERIES}\n[sampler]\ninterval_ms = 200\n"),
+        &[],
     )?;
-    let agent = Agent::start(&["--config", &config.0.display().to_string()])?;
     let idle_rss = vm_kib(agent.pid(), "VmRSS:")?;
 
     let link = LinkPair::create(&tag("card"), 61)?;

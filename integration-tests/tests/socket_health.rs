@@ -19,10 +19,7 @@ use vigil_testbed::netns::{LinkPair, Netns};
 /// An agent that samples sockets often, so states that last about a second
 /// (a full accept queue) are seen. The config file lives as long as the agent.
 fn fast_sampling_agent(name: &str) -> anyhow::Result<(Agent, TempPath)> {
-    let config = TempPath::new(name);
-    std::fs::write(&config.0, "[sampler]\ninterval_ms = 200\n")?;
-    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
-    Ok((agent, config))
+    Agent::start_with_config(name, "[sampler]\ninterval_ms = 200\n", &[])
 }
 
 /// The name the kernel gives this test process (what the agent labels it with).

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use vigil_integration_tests::{
-    bpf_available, metric_sum, tag, wait_for, Agent, Scenario, TempPath,
-};
+use vigil_integration_tests::{bpf_available, metric_sum, tag, wait_for, Agent, Scenario};
 
 /// A one-page ring that the agent drains only every 3 s (the kernel never
 /// wakes it: the wake-up threshold is above what a page holds), under 20%
@@ -23,12 +21,11 @@ fn ring_overflow_is_counted_and_totals_reconcile() -> anyhow::Result<()> {
     if !bpf_available("ring_overflow_is_counted_and_totals_reconcile") {
         return Ok(());
     }
-    let config = TempPath::new("storm.toml");
-    std::fs::write(
-        &config.0,
+    let (agent, _config) = Agent::start_with_config(
+        "storm.toml",
         "[probes]\nring_buffer_bytes = 4096\n[pipeline]\nwakeup_bytes = 4000\npoll_interval_ms = 3000\n",
+        &[],
     )?;
-    let agent = Agent::start(&["--config", &config.0.display().to_string()])?;
     let mut scenario = Scenario::start(&tag("storm"), 60, false)?;
     let before = scenario.mib("Tcp", "RetransSegs")?;
     scenario.link.set_loss(scenario.port, 20)?;
