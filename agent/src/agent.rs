@@ -12,9 +12,12 @@ use tracing::{info, warn};
 
 use crate::{
     cardinality::SeriesBudget,
+    clock::MonotonicToWall,
     config::Config,
     enrich::Enricher,
+    export::otlp::{self, OtlpStats},
     export::prometheus::{self, MetricsSource},
+    exposition::Exposition,
     kube_pods::{self, KubeStats, PodDirectory},
     loader::{sys::IterLink, LoadOptions, Probes},
     metrics::{PipelineStats, Registry},
@@ -34,6 +37,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+
+    // Before any kernel object exists: a bad OTEL_* variable is a start-up error.
+    let started = std::time::SystemTime::now();
+    let otlp = otlp::OtlpSettings::from_env(&config.agent.resolved_node_name())
+        .map_err(|e| anyhow::anyhow!("OpenTelemetry export settings: {e}"))?;
 
     let mut probes = Probes::load(&LoadOptions {
         ring_buffer_bytes: config.probes.ring_buffer_bytes,
@@ -134,11 +142,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         None => None,
     };
+    let stop_export = CancellationToken::new();
+    let otlp_stats = Arc::new(OtlpStats::default());
+    let (otlp_logs, export_task) = match otlp {
+        Some(settings) => {
+            info!(
+                metrics = settings.metrics.is_some(),
+                logs = settings.logs_enabled(),
+                "exporting to OpenTelemetry (OTLP/gRPC)"
+            );
+            let logs_enabled = settings.logs_enabled();
+            let (log_tx, log_rx) = mpsc::channel(otlp::LOG_BUFFER_RECORDS);
+            let (reg, st) = (registry.clone(), stats.clone());
+            let snapshot = move || match reg.lock() {
+                Ok(r) => r.families(&st),
+                Err(_) => Exposition::default(),
+            };
+            let task = otlp::spawn(
+                settings.with_start_time(started),
+                snapshot,
+                log_rx,
+                otlp_stats.clone(),
+                stop_export.clone(),
+            );
+            if let Ok(mut r) = registry.lock() {
+                r.otlp = Some(otlp_stats.clone());
+            }
+            (logs_enabled.then_some(log_tx), Some(task))
+        }
+        None => (None, None),
+    };
     let state_task = tokio::spawn(
         StateOwner {
             enricher,
             registry: registry.clone(),
             event_log,
+            otlp_logs,
+            otlp_stats: otlp_stats.clone(),
+            clock: MonotonicToWall::now(),
         }
         .run(rx, snapshot_rx),
     );
@@ -181,6 +222,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!(timeout_ms = config.agent.shutdown_timeout_ms, "drain timed out; exiting without it");
         },
         () = second_signal => warn!("second signal: skipping the drain"),
+    }
+    // The state owner has hung up, so every log record is queued: final export.
+    stop_export.cancel();
+    if let Some(task) = export_task {
+        let _ = task.await;
     }
     stop_exporters.cancel();
     stop_sampler.cancel();

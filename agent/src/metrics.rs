@@ -18,6 +18,7 @@ use crate::{
     cardinality::SeriesBudget,
     enrich::Identity,
     events::{DropEvent, OwnerSource, RetransmitEvent, RetransmitKind},
+    export::otlp::OtlpStats,
     kube_pods::KubeStats,
     loader::{
         prog_stats::{ProgramHandle, ProgramStats},
@@ -97,6 +98,8 @@ pub struct Registry {
     pub budget: SeriesBudget,
     /// The pod watch's telemetry, when the agent watches the Kubernetes API.
     pub kube: Option<Arc<KubeStats>>,
+    /// The OTLP exporter's telemetry, when it runs.
+    pub otlp: Option<Arc<OtlpStats>>,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -128,6 +131,7 @@ impl Registry {
             health,
             budget,
             kube: None,
+            otlp: None,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
@@ -463,6 +467,19 @@ impl Registry {
                 "1 once the first list of this node's pods completed.",
             );
             x.sample(name, &[], u8::from(k.synced.load(Ordering::Relaxed)));
+        }
+        if let Some(o) = &self.otlp {
+            let counters = [
+                ("vigil_otlp_metric_exports_total", "OTLP metric exports that succeeded.", &o.metric_exports),
+                ("vigil_otlp_metric_export_errors_total", "OTLP metric exports that failed (collector unreachable, timeout, refused).", &o.metric_export_errors),
+                ("vigil_otlp_log_records_exported_total", "Log records the collector accepted.", &o.log_records_exported),
+                ("vigil_otlp_log_export_errors_total", "OTLP log exports that failed.", &o.log_export_errors),
+                ("vigil_otlp_log_records_dropped_total", "Log records dropped: the export queue was full, or their export failed (not retried).", &o.log_records_dropped),
+            ];
+            for (name, help, v) in counters {
+                x.family(name, "counter", help);
+                x.sample(name, &[], v.load(Ordering::Relaxed));
+            }
         }
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");

@@ -17,8 +17,10 @@ use crate::{
     clock::MonotonicToWall,
     enrich::{workload::PodRef, Enricher, Identity, SocketKey},
     events::{
-        tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
+        tcp_state_name, DropEvent, Endpoints, KernelEvent, OwnerSource, RetransmitEvent,
+        RetransmitKind,
     },
+    export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity},
     metrics::Registry,
     sampler::{Sample, Snapshot},
     sources::Batch,
@@ -143,6 +145,76 @@ pub struct StateOwner {
     pub enricher: Enricher,
     pub registry: Arc<Mutex<Registry>>,
     pub event_log: Option<EventLog>,
+    /// OTLP log records, one per event worth a record, when logs are exported.
+    pub otlp_logs: Option<mpsc::Sender<LogRecordOut>>,
+    pub otlp_stats: Arc<OtlpStats>,
+    pub clock: MonotonicToWall,
+}
+
+/// Attributes every record about a socket carries: OpenTelemetry semantic
+/// conventions where one exists (network.*, process.*, k8s.*, container.id),
+/// `vigil.*` otherwise.
+fn socket_attributes(
+    netns: u32,
+    endpoints: Option<Endpoints>,
+    tcp_state: u32,
+    who: &Identity,
+    peer_pod: Option<String>,
+) -> Vec<(String, AttrValue)> {
+    let mut a: Vec<(String, AttrValue)> = vec![
+        ("network.transport".into(), AttrValue::Str("tcp".into())),
+        ("vigil.netns".into(), AttrValue::Int(i64::from(netns))),
+        (
+            "vigil.tcp.state".into(),
+            AttrValue::Str(tcp_state_name(tcp_state).into()),
+        ),
+    ];
+    if let Some(ep) = endpoints {
+        a.push((
+            "network.local.address".into(),
+            AttrValue::Str(ep.local.ip().to_string()),
+        ));
+        a.push((
+            "network.local.port".into(),
+            AttrValue::Int(i64::from(ep.local.port())),
+        ));
+        a.push((
+            "network.peer.address".into(),
+            AttrValue::Str(ep.remote.ip().to_string()),
+        ));
+        a.push((
+            "network.peer.port".into(),
+            AttrValue::Int(i64::from(ep.remote.port())),
+        ));
+    }
+    if let Some(pid) = who.pid {
+        a.push(("process.pid".into(), AttrValue::Int(i64::from(pid))));
+    }
+    if let Some(comm) = &who.comm {
+        a.push((
+            "process.executable.name".into(),
+            AttrValue::Str(comm.clone()),
+        ));
+    }
+    if let Some(cgroup) = &who.cgroup {
+        a.push(("vigil.cgroup".into(), AttrValue::Str(cgroup.clone())));
+    }
+    if let Some(pod) = &who.pod {
+        a.push(("k8s.pod.uid".into(), AttrValue::Str(pod.uid.clone())));
+        if let Some(name) = &pod.name {
+            a.push(("k8s.pod.name".into(), AttrValue::Str(name.clone())));
+        }
+        if let Some(ns) = &pod.namespace {
+            a.push(("k8s.namespace.name".into(), AttrValue::Str(ns.clone())));
+        }
+        if let Some(id) = &pod.container_id {
+            a.push(("container.id".into(), AttrValue::Str(id.clone())));
+        }
+    }
+    if let Some(peer) = peer_pod {
+        a.push(("vigil.peer.pod".into(), AttrValue::Str(peer)));
+    }
+    a
 }
 
 impl StateOwner {
@@ -182,6 +254,7 @@ impl StateOwner {
                 }
             })
             .collect();
+        self.export_logs(&batch, &identities);
         let Ok(mut registry) = self.registry.lock() else {
             return;
         };
@@ -224,6 +297,71 @@ impl StateOwner {
         if let Err(e) = written {
             warn!(error = %e, "event log write failed; disabling the event log");
             self.event_log = None;
+        }
+    }
+
+    /// One OTLP log record per retransmit that the kernel counted and per
+    /// drop; a full queue drops the record and counts it.
+    fn export_logs(&self, batch: &Batch, identities: &[Identity]) {
+        let Some(tx) = &self.otlp_logs else { return };
+        let reasons = self.registry.lock().ok();
+        for (e, who) in batch.iter().zip(identities) {
+            let record = match e {
+                KernelEvent::Retransmit(r) if r.counted_segments() > 0 => {
+                    let peer = self.enricher.peer_pod(r.endpoints.remote.ip());
+                    let mut attributes =
+                        socket_attributes(r.netns, Some(r.endpoints), r.tcp_state, who, peer);
+                    attributes.push((
+                        "vigil.event".into(),
+                        AttrValue::Str(
+                            match r.kind {
+                                RetransmitKind::Segment => "retransmit",
+                                RetransmitKind::SynAck => "synack_retransmit",
+                                RetransmitKind::Unseen => "retransmit_unseen",
+                            }
+                            .into(),
+                        ),
+                    ));
+                    attributes.push((
+                        "vigil.tcp.retransmitted_segments".into(),
+                        AttrValue::Int(i64::from(r.counted_segments())),
+                    ));
+                    LogRecordOut {
+                        time_unix_nano: self.clock.to_unix_ns(r.ts_ns),
+                        severity: Severity::Info,
+                        body: "tcp retransmit".into(),
+                        attributes,
+                        trace_id: None,
+                        span_id: None,
+                    }
+                }
+                KernelEvent::Retransmit(_) => continue,
+                KernelEvent::Drop(d) => {
+                    let peer = d
+                        .endpoints
+                        .and_then(|ep| self.enricher.peer_pod(ep.remote.ip()));
+                    let mut attributes =
+                        socket_attributes(d.netns, d.endpoints, d.tcp_state, who, peer);
+                    let reason = reasons
+                        .as_ref()
+                        .map_or_else(|| d.reason.to_string(), |r| r.health.reason_name(d.reason));
+                    attributes.push(("vigil.event".into(), AttrValue::Str("socket_drop".into())));
+                    attributes.push(("vigil.drop.reason".into(), AttrValue::Str(reason)));
+                    LogRecordOut {
+                        time_unix_nano: self.clock.to_unix_ns(d.ts_ns),
+                        severity: Severity::Warn,
+                        body: "socket drop".into(),
+                        attributes,
+                        trace_id: None,
+                        span_id: None,
+                    }
+                }
+            };
+            if tx.try_send(record).is_err() {
+                self.otlp_stats
+                    .log_records_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 

@@ -52,7 +52,13 @@ impl Agent {
     /// Starts the agent with `args` (plus JSON logging and an ephemeral metrics
     /// port) and waits until it reports it is running.
     pub fn start(args: &[&str]) -> anyhow::Result<Agent> {
+        Agent::start_with_env(args, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. OTEL_*).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let mut cmd = Command::new(bin_path("vigil")?);
+        cmd.envs(env.iter().copied());
         cmd.args([
             "agent",
             "--log-format",

@@ -1,1 +1,2 @@
+pub mod otlp;
 pub mod prometheus;
