@@ -42,20 +42,34 @@ pub struct PipelineStats {
     pub snapshots_dropped: AtomicU64,
 }
 
-/// The identity labels every per-owner metric carries.
+/// The identity labels every per-owner metric carries: network namespace,
+/// cgroup and process, and for pods their namespace and name (the pod uid
+/// while the Kubernetes API has not named it). Never pids, ports or addresses.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Series {
     netns: u32,
     cgroup: String,
     process: String,
+    /// Kubernetes namespace and pod; empty for processes outside pods.
+    namespace: String,
+    pod: String,
 }
 
 impl Series {
     pub fn of(netns: u32, who: &Identity) -> Series {
+        let (namespace, pod) = match &who.pod {
+            Some(p) => (
+                p.namespace.clone().unwrap_or_default(),
+                p.name.clone().unwrap_or_else(|| p.uid.clone()),
+            ),
+            None => (String::new(), String::new()),
+        };
         Series {
             netns,
             cgroup: who.cgroup.clone().unwrap_or_else(|| UNKNOWN.into()),
             process: who.comm.clone().unwrap_or_else(|| UNKNOWN.into()),
+            namespace,
+            pod,
         }
     }
 
@@ -65,15 +79,25 @@ impl Series {
             netns: 0,
             cgroup: OVERFLOW.into(),
             process: OVERFLOW.into(),
+            namespace: String::new(),
+            pod: String::new(),
         }
     }
 
     pub fn labels(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut labels = vec![
             ("netns", self.netns.to_string()),
             ("cgroup", self.cgroup.clone()),
             ("process", self.process.clone()),
-        ]
+        ];
+        // Only pods carry these; an empty label would be the same as none.
+        if !self.pod.is_empty() {
+            if !self.namespace.is_empty() {
+                labels.push(("namespace", self.namespace.clone()));
+            }
+            labels.push(("pod", self.pod.clone()));
+        }
+        labels
     }
 }
 
@@ -557,6 +581,38 @@ mod tests {
         assert!(text.contains("vigil_series_overflow_total 3"), "{text}");
         assert!(text.contains("vigil_series_active 2"), "{text}");
         assert!(text.contains("vigil_series_limit 2"), "{text}");
+    }
+
+    #[test]
+    fn pods_are_labelled_by_namespace_and_name_or_uid() {
+        let mut r = registry(10);
+        let path = "/kubepods/pod5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718";
+        let mut pod = crate::enrich::workload::parse(path).expect("pod path");
+        let unnamed = Identity {
+            pid: Some(1),
+            comm: Some("origin".into()),
+            cgroup: Some(path.into()),
+            pod: Some(pod.clone()),
+        };
+        r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &unnamed);
+        pod.namespace = Some("video".into());
+        pod.name = Some("origin-0".into());
+        let named = Identity {
+            pod: Some(pod),
+            ..unnamed.clone()
+        };
+        let mut e = event(2, 0, RetransmitKind::Segment);
+        e.netns = 8;
+        r.record_retransmit(&e, &named);
+        let text = r.render(&PipelineStats::default());
+        assert!(
+            text.contains(&format!(r#"vigil_tcp_retransmitted_segments_total{{netns="7",cgroup="{path}",process="origin",pod="5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718"}} 1"#)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(r#"vigil_tcp_retransmitted_segments_total{{netns="8",cgroup="{path}",process="origin",namespace="video",pod="origin-0"}} 2"#)),
+            "{text}"
+        );
     }
 
     #[test]

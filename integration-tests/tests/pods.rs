@@ -3,7 +3,8 @@
 //! one with the systemd cgroup driver (containerd), one with cgroupfs — under
 //! a test-owned root. Retransmits and accept-queue drops in each pod must be
 //! attributed to that pod: pod uid, QoS class, container id and runtime in the
-//! event log, the pod's cgroup in the metrics, and the pod uid in `vigil sockets`.
+//! event log, the pod (and its cgroup) in the metrics' labels, and the pod uid
+//! in `vigil sockets`.
 
 use serde_json::Value;
 use vigil_integration_tests::{
@@ -121,7 +122,11 @@ fn retransmits_are_attributed_to_their_pod() -> anyhow::Result<()> {
         scenario.link.set_loss(scenario.port, 0)?;
         let before_overflow = overflow_stalled_origin(&scenario)?;
         let ns = netns.to_string();
-        let labels = [("netns", ns.as_str()), ("cgroup", cgroup.rel.as_str())];
+        let labels = [
+            ("netns", ns.as_str()),
+            ("cgroup", cgroup.rel.as_str()),
+            ("pod", pod.uid),
+        ];
         // Handshakes in flight when the origin resumed may still overflow:
         // compare with the kernel's counters as they are at each look.
         let mut kernel_now = (0, 0);
@@ -170,7 +175,12 @@ fn retransmits_are_attributed_to_their_pod() -> anyhow::Result<()> {
 
     for ((netns, kernel, cgroup), pod) in checks.iter().zip(pods().iter()) {
         let ns = netns.to_string();
-        let labels = [("netns", ns.as_str()), ("cgroup", cgroup.as_str())];
+        // Labelled with the pod (its uid: no Kubernetes API here) and its cgroup.
+        let labels = [
+            ("netns", ns.as_str()),
+            ("cgroup", cgroup.as_str()),
+            ("pod", pod.uid),
+        ];
         // The last records (sent when sockets close) reach the agent within a poll interval.
         wait_for(
             std::time::Duration::from_secs(5),

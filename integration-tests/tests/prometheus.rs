@@ -18,7 +18,7 @@ use nix::sys::socket::{
     SockaddrIn,
 };
 use serde_json::Value;
-use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, Scenario, TempPath};
+use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, Scenario, TestCgroup};
 use vigil_testbed::netns::{ChildGuard, Netns};
 
 const SCRAPE_INTERVAL: &str = "1s";
@@ -309,12 +309,19 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
     }
     // Sample sockets every 200 ms, so listener gauges, connection counts and
     // RTT observations cover the few seconds of the scenario.
-    let config = TempPath::new("prom.toml");
-    std::fs::write(&config.0, "[sampler]\ninterval_ms = 200\n")?;
-    let agent = Agent::start(&["--config", config.0.to_str().context("path")?])?;
+    let (agent, _config) =
+        Agent::start_with_config("prom.toml", "[sampler]\ninterval_ms = 200\n", &[])?;
     let start = unix_now();
     let prometheus = PrometheusServer::start(agent.metrics_addr)?;
-    let mut scenario = Scenario::start(&tag("prom"), 35, false)?;
+    // The origin runs as a pod would under the kubelet (cgroupfs driver), so
+    // its series carry a `pod` label (the uid: no Kubernetes API here).
+    let pod_uid = "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+    let pod_cgroup = TestCgroup::create(&format!(
+        "vigil-it-{}/kubepods/burstable/pod{pod_uid}",
+        tag("prom")
+    ))?;
+    let mut scenario =
+        Scenario::start_with(&tag("prom"), 35, false, Some(&pod_cgroup.procs()), &[])?;
     // Overflows and drops in a namespace of their own: the origin's namespace
     // keeps only the load's retransmits, which are compared exactly below.
     let health_ns = Netns::create(&format!("vigil-{}-q", tag("prom")))?;
@@ -329,7 +336,9 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
     assert!(kernel > 0, "10% loss causes retransmits");
 
     let netns = scenario.link.server.inode()?;
-    let promql = format!("sum(vigil_tcp_retransmitted_segments_total{{netns=\"{netns}\"}})");
+    // The per-pod total, as a dashboard or an alert would ask for it.
+    let promql =
+        format!("sum by (pod) (vigil_tcp_retransmitted_segments_total{{pod=\"{pod_uid}\"}})");
     let total = wait_for(
         Duration::from_secs(30),
         "Prometheus to scrape the final total",
@@ -345,7 +354,7 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
     )?;
     assert_eq!(
         total, kernel,
-        "PromQL {promql} vs the namespace's RetransSegs delta"
+        "PromQL {promql} vs the pod's namespace's RetransSegs delta"
     );
 
     // rate() needs two samples of a series; give the scraper time for them.
