@@ -25,7 +25,7 @@ use crate::{
         HookReport, HookStatus, LossMaps,
     },
     sampler::{ConnectionSample, ListenerSample},
-    socket_health::SocketHealth,
+    socket_health::{Overflow, SocketHealth},
 };
 
 /// Counters the source tasks bump without taking the registry lock.
@@ -202,11 +202,13 @@ impl Registry {
     }
 
     /// Applies a socket sample, and forgets series idle past the expiry.
+    /// Returns the listeners that dropped handshakes since the last sample.
     pub fn apply_snapshot<'a>(
         &mut self,
         listeners: impl Iterator<Item = (&'a ListenerSample, Identity)>,
         connections: impl Iterator<Item = (&'a ConnectionSample, Identity)>,
-    ) {
+        listen_overflows: &std::collections::HashMap<u32, u64>,
+    ) -> Vec<Overflow> {
         let now = Instant::now();
         let listeners: Vec<_> = listeners
             .map(|(l, who)| (l, self.budget.admit(Series::of(l.netns, &who), now), who))
@@ -214,8 +216,11 @@ impl Registry {
         let connections: Vec<_> = connections
             .map(|(c, who)| (c, self.budget.admit(Series::of(c.netns, &who), now), who))
             .collect();
-        self.health
-            .apply_snapshot(listeners.into_iter(), connections.into_iter());
+        let overflows = self.health.apply_snapshot(
+            listeners.into_iter(),
+            connections.into_iter(),
+            listen_overflows,
+        );
         let expired = self.budget.expire(now);
         if !expired.is_empty() {
             for s in &expired {
@@ -223,6 +228,7 @@ impl Registry {
             }
             self.health.forget(&expired);
         }
+        overflows
     }
 
     /// Kernel-side losses, summed over CPUs: [probe][reason] as in `loss_index`.

@@ -8,7 +8,7 @@
 //! syscall whose length grows with the number of open files on the node.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::Read,
     net::SocketAddr,
     sync::{atomic::Ordering, Arc},
@@ -81,6 +81,48 @@ impl Sample {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub samples: Vec<Sample>,
+    /// TcpExt ListenOverflows of every network namespace with a listener,
+    /// read through /proc/PID/net/netstat of a listener's process (the kernel
+    /// keeps no per-socket count of overflows).
+    pub listen_overflows: HashMap<u32, u64>,
+}
+
+/// /proc/.../net/netstat of network namespace `netns`, through process `pid`
+/// or, when only one of its threads is in that namespace, that thread
+/// (/proc/PID/net follows the main thread).
+fn netstat_in(pid: u32, netns: u32) -> Option<String> {
+    let in_netns = |dir: &str| {
+        std::fs::read_link(format!("{dir}/ns/net"))
+            .ok()
+            .and_then(|l| {
+                l.to_str()?
+                    .strip_prefix("net:[")?
+                    .strip_suffix(']')?
+                    .parse::<u32>()
+                    .ok()
+            })
+            == Some(netns)
+    };
+    let process = format!("/proc/{pid}");
+    if in_netns(&process) {
+        return std::fs::read_to_string(format!("{process}/net/netstat")).ok();
+    }
+    std::fs::read_dir(format!("{process}/task"))
+        .ok()?
+        .flatten()
+        .map(|t| t.path().display().to_string())
+        .find(|dir| in_netns(dir))
+        .and_then(|dir| std::fs::read_to_string(format!("{dir}/net/netstat")).ok())
+}
+
+/// A TcpExt counter from the text of /proc/.../net/netstat (a header line of
+/// names, then a line of values, per section).
+pub fn netstat_counter(text: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// Decodes the output of one iterator pass: back-to-back `SocketSample`s.
@@ -186,12 +228,29 @@ impl Sampler {
             .and_then(|mut pass| pass.read_to_end(&mut bytes))
             .map_err(|e| format!("reading the socket iterator: {e}"))?;
         let mut seen = HashSet::new();
-        let samples = decode_samples(&bytes)
+        let samples: Vec<Sample> = decode_samples(&bytes)
             .map_err(|e| format!("decoding the socket iterator: {e}"))?
             .into_iter()
             .filter(|s| seen.insert(s.cookie()))
             .collect();
-        Ok(Snapshot { samples })
+        let mut listen_overflows = HashMap::new();
+        for s in &samples {
+            let Sample::Listener(l) = s else { continue };
+            let Some(owner) = &l.owner else { continue };
+            if listen_overflows.contains_key(&l.netns) {
+                continue;
+            }
+            // The process may be gone already; its namespace is then read next time.
+            if let Some(n) =
+                netstat_in(owner.pid, l.netns).and_then(|t| netstat_counter(&t, "ListenOverflows"))
+            {
+                listen_overflows.insert(l.netns, n);
+            }
+        }
+        Ok(Snapshot {
+            samples,
+            listen_overflows,
+        })
     }
 }
 
@@ -255,6 +314,17 @@ mod tests {
         assert_eq!((c.srtt_us, c.rttvar_us, c.cwnd), (1500, 300, 10));
         assert_eq!(c.state_name(), "ESTAB");
         assert!(l.owner.is_none(), "owner unknown to the kernel");
+    }
+
+    #[test]
+    fn reads_tcpext_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 20 21\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(netstat_counter(text, "ListenOverflows"), Some(20));
+        assert_eq!(netstat_counter(text, "ListenDrops"), Some(21));
+        assert_eq!(netstat_counter(text, "Nope"), None);
+        assert_eq!(netstat_counter("garbage", "ListenOverflows"), None);
+        let own = std::fs::read_to_string("/proc/self/net/netstat").expect("netstat");
+        assert!(netstat_counter(&own, "ListenOverflows").is_some());
     }
 
     #[test]

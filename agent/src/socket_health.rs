@@ -72,6 +72,16 @@ struct QueueFill {
     sockets: u64,
 }
 
+/// Handshakes a listener dropped since the previous pass: an event worth a
+/// log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overflow {
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub dropped: u32,
+    pub who: Identity,
+}
+
 /// One row of `vigil connections`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct ConnectionRow {
@@ -126,11 +136,16 @@ pub struct SocketHealth {
     connections: BTreeMap<Series, u64>,
     table: SocketTable,
     table_cap: usize,
-    /// Listener cookie -> its drop counter at the last pass.
-    listener_drops: HashMap<u64, u32>,
-    /// Listeners of the first pass predate the agent: their past drops are not counted.
+    /// Network namespace -> its TcpExt ListenOverflows at the last look.
+    netns_overflows: HashMap<u32, u64>,
+    /// Namespaces of the first pass predate the agent: their past overflows
+    /// are not counted; a namespace first seen later is counted from zero.
     first_pass_done: bool,
 }
+
+/// Namespaces whose last ListenOverflows reading is kept (netns come and go
+/// with pods; forgetting all past this bound costs at most one sample's delta).
+const MAX_TRACKED_NAMESPACES: usize = 65_536;
 
 impl SocketHealth {
     pub fn new(reasons: DropReasons, table_cap: usize) -> SocketHealth {
@@ -143,7 +158,7 @@ impl SocketHealth {
             connections: BTreeMap::new(),
             table: SocketTable::default(),
             table_cap,
-            listener_drops: HashMap::new(),
+            netns_overflows: HashMap::new(),
             first_pass_done: false,
         }
     }
@@ -161,36 +176,33 @@ impl SocketHealth {
     }
 
     /// Replaces the listener gauges and the connection table with a new pass,
-    /// adds each connection's RTT to its owner's histogram, and counts the
-    /// drops each listener added since the previous pass as overflows.
+    /// adds each connection's RTT to its owner's histogram, and counts each
+    /// namespace's new accept-queue overflows for the owner of its listeners.
     ///
-    /// Why a counter and not drop events: on Linux 6.18 a SYN that finds the
-    /// accept queue full is freed through `consume_skb` (no drop event; 85
-    /// ListenOverflows, 0 kfree_skb measured), and only a final ACK that finds
-    /// it full is dropped as TCP_LISTEN_OVERFLOW (or NO_SOCKET after a
-    /// syncookie). Every such drop bumps the listener's `sk_drops` together
-    /// with TcpExt ListenDrops.
+    /// Overflows come from the namespace's own TcpExt ListenOverflows (read by
+    /// the sampler), because nothing finer is exact: the kernel keeps no
+    /// per-socket overflow count, a listener's `sk_drops` also counts other
+    /// packets it discards during handshakes (retried SYNs and ACKs, a
+    /// client's reset), and drop events miss most overflows (a SYN that finds
+    /// the queue full is freed through `consume_skb`; 85 ListenOverflows, 0
+    /// kfree_skb measured on 6.18). A namespace is a pod, so per namespace is
+    /// per pod; with listeners of several owners in one namespace, the first
+    /// listener's owner gets them.
     pub fn apply_snapshot<'a>(
         &mut self,
         listeners: impl Iterator<Item = (&'a ListenerSample, Series, Identity)>,
         connections: impl Iterator<Item = (&'a ConnectionSample, Series, Identity)>,
-    ) {
+        listen_overflows: &HashMap<u32, u64>,
+    ) -> Vec<Overflow> {
+        let mut overflows = Vec::new();
+        let mut netns_owner: HashMap<u32, (Series, Identity, SocketAddr)> = HashMap::new();
         self.listeners.clear();
         self.connections.clear();
         self.table = SocketTable::default();
-        let mut drops_now = HashMap::new();
         for (l, owner, who) in listeners {
-            let before = match self.listener_drops.get(&l.cookie) {
-                Some(&seen) => seen,
-                None if !self.first_pass_done => l.drops,
-                // A listener born since the last pass: all its drops are new.
-                None => 0,
-            };
-            let added = l.drops.saturating_sub(before);
-            if added > 0 {
-                *self.overflows.entry(owner.clone()).or_default() += u64::from(added);
-            }
-            drops_now.insert(l.cookie, l.drops);
+            netns_owner
+                .entry(l.netns)
+                .or_insert_with(|| (owner.clone(), who.clone(), l.local));
             let key = ListenerSeries {
                 owner,
                 address: l.local.ip().to_string(),
@@ -213,7 +225,31 @@ impl SocketHealth {
                 cookie: l.cookie,
             });
         }
-        self.listener_drops = drops_now;
+        if self.netns_overflows.len() > MAX_TRACKED_NAMESPACES {
+            self.netns_overflows.clear();
+        }
+        for (netns, &now) in listen_overflows {
+            let before = match self.netns_overflows.get(netns) {
+                Some(&seen) => seen,
+                None if !self.first_pass_done => now,
+                // A namespace with its first listener since the last pass: all new.
+                None => 0,
+            };
+            self.netns_overflows.insert(*netns, now);
+            let added = now.saturating_sub(before);
+            let Some((owner, who, local)) = netns_owner.get(netns) else {
+                continue;
+            };
+            if added > 0 {
+                *self.overflows.entry(owner.clone()).or_default() += added;
+                overflows.push(Overflow {
+                    netns: *netns,
+                    local: *local,
+                    dropped: added.min(u64::from(u32::MAX)) as u32,
+                    who: who.clone(),
+                });
+            }
+        }
         self.first_pass_done = true;
         for (c, series, who) in connections {
             *self.connections.entry(series.clone()).or_default() += 1;
@@ -243,6 +279,7 @@ impl SocketHealth {
                 });
             }
         }
+        overflows
     }
 
     /// Drops every counter of series the budget forgot.
@@ -250,6 +287,13 @@ impl SocketHealth {
         self.drops.retain(|(s, _), _| !gone.contains(s));
         self.overflows.retain(|s, _| !gone.contains(s));
         self.rtt.retain(|s, _| !gone.contains(s));
+    }
+
+    #[cfg(test)]
+    fn families_text(&self) -> String {
+        let mut x = Exposition::default();
+        self.render(&mut x);
+        x.text()
     }
 
     pub fn table(&self) -> &SocketTable {
@@ -269,7 +313,7 @@ impl SocketHealth {
             x.sample(name, &l, n);
         }
         let name = "vigil_tcp_listen_overflows_total";
-        x.family(name, "counter", "Connections a listener dropped during the handshake, from the listener's own drop counter (what TcpExt ListenDrops sums: accept queue full, i.e. ListenOverflows, plus rare allocation or routing failures); sampled every sampler.interval_ms.");
+        x.family(name, "counter", "Handshakes dropped because an accept queue was full: the TcpExt ListenOverflows of the owner's network namespace, read every sampler.interval_ms.");
         for (s, n) in &self.overflows {
             x.sample(name, &s.labels(), n);
         }
@@ -328,34 +372,41 @@ mod tests {
         h.overflows.values().sum()
     }
 
-    fn pass(h: &mut SocketHealth, ls: &[ListenerSample]) {
+    fn pass(h: &mut SocketHealth, ls: &[ListenerSample], netstat: &[(u32, u64)]) -> Vec<Overflow> {
         h.apply_snapshot(
             ls.iter().map(|l| {
                 let who = Identity::default();
                 (l, Series::of(l.netns, &who), who)
             }),
             std::iter::empty(),
-        );
+            &netstat.iter().copied().collect(),
+        )
     }
 
     #[test]
-    fn overflows_count_only_drops_seen_happen() {
+    fn overflows_count_only_what_happened_since_the_agent_started() {
         let mut h = SocketHealth::new(DropReasons::default(), 10);
-        // First pass: 40 drops from before the agent started are history.
-        pass(&mut h, &[listener(1, 40)]);
+        // First pass: 40 overflows from before the agent started are history.
+        assert!(pass(&mut h, &[listener(1, 0)], &[(1, 40)]).is_empty());
         assert_eq!(overflows(&h), 0);
-        pass(&mut h, &[listener(1, 45)]);
+        let new = pass(&mut h, &[listener(1, 0)], &[(1, 45)]);
         assert_eq!(overflows(&h), 5);
-        // A listener that appears later counts from its birth; a gone one is forgotten.
-        pass(&mut h, &[listener(2, 3)]);
+        assert_eq!(
+            new.iter().map(|o| o.dropped).sum::<u32>(),
+            5,
+            "logged as one record"
+        );
+        // A namespace first seen later is new: all of its overflows count.
+        let mut other = listener(2, 0);
+        other.netns = 2;
+        pass(&mut h, &[listener(1, 0), other.clone()], &[(1, 45), (2, 3)]);
         assert_eq!(overflows(&h), 8);
-        pass(&mut h, &[listener(2, 3), listener(1, 50)]);
-        assert_eq!(overflows(&h), 58, "cookie 1 came back: treated as new");
-        let mut x = Exposition::default();
-        h.render(&mut x);
-        let out = x.text();
-        assert!(out.contains("vigil_tcp_listen_queue_length{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 4"), "{out}");
-        assert!(out.contains("vigil_tcp_listen_sockets{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 2"), "{out}");
+        // A namespace whose process could not be read this pass keeps its baseline.
+        pass(&mut h, &[listener(1, 0), other.clone()], &[(2, 3)]);
+        pass(&mut h, &[listener(1, 0), other], &[(1, 46), (2, 3)]);
+        assert_eq!(overflows(&h), 9);
+        let out = h.families_text();
+        assert!(out.contains("vigil_tcp_listen_queue_length{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 2"), "{out}");
     }
 
     #[test]

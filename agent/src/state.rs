@@ -23,6 +23,7 @@ use crate::{
     export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity},
     metrics::Registry,
     sampler::{Sample, Snapshot},
+    socket_health::Overflow,
     sources::Batch,
 };
 
@@ -71,6 +72,19 @@ struct DropLine<'a> {
     remote: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_pod: Option<String>,
+    #[serde(flatten)]
+    who: Who<'a>,
+}
+
+/// A listen-overflow line of the event log: handshakes one listener dropped
+/// since the previous socket sample.
+#[derive(Serialize)]
+struct OverflowLine<'a> {
+    ts_unix_ns: u64,
+    kind: &'static str,
+    netns: u32,
+    local: String,
+    dropped: u32,
     #[serde(flatten)]
     who: Who<'a>,
 }
@@ -300,6 +314,78 @@ impl StateOwner {
         }
     }
 
+    /// Overflows as event-log lines and OTLP log records (one per listener
+    /// that dropped handshakes since the last sample).
+    fn record_overflows(&mut self, overflows: &[Overflow]) {
+        if overflows.is_empty() {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if let Some(log) = &mut self.event_log {
+            let written = overflows
+                .iter()
+                .try_for_each(|o| {
+                    let line = OverflowLine {
+                        ts_unix_ns: now,
+                        kind: "listen_overflow",
+                        netns: o.netns,
+                        local: o.local.to_string(),
+                        dropped: o.dropped,
+                        who: Who {
+                            pid: o.who.pid,
+                            comm: o.who.comm.as_deref(),
+                            cgroup: o.who.cgroup.as_deref(),
+                            pod: o.who.pod.as_ref(),
+                            owner_source: None,
+                        },
+                    };
+                    serde_json::to_writer(&mut log.out, &line)?;
+                    log.out.write_all(b"\n")
+                })
+                .and_then(|()| log.out.flush());
+            if let Err(e) = written {
+                warn!(error = %e, "event log write failed; disabling the event log");
+                self.event_log = None;
+            }
+        }
+        let Some(tx) = &self.otlp_logs else { return };
+        for o in overflows {
+            let mut attributes =
+                socket_attributes(o.netns, None, vigil_abi::TCP_LISTEN, &o.who, None);
+            attributes.push((
+                "network.local.address".into(),
+                AttrValue::Str(o.local.ip().to_string()),
+            ));
+            attributes.push((
+                "network.local.port".into(),
+                AttrValue::Int(i64::from(o.local.port())),
+            ));
+            attributes.push((
+                "vigil.event".into(),
+                AttrValue::Str("listen_overflow".into()),
+            ));
+            attributes.push((
+                "vigil.tcp.listen_overflows".into(),
+                AttrValue::Int(i64::from(o.dropped)),
+            ));
+            let record = LogRecordOut {
+                time_unix_nano: now,
+                severity: Severity::Warn,
+                body: "listen overflow".into(),
+                attributes,
+                trace_id: None,
+                span_id: None,
+            };
+            if tx.try_send(record).is_err() {
+                self.otlp_stats
+                    .log_records_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// One OTLP log record per retransmit that the kernel counted and per
     /// drop; a full queue drops the record and counts it.
     fn export_logs(&self, batch: &Batch, identities: &[Identity]) {
@@ -400,8 +486,14 @@ impl StateOwner {
             Sample::Connection(c) => Some(c),
             Sample::Listener(_) => None,
         });
-        registry.apply_snapshot(ls.zip(listeners), cs.zip(connections));
+        let overflows = registry.apply_snapshot(
+            ls.zip(listeners),
+            cs.zip(connections),
+            &snapshot.listen_overflows,
+        );
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
         registry.proc_socket_entries = self.enricher.proc_sockets();
+        drop(registry);
+        self.record_overflows(&overflows);
     }
 }

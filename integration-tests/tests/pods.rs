@@ -168,12 +168,12 @@ fn retransmits_are_attributed_to_their_pod() -> anyhow::Result<()> {
         scenario.quiesce()?;
         let kernel = scenario.mib("Tcp", "RetransSegs")?.0 - before;
         assert!(kernel > 0, "10% loss causes retransmits in pod {}", pod.uid);
-        checks.push((netns, kernel, cgroup.rel.clone()));
+        checks.push((netns, kernel, cgroup.rel.clone(), overflows));
         drop(scenario);
         drop(cgroup);
     }
 
-    for ((netns, kernel, cgroup), pod) in checks.iter().zip(pods().iter()) {
+    for ((netns, kernel, cgroup, _), pod) in checks.iter().zip(pods().iter()) {
         let ns = netns.to_string();
         // Labelled with the pod (its uid: no Kubernetes API here) and its cgroup.
         let labels = [
@@ -205,12 +205,20 @@ fn retransmits_are_attributed_to_their_pod() -> anyhow::Result<()> {
     agent.terminate()?;
 
     let events = read_event_log(&log.0)?;
-    for ((netns, _, _), pod) in checks.iter().zip(pods().iter()) {
+    for ((netns, _, _, overflows), pod) in checks.iter().zip(pods().iter()) {
         let server: Vec<&Value> = events
             .iter()
             .filter(|e| e["netns"].as_u64() == Some(*netns))
             .collect();
         assert!(!server.is_empty(), "events in pod {}", pod.uid);
+        // Drops are logged too: each listen-overflow line counts what one
+        // listener dropped since the last sample; together, ListenOverflows.
+        let logged: u64 = server
+            .iter()
+            .filter(|e| e["kind"] == "listen_overflow")
+            .filter_map(|e| e["dropped"].as_u64())
+            .sum();
+        assert_eq!(logged, *overflows, "overflow lines of pod {}", pod.uid);
         for e in server {
             let p = &e["pod"];
             assert_eq!(p["uid"].as_str(), Some(pod.uid), "pod of {e}");

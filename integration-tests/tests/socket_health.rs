@@ -79,12 +79,12 @@ fn listener_row(sockets: &Value, netns: u64, port: u16) -> Option<&Value> {
 
 /// A listener with backlog 4 that never accepts, hit by 40 connections.
 ///
-/// Oracle: TcpExt ListenOverflows of the server namespace. The agent counts
-/// the listener's own drop counter (`sk_drops`), which the kernel bumps in
-/// the same helper as TcpExt ListenDrops; ListenDrops is ListenOverflows plus
-/// allocation/routing failures, which this test asserts did not happen
-/// (ListenDrops == ListenOverflows), so tolerance is zero. Syncookies are off
-/// in the namespace so every overflow is a plain drop, as on a busy origin.
+/// Oracle: TcpExt ListenOverflows of the server namespace, tolerance zero.
+/// The agent reads that same counter for the listener's namespace each sample
+/// (through /proc of the listener's thread, here a thread of this test in
+/// the namespace) and attributes the increase to the listener's owner, so the
+/// test also checks the attribution. Syncookies are off in the namespace so
+/// every overflow is a plain drop, as on a busy origin.
 /// While the queue is full, the agent's queue length and capacity must equal
 /// `ss -lnt` Recv-Q and Send-Q (both stable then: nothing is accepted).
 #[test]
@@ -99,10 +99,7 @@ fn listen_overflows_equal_kernel_counter() -> anyhow::Result<()> {
     let port = 7040;
     let addr = SocketAddr::new(link.server_addr(false), port);
     let netns = link.server.inode()?;
-    let before = (
-        tcp_ext(&link.server, "ListenOverflows")?,
-        tcp_ext(&link.server, "ListenDrops")?,
-    );
+    let before = tcp_ext(&link.server, "ListenOverflows")?;
 
     // The listener lives on a thread inside the server namespace; it never accepts.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -190,13 +187,8 @@ fn listen_overflows_equal_kernel_counter() -> anyhow::Result<()> {
         let out = link.server.run(&["ss", "-Htan", "exclude", "time-wait"])?;
         Ok(out.trim().is_empty().then_some(()))
     })?;
-    let overflows = tcp_ext(&link.server, "ListenOverflows")? - before.0;
-    let drops = tcp_ext(&link.server, "ListenDrops")? - before.1;
+    let overflows = tcp_ext(&link.server, "ListenOverflows")? - before;
     assert!(overflows > 0, "40 connections into backlog 4 overflow");
-    assert_eq!(
-        drops, overflows,
-        "precondition: every listen drop was an overflow"
-    );
     let ns = netns.to_string();
     let reported = wait_for(Duration::from_secs(5), "agent overflow total", || {
         let n = metric_sum(
