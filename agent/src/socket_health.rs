@@ -289,13 +289,6 @@ impl SocketHealth {
         self.rtt.retain(|s, _| !gone.contains(s));
     }
 
-    #[cfg(test)]
-    fn families_text(&self) -> String {
-        let mut x = Exposition::default();
-        self.render(&mut x);
-        x.text()
-    }
-
     pub fn table(&self) -> &SocketTable {
         &self.table
     }
@@ -405,7 +398,9 @@ mod tests {
         pass(&mut h, &[listener(1, 0), other.clone()], &[(2, 3)]);
         pass(&mut h, &[listener(1, 0), other], &[(1, 46), (2, 3)]);
         assert_eq!(overflows(&h), 9);
-        let out = h.families_text();
+        let mut x = Exposition::default();
+        h.render(&mut x);
+        let out = x.text();
         assert!(out.contains("vigil_tcp_listen_queue_length{netns=\"1\",cgroup=\"unknown\",process=\"unknown\",address=\"198.18.0.1\",port=\"8080\"} 2"), "{out}");
     }
 
