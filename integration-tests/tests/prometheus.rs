@@ -267,15 +267,32 @@ fn start_connect(to: SocketAddrV4) -> anyhow::Result<TcpStream> {
 }
 
 /// Sockets of the socket-health panels, kept open while they are sampled.
-type HealthSockets = (TcpListener, Vec<TcpStream>, UdpSocket);
+/// The thread holding the overflowing listener and the full UDP socket, in
+/// their namespace; it lets them go when told (or when this is dropped). It
+/// stays in the namespace because the agent reads a namespace's counters
+/// through /proc of a thread inside it.
+struct HealthSockets {
+    release: std::sync::mpsc::Sender<()>,
+    holder: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for HealthSockets {
+    fn drop(&mut self) {
+        let _ = self.release.send(());
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
+    }
+}
 
 /// On loopback in `ns`: a listener with backlog 4 that never accepts, hit by
 /// 20 connects (accept-queue overflows, a full queue, connections with an
 /// RTT), and a UDP socket with the smallest receive buffer that is never read,
-/// sent 64 datagrams (socket drops, reason SOCKET_RCVBUFF). Sockets stay in
-/// the namespace they were made in, so the thread can return them.
+/// sent 64 datagrams (socket drops, reason SOCKET_RCVBUFF).
 fn overflow_and_drop(ns: &Netns) -> anyhow::Result<HealthSockets> {
-    ns.spawn_thread(|| {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+    let holder = ns.spawn_thread(move || {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7036);
         let s = socket(
             AddressFamily::Inet,
@@ -296,10 +313,19 @@ fn overflow_and_drop(ns: &Netns) -> anyhow::Result<HealthSockets> {
         for _ in 0..64 {
             tx.send_to(&[0x56; 1000], rx.local_addr()?)?;
         }
-        Ok((TcpListener::from(s), streams, rx))
-    })?
-    .join()
-    .map_err(|_| anyhow!("thread in {} panicked", ns.name()))?
+        let _ = ready_tx.send(());
+        // Bounded: the test ends well within this.
+        let _ = released.recv_timeout(Duration::from_secs(120));
+        drop((TcpListener::from(s), streams, rx));
+        Ok(())
+    })?;
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("sockets in {} not ready", ns.name()))?;
+    Ok(HealthSockets {
+        release,
+        holder: Some(holder),
+    })
 }
 
 #[test]
