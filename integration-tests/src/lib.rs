@@ -205,6 +205,28 @@ impl Agent {
     }
 }
 
+/// Scrapes until the agent's total for `netns` reaches `kernel` (the ring is
+/// drained asynchronously), or 10 s pass; returns the last scrape either way.
+pub fn wait_for_segments(agent: &Agent, netns: &str, kernel: u64) -> anyhow::Result<String> {
+    let reached = wait_for(
+        Duration::from_secs(10),
+        "agent total to reach the kernel's",
+        || {
+            let text = agent.scrape()?;
+            Ok((metric_sum(
+                &text,
+                "vigil_tcp_retransmitted_segments_total",
+                &[("netns", netns)],
+            ) >= kernel)
+                .then_some(text))
+        },
+    );
+    match reached {
+        Ok(text) => Ok(text),
+        Err(_) => agent.scrape(),
+    }
+}
+
 /// Polls `f` until it returns Some, or fails after `timeout`.
 pub fn wait_for<T>(
     timeout: Duration,

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use vigil_integration_tests::{
-    bpf_available, metric_sum, read_event_log, tag, wait_for, Agent, Scenario, TempPath, TestCgroup,
+    bpf_available, metric_sum, read_event_log, tag, wait_for, wait_for_segments, Agent, Scenario,
+    TempPath, TestCgroup,
 };
 
 /// Transfers through a lossy veth link, then compares the agent's segment
@@ -47,7 +48,7 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
 
     let server_ns = scenario.link.server.inode()?.to_string();
     let client_ns = scenario.link.client.inode()?.to_string();
-    let text = wait_for_total(&agent, &server_ns, server)?;
+    let text = wait_for_segments(&agent, &server_ns, server)?;
     for probe in ["retransmit", "synack_retransmit"] {
         assert_eq!(
             metric_sum(&text, "vigil_events_lost_total", &[("probe", probe)]),
@@ -84,103 +85,6 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
 }
 
 const SEGMENTS: &str = "vigil_tcp_retransmitted_segments_total";
-
-/// Scrapes until the agent's total for `netns` reaches `kernel` (the ring is
-/// drained asynchronously), or 10 s pass; returns the last scrape either way.
-fn wait_for_total(agent: &Agent, netns: &str, kernel: u64) -> anyhow::Result<String> {
-    let reached = wait_for(
-        Duration::from_secs(10),
-        "agent total to reach the kernel's",
-        || {
-            let text = agent.scrape()?;
-            Ok((metric_sum(&text, SEGMENTS, &[("netns", netns)]) >= kernel).then_some(text))
-        },
-    );
-    match reached {
-        Ok(text) => Ok(text),
-        Err(_) => agent.scrape(),
-    }
-}
-
-/// Handshakes through a link that loses everything the server sends: the
-/// server retransmits SYN-ACKs and the client its SYN. Each side's total must
-/// equal its RetransSegs, and the SYN-ACK count the server's TCPSynRetrans
-/// (which counts exactly SYN-ACK retransmits on a namespace that only listens).
-#[test]
-fn handshake_retransmits_equal_kernel_counters() -> anyhow::Result<()> {
-    if !bpf_available("handshake_retransmits_equal_kernel_counters") {
-        return Ok(());
-    }
-    handshake_retransmits(false, 32)?;
-    handshake_retransmits(true, 33)
-}
-
-fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
-    let agent = Agent::start(&[])?;
-    let mut scenario = Scenario::start(&format!("{}{}", tag("hs"), u8::from(v6)), index, v6)?;
-    let segs_before = scenario.mib("Tcp", "RetransSegs")?;
-    let syn_before = scenario.mib("TcpExt", "TCPSynRetrans")?;
-    scenario.link.set_loss(scenario.port, 100)?;
-    let mut load = scenario.spawn_load(v6, 2, 1, 10.0)?;
-    std::thread::sleep(Duration::from_millis(3500));
-    scenario.link.set_loss(scenario.port, 0)?;
-    load.terminate(Duration::from_secs(10))?;
-    scenario.quiesce()?;
-    let segs_after = scenario.mib("Tcp", "RetransSegs")?;
-    let syn_after = scenario.mib("TcpExt", "TCPSynRetrans")?;
-    let server_synack = syn_after.0 - syn_before.0;
-    let client_syn = syn_after.1 - syn_before.1;
-    assert!(
-        server_synack > 0 && client_syn > 0,
-        "handshake retransmits happened: {server_synack} SYN-ACK, {client_syn} SYN"
-    );
-
-    let server_ns = scenario.link.server.inode()?.to_string();
-    let client_ns = scenario.link.client.inode()?.to_string();
-    let text = wait_for_total(&agent, &server_ns, segs_after.0 - segs_before.0)?;
-    assert_eq!(
-        metric_sum(
-            &text,
-            "vigil_tcp_synack_retransmits_total",
-            &[("netns", &server_ns)]
-        ),
-        server_synack,
-        "{text}"
-    );
-    assert_eq!(
-        metric_sum(&text, SEGMENTS, &[("netns", &server_ns)]),
-        segs_after.0 - segs_before.0,
-        "{text}"
-    );
-    assert_eq!(
-        metric_sum(&text, SEGMENTS, &[("netns", &client_ns)]),
-        segs_after.1 - segs_before.1,
-        "{text}"
-    );
-    // The SYN-ACKs belong to the listener's owner; the SYNs to the load generator.
-    assert!(
-        text.contains(&format!(
-            "vigil_tcp_synack_retransmits_total{{netns=\"{server_ns}\",cgroup=\""
-        )),
-        "{text}"
-    );
-    assert!(
-        !text.contains(&format!(
-            "{SEGMENTS}{{netns=\"{server_ns}\",cgroup=\"unknown\""
-        )),
-        "server side attributed: {text}"
-    );
-    assert!(
-        !text.contains(&format!(
-            "{SEGMENTS}{{netns=\"{client_ns}\",cgroup=\"unknown\""
-        )),
-        "client side attributed: {text}"
-    );
-    eprintln!(
-        "{server_synack} SYN-ACK and {client_syn} SYN retransmits, equal to the kernel's counters"
-    );
-    Ok(())
-}
 
 /// 1%, 5% and 20% loss, one fresh link pair each (subnet indices from `first_index`).
 fn each_loss_matches_kernel(test: &str, v6: bool, first_index: u8) -> anyhow::Result<()> {
