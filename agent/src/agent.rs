@@ -180,6 +180,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             otlp_logs,
             otlp_stats: otlp_stats.clone(),
             clock: MonotonicToWall::now(),
+            reconcile_every: Duration::from_millis(config.enrich.proc_reconcile_interval_ms),
         }
         .run(rx, snapshot_rx),
     );

@@ -106,6 +106,8 @@ impl Default for PipelineConfig {
 pub struct EnrichConfig {
     /// Least time between two /proc rescans triggered by unattributed events.
     pub proc_rescan_min_interval_ms: u64,
+    /// Socket owners are reconciled with /proc this often regardless of misses.
+    pub proc_reconcile_interval_ms: u64,
     /// Cached cgroup id -> path entries.
     pub cgroup_cache_entries: usize,
     /// Watch this node's pods in the Kubernetes API for their names and
@@ -120,6 +122,7 @@ impl Default for EnrichConfig {
     fn default() -> Self {
         EnrichConfig {
             proc_rescan_min_interval_ms: 1_000,
+            proc_reconcile_interval_ms: 60_000,
             cgroup_cache_entries: 4_096,
             kubernetes_api: true,
             pod_directory_entries: crate::kube_pods::DEFAULT_MAX_PODS,
@@ -268,6 +271,12 @@ impl Config {
             return invalid(
                 "probes.drop_reasons",
                 format!("`{bad}` is not a drop reason name (like SOCKET_RCVBUFF) or prefix (like TCP_*)"),
+            );
+        }
+        if self.enrich.proc_reconcile_interval_ms < 1_000 {
+            return invalid(
+                "enrich.proc_reconcile_interval_ms",
+                "must be at least 1000 (a /proc scan costs real time on a busy node)".into(),
             );
         }
         if self.metrics.max_series == 0 {

@@ -163,6 +163,8 @@ pub struct StateOwner {
     pub otlp_logs: Option<mpsc::Sender<LogRecordOut>>,
     pub otlp_stats: Arc<OtlpStats>,
     pub clock: MonotonicToWall,
+    /// How often socket owners are reconciled with /proc.
+    pub reconcile_every: std::time::Duration,
 }
 
 /// Attributes every record about a socket carries: OpenTelemetry semantic
@@ -239,8 +241,12 @@ impl StateOwner {
         mut snapshots: mpsc::Receiver<Snapshot>,
     ) {
         let mut processed: u64 = 0;
+        let mut reconcile = tokio::time::interval(self.reconcile_every);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconcile.tick().await; // the first tick is immediate; bootstrap just scanned
         loop {
             tokio::select! {
+                _ = reconcile.tick() => self.enricher.reconcile(),
                 batch = events.recv() => match batch {
                     Some(batch) => {
                         processed += batch.len() as u64;

@@ -155,6 +155,13 @@ impl Enricher {
         Some(found.to_owner(cgroup_id))
     }
 
+    /// The periodic reconcile with /proc: sockets whose owners changed hands
+    /// (fork, fd passing, exit) since the last scan are learnt again. Runs at
+    /// most once per `enrich.proc_rescan_min_interval_ms`, like miss-driven scans.
+    pub fn reconcile(&mut self) {
+        self.rescan_if_due();
+    }
+
     fn rescan_if_due(&mut self) -> bool {
         if self.last_scan.elapsed() < self.rescan_interval {
             return false;
