@@ -5,6 +5,7 @@
 use std::{
     fs::File,
     io::{BufWriter, Write},
+    net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -17,8 +18,7 @@ use crate::{
     clock::MonotonicToWall,
     enrich::{workload::PodRef, Enricher, Identity, SocketKey},
     events::{
-        tcp_state_name, DropEvent, Endpoints, KernelEvent, OwnerSource, RetransmitEvent,
-        RetransmitKind,
+        tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
     },
     export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity},
     metrics::Registry,
@@ -172,7 +172,8 @@ pub struct StateOwner {
 /// `vigil.*` otherwise.
 fn socket_attributes(
     netns: u32,
-    endpoints: Option<Endpoints>,
+    local: Option<SocketAddr>,
+    remote: Option<SocketAddr>,
     tcp_state: u32,
     who: &Identity,
     peer_pod: Option<String>,
@@ -185,23 +186,17 @@ fn socket_attributes(
             AttrValue::Str(tcp_state_name(tcp_state).into()),
         ),
     ];
-    if let Some(ep) = endpoints {
-        a.push((
-            "network.local.address".into(),
-            AttrValue::Str(ep.local.ip().to_string()),
-        ));
-        a.push((
-            "network.local.port".into(),
-            AttrValue::Int(i64::from(ep.local.port())),
-        ));
-        a.push((
-            "network.peer.address".into(),
-            AttrValue::Str(ep.remote.ip().to_string()),
-        ));
-        a.push((
-            "network.peer.port".into(),
-            AttrValue::Int(i64::from(ep.remote.port())),
-        ));
+    for (side, addr) in [("local", local), ("peer", remote)] {
+        if let Some(addr) = addr {
+            a.push((
+                format!("network.{side}.address"),
+                AttrValue::Str(addr.ip().to_string()),
+            ));
+            a.push((
+                format!("network.{side}.port"),
+                AttrValue::Int(i64::from(addr.port())),
+            ));
+        }
     }
     if let Some(pid) = who.pid {
         a.push(("process.pid".into(), AttrValue::Int(i64::from(pid))));
@@ -358,16 +353,14 @@ impl StateOwner {
         }
         let Some(tx) = &self.otlp_logs else { return };
         for o in overflows {
-            let mut attributes =
-                socket_attributes(o.netns, None, vigil_abi::TCP_LISTEN, &o.who, None);
-            attributes.push((
-                "network.local.address".into(),
-                AttrValue::Str(o.local.ip().to_string()),
-            ));
-            attributes.push((
-                "network.local.port".into(),
-                AttrValue::Int(i64::from(o.local.port())),
-            ));
+            let mut attributes = socket_attributes(
+                o.netns,
+                Some(o.local),
+                None,
+                vigil_abi::TCP_LISTEN,
+                &o.who,
+                None,
+            );
             attributes.push((
                 "vigil.event".into(),
                 AttrValue::Str("listen_overflow".into()),
@@ -401,8 +394,14 @@ impl StateOwner {
             let record = match e {
                 KernelEvent::Retransmit(r) if r.counted_segments() > 0 => {
                     let peer = self.enricher.peer_pod(r.endpoints.remote.ip());
-                    let mut attributes =
-                        socket_attributes(r.netns, Some(r.endpoints), r.tcp_state, who, peer);
+                    let mut attributes = socket_attributes(
+                        r.netns,
+                        Some(r.endpoints.local),
+                        Some(r.endpoints.remote),
+                        r.tcp_state,
+                        who,
+                        peer,
+                    );
                     attributes.push((
                         "vigil.event".into(),
                         AttrValue::Str(
@@ -432,8 +431,14 @@ impl StateOwner {
                     let peer = d
                         .endpoints
                         .and_then(|ep| self.enricher.peer_pod(ep.remote.ip()));
-                    let mut attributes =
-                        socket_attributes(d.netns, d.endpoints, d.tcp_state, who, peer);
+                    let mut attributes = socket_attributes(
+                        d.netns,
+                        d.endpoints.map(|ep| ep.local),
+                        d.endpoints.map(|ep| ep.remote),
+                        d.tcp_state,
+                        who,
+                        peer,
+                    );
                     let reason = reasons
                         .as_ref()
                         .map_or_else(|| d.reason.to_string(), |r| r.health.reason_name(d.reason));
