@@ -315,6 +315,15 @@ impl StateOwner {
         }
     }
 
+    /// Queues an OTLP log record; a full queue drops it and counts it.
+    fn send_log(&self, tx: &mpsc::Sender<LogRecordOut>, record: LogRecordOut) {
+        if tx.try_send(record).is_err() {
+            self.otlp_stats
+                .log_records_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Overflows as event-log lines and OTLP log records (one per listener
     /// that dropped handshakes since the last sample).
     fn record_overflows(&mut self, overflows: &[Overflow]) {
@@ -377,11 +386,7 @@ impl StateOwner {
                 trace_id: None,
                 span_id: None,
             };
-            if tx.try_send(record).is_err() {
-                self.otlp_stats
-                    .log_records_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.send_log(tx, record);
         }
     }
 
@@ -454,11 +459,7 @@ impl StateOwner {
                     }
                 }
             };
-            if tx.try_send(record).is_err() {
-                self.otlp_stats
-                    .log_records_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.send_log(tx, record);
         }
     }
 
