@@ -71,10 +71,10 @@ fn series_stay_under_the_limit_with_many_pods() -> anyhow::Result<()> {
     // Drop every answer from the server: no SYN-ACK, no RST reaches the clients.
     link.set_loss(port, 100)?;
     let root = format!("vigil-it-{}", tag("card"));
-    let mut cgroups = Vec::with_capacity(PODS);
+    let mut cgroups = DeepestFirst(Vec::with_capacity(PODS));
     for i in 0..PODS {
         let uid = format!("00000000-0000-4000-8000-{i:012x}");
-        cgroups.push(TestCgroup::create(&format!(
+        cgroups.0.push(TestCgroup::create(&format!(
             "{root}/kubepods/burstable/pod{uid}"
         ))?);
     }
@@ -92,7 +92,7 @@ fn series_stay_under_the_limit_with_many_pods() -> anyhow::Result<()> {
         .arg(link.server_addr(false).to_string())
         .arg(port.to_string())
         .arg(CONNECTIONS_PER_POD.to_string())
-        .args(cgroups.iter().map(|c| c.procs()))
+        .args(cgroups.0.iter().map(|c| c.procs()))
         .status()
         .context("running the fake pods")?;
     anyhow::ensure!(status.success(), "fake pods failed: {status}");
@@ -165,9 +165,17 @@ fn series_stay_under_the_limit_with_many_pods() -> anyhow::Result<()> {
         "cardinality: {PODS} pods, {kernel} SYN retransmits, {} series (limit {MAX_SERIES}), {overflowed} segments in the overflow series; RSS idle {idle_rss} KiB, peak {peak} KiB",
         series.len()
     );
-    // Pods' cgroups go deepest-first (the first one created the parents).
-    while let Some(c) = cgroups.pop() {
-        drop(c);
-    }
     Ok(())
+}
+
+/// The pods' cgroups, removed last-made first on every exit path: the first
+/// one also made the parents, which must go after every pod.
+struct DeepestFirst(Vec<TestCgroup>);
+
+impl Drop for DeepestFirst {
+    fn drop(&mut self) {
+        while let Some(c) = self.0.pop() {
+            drop(c);
+        }
+    }
 }
