@@ -23,7 +23,7 @@ use crate::{
     export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity},
     metrics::Registry,
     sampler::{Sample, Snapshot},
-    socket_health::Overflow,
+    socket_health::{Overflow, SocketHealth},
     sources::Batch,
 };
 
@@ -269,7 +269,6 @@ impl StateOwner {
                 }
             })
             .collect();
-        self.export_logs(&batch, &identities);
         let Ok(mut registry) = self.registry.lock() else {
             return;
         };
@@ -279,6 +278,7 @@ impl StateOwner {
                 KernelEvent::Drop(d) => registry.record_drop(d, who),
             }
         }
+        self.export_logs(&batch, &identities, &registry.health);
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
         registry.proc_socket_entries = self.enricher.proc_sockets();
         let Some(log) = &mut self.event_log else {
@@ -392,9 +392,8 @@ impl StateOwner {
 
     /// One OTLP log record per retransmit that the kernel counted and per
     /// drop; a full queue drops the record and counts it.
-    fn export_logs(&self, batch: &Batch, identities: &[Identity]) {
+    fn export_logs(&self, batch: &Batch, identities: &[Identity], health: &SocketHealth) {
         let Some(tx) = &self.otlp_logs else { return };
-        let reasons = self.registry.lock().ok();
         for (e, who) in batch.iter().zip(identities) {
             let record = match e {
                 KernelEvent::Retransmit(r) if r.counted_segments() > 0 => {
@@ -444,9 +443,7 @@ impl StateOwner {
                         who,
                         peer,
                     );
-                    let reason = reasons
-                        .as_ref()
-                        .map_or_else(|| d.reason.to_string(), |r| r.health.reason_name(d.reason));
+                    let reason = health.reason_name(d.reason);
                     attributes.push(("vigil.event".into(), AttrValue::Str("socket_drop".into())));
                     attributes.push(("vigil.drop.reason".into(), AttrValue::Str(reason)));
                     LogRecordOut {

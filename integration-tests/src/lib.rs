@@ -479,6 +479,23 @@ impl Scenario {
         serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
     }
 
+    /// Load through `loss_percent` loss for `secs` (requests without end, so
+    /// connections span the whole time), then `quiesce`; returns the
+    /// (server, client) Tcp RetransSegs deltas, which are then final.
+    pub fn retransmits_under_loss(
+        &mut self,
+        loss_percent: u8,
+        connections: u32,
+        secs: f64,
+    ) -> anyhow::Result<(u64, u64)> {
+        let before = self.mib("Tcp", "RetransSegs")?;
+        self.link.set_loss(self.port, loss_percent)?;
+        self.run_load(false, connections, 1_000_000, secs)?;
+        self.quiesce()?;
+        let after = self.mib("Tcp", "RetransSegs")?;
+        Ok((after.0 - before.0, after.1 - before.1))
+    }
+
     /// Ends all traffic: loss off, origin stopped, and waits until neither
     /// namespace holds a TCP socket that could still send, so counters are final.
     pub fn quiesce(&mut self) -> anyhow::Result<()> {

@@ -114,11 +114,7 @@ fn otlp_export_matches_the_kernel() -> anyhow::Result<()> {
         ],
     )?;
     let mut scenario = Scenario::start(&tag("otlp"), 62, false)?;
-    let before = scenario.mib("Tcp", "RetransSegs")?.0;
-    scenario.link.set_loss(scenario.port, 10)?;
-    scenario.run_load(false, 4, 1_000_000, 3.0)?;
-    scenario.quiesce()?;
-    let kernel = scenario.mib("Tcp", "RetransSegs")?.0 - before;
+    let (kernel, _) = scenario.retransmits_under_loss(10, 4, 3.0)?;
     assert!(kernel > 0, "10% loss causes retransmits");
     let netns = scenario.server_netns()?.to_string();
 

@@ -352,13 +352,9 @@ fn prometheus_sees_the_kernel_total_and_dashboards_evaluate() -> anyhow::Result<
     // keeps only the load's retransmits, which are compared exactly below.
     let health_ns = Netns::create(&format!("vigil-{}-q", tag("prom")))?;
     let health_sockets = overflow_and_drop(&health_ns)?;
-    let before = scenario.mib("Tcp", "RetransSegs")?.0;
-    scenario.link.set_loss(scenario.port, 10)?;
-    // Requests without end, cut at 3 s: retransmits and connections span
-    // several scrapes, so rates and ratios of rates have points.
-    scenario.run_load(false, 4, 1_000_000, 3.0)?;
-    scenario.quiesce()?;
-    let kernel = scenario.mib("Tcp", "RetransSegs")?.0 - before;
+    // 3 s of load: retransmits and connections span several scrapes, so
+    // rates and ratios of rates have points.
+    let (kernel, _) = scenario.retransmits_under_loss(10, 4, 3.0)?;
     assert!(kernel > 0, "10% loss causes retransmits");
 
     let netns = scenario.link.server.inode()?;

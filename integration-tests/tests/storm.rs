@@ -27,12 +27,8 @@ fn ring_overflow_is_counted_and_totals_reconcile() -> anyhow::Result<()> {
         &[],
     )?;
     let mut scenario = Scenario::start(&tag("storm"), 60, false)?;
-    let before = scenario.mib("Tcp", "RetransSegs")?;
-    scenario.link.set_loss(scenario.port, 20)?;
-    scenario.run_load(false, 8, 1_000_000, 4.0)?;
-    scenario.quiesce()?;
-    let after = scenario.mib("Tcp", "RetransSegs")?;
-    let kernel = [after.0 - before.0, after.1 - before.1];
+    let (server, client) = scenario.retransmits_under_loss(20, 8, 4.0)?;
+    let kernel = [server, client];
     assert!(kernel[0] > 0, "20% loss causes retransmits");
     let namespaces = [
         scenario.link.server.inode()?.to_string(),
