@@ -14,6 +14,7 @@ use crate::{
     cardinality::SeriesBudget,
     clock::MonotonicToWall,
     config::Config,
+    correlate::ledger::ConnectionLedger,
     enrich::Enricher,
     export::otlp::{self, OtlpStats},
     export::prometheus::{self, MetricsSource},
@@ -172,6 +173,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let ledger = Arc::new(Mutex::new(ConnectionLedger::new(
+        config.correlate.ledger_connections,
+        config.correlate.ledger_events_per_connection,
+        Duration::from_secs(config.correlate.ledger_retention_secs),
+    )));
     let state_task = tokio::spawn(
         StateOwner {
             enricher,
@@ -181,6 +187,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             otlp_stats: otlp_stats.clone(),
             clock: MonotonicToWall::now(),
             reconcile_every: Duration::from_millis(config.enrich.proc_reconcile_interval_ms),
+            ledger: ledger.clone(),
         }
         .run(rx, snapshot_rx),
     );

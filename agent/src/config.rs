@@ -17,6 +17,7 @@ pub struct Config {
     pub enrich: EnrichConfig,
     pub sampler: SamplerConfig,
     pub metrics: MetricsConfig,
+    pub correlate: CorrelateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -168,6 +169,30 @@ impl Default for MetricsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorrelateConfig {
+    /// Connections whose kernel events are kept for joining spans with.
+    pub ledger_connections: usize,
+    /// Events kept per connection (the oldest go first).
+    pub ledger_events_per_connection: usize,
+    /// How long a connection's events are kept after it was last seen.
+    pub ledger_retention_secs: u64,
+    /// Traces `vigil explain` can answer for (the least recently seen go first).
+    pub trace_index_entries: usize,
+}
+
+impl Default for CorrelateConfig {
+    fn default() -> Self {
+        CorrelateConfig {
+            ledger_connections: 16_384,
+            ledger_events_per_connection: 256,
+            ledger_retention_secs: 300,
+            trace_index_entries: 4_096,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
@@ -281,6 +306,24 @@ impl Config {
         }
         if self.metrics.max_series == 0 {
             return invalid("metrics.max_series", "must be at least 1".into());
+        }
+        for (field, value) in [
+            (
+                "correlate.ledger_connections",
+                self.correlate.ledger_connections,
+            ),
+            (
+                "correlate.ledger_events_per_connection",
+                self.correlate.ledger_events_per_connection,
+            ),
+            (
+                "correlate.trace_index_entries",
+                self.correlate.trace_index_entries,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
         }
         if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
             return invalid("sampler.interval_ms", "must be 10..=3600000".into());

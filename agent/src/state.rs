@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     clock::MonotonicToWall,
+    correlate::ledger::{ConnKey, ConnectionLedger, LedgerEvent, QueueFill},
     enrich::{workload::PodRef, Enricher, Identity, SocketKey},
     events::{
         tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
@@ -165,6 +166,8 @@ pub struct StateOwner {
     pub clock: MonotonicToWall,
     /// How often socket owners are reconciled with /proc.
     pub reconcile_every: std::time::Duration,
+    /// Per-connection history that received spans are joined with.
+    pub ledger: Arc<Mutex<ConnectionLedger>>,
 }
 
 /// Attributes every record about a socket carries: OpenTelemetry semantic
@@ -228,6 +231,12 @@ fn socket_attributes(
     a
 }
 
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 impl StateOwner {
     /// Runs until the event sources hang up; snapshots are taken while they last.
     pub async fn run(
@@ -279,6 +288,7 @@ impl StateOwner {
             }
         }
         self.export_logs(&batch, &identities, &registry.health);
+        self.remember(&batch, &registry.health);
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
         registry.proc_socket_entries = self.enricher.proc_sockets();
         let Some(log) = &mut self.event_log else {
@@ -315,6 +325,44 @@ impl StateOwner {
         }
     }
 
+    /// Keeps each counted retransmit and each drop in the connection ledger.
+    fn remember(&self, batch: &Batch, health: &SocketHealth) {
+        let Ok(mut ledger) = self.ledger.lock() else {
+            return;
+        };
+        for e in batch {
+            let (key, at, what) = match e {
+                KernelEvent::Retransmit(r) if r.counted_segments() > 0 => (
+                    ConnKey {
+                        netns: r.netns,
+                        local: r.endpoints.local,
+                        remote: r.endpoints.remote,
+                    },
+                    r.ts_ns,
+                    LedgerEvent::Retransmit {
+                        segments: r.counted_segments(),
+                    },
+                ),
+                KernelEvent::Drop(d) => match d.endpoints {
+                    Some(ep) if !d.at_listener() => (
+                        ConnKey {
+                            netns: d.netns,
+                            local: ep.local,
+                            remote: ep.remote,
+                        },
+                        d.ts_ns,
+                        LedgerEvent::Drop {
+                            reason: health.reason_name(d.reason),
+                        },
+                    ),
+                    _ => continue,
+                },
+                KernelEvent::Retransmit(_) => continue,
+            };
+            ledger.record(key, self.clock.to_unix_ns(at), what);
+        }
+    }
+
     /// Queues an OTLP log record; a full queue drops it and counts it.
     fn send_log(&self, tx: &mpsc::Sender<LogRecordOut>, record: LogRecordOut) {
         if tx.try_send(record).is_err() {
@@ -330,9 +378,7 @@ impl StateOwner {
         if overflows.is_empty() {
             return;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let now = unix_now_ns();
         if let Some(log) = &mut self.event_log {
             let written = overflows
                 .iter()
@@ -504,5 +550,38 @@ impl StateOwner {
         registry.proc_socket_entries = self.enricher.proc_sockets();
         drop(registry);
         self.record_overflows(&overflows);
+        self.remember_samples(&snapshot);
+    }
+
+    /// RTT of every connection and accept-queue fill of every listener, for
+    /// joining spans with.
+    fn remember_samples(&self, snapshot: &Snapshot) {
+        let Ok(mut ledger) = self.ledger.lock() else {
+            return;
+        };
+        let now = unix_now_ns();
+        for sample in &snapshot.samples {
+            match sample {
+                Sample::Listener(l) => ledger.observe_listener(
+                    l.netns,
+                    l.local,
+                    now,
+                    QueueFill {
+                        len: l.queue_len,
+                        cap: l.queue_cap,
+                    },
+                ),
+                Sample::Connection(c) => ledger.observe_connection(
+                    ConnKey {
+                        netns: c.netns,
+                        local: c.endpoints.local,
+                        remote: c.endpoints.remote,
+                    },
+                    now,
+                    c.srtt_us,
+                ),
+            }
+        }
+        ledger.expire(now);
     }
 }
