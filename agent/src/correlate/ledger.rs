@@ -84,7 +84,6 @@ impl ConnectionLedger {
 
     fn history(&mut self, key: ConnKey, now: u64) -> &mut ConnHistory {
         if !self.connections.contains_key(&key) {
-            self.expire(now);
             while self.connections.len() >= self.max_connections {
                 let Some(oldest) = self.order.pop_front() else {
                     break;
@@ -100,28 +99,14 @@ impl ConnectionLedger {
         h
     }
 
-    /// Forgets connections and listeners not seen within the retention.
+    /// Forgets connections and listeners not seen within the retention; one
+    /// pass over the ledger, so the state owner calls it once per socket sample.
     pub fn expire(&mut self, now: u64) {
         let horizon = now.saturating_sub(self.retention_ns);
-        while let Some(key) = self.order.front() {
-            match self.connections.get(key) {
-                Some(h) if h.last_seen_unix_ns >= horizon => break,
-                _ => {
-                    let key = *key;
-                    self.order.pop_front();
-                    // Seen again since: it goes to the back instead.
-                    if self
-                        .connections
-                        .get(&key)
-                        .is_some_and(|h| h.last_seen_unix_ns >= horizon)
-                    {
-                        self.order.push_back(key);
-                    } else {
-                        self.connections.remove(&key);
-                    }
-                }
-            }
-        }
+        self.connections
+            .retain(|_, h| h.last_seen_unix_ns >= horizon);
+        let connections = &self.connections;
+        self.order.retain(|k| connections.contains_key(k));
         self.listeners
             .retain(|_, samples| samples.back().is_some_and(|s| s.at_unix_ns >= horizon));
     }
@@ -221,12 +206,8 @@ mod tests {
         assert_eq!(l.connections_evicted, 1);
         assert!(l.connection(&key(1)).is_none(), "the oldest goes first");
         // Eleven seconds later key(2) and key(3) are past retention.
-        l.record(
-            key(4),
-            11_000_000_000 + 6,
-            LedgerEvent::Retransmit { segments: 1 },
-        );
-        assert_eq!(l.len(), 1);
+        l.expire(11_000_000_000 + 6);
+        assert!(l.is_empty());
         assert_eq!(l.connections_evicted, 1, "expiry is not eviction");
     }
 
