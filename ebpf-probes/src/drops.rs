@@ -11,18 +11,21 @@
 //! measured on 6.18), and the datagram drops the first one reports also reach
 //! `kfree_skb` with reason SOCKET_RCVBUFF.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext, Global,
 };
 use vigil_abi::{
-    DropReasonSet, DropRecord, EventKind, LossReason, LossSlot, SockOwner, SockTuple,
+    DropReasonSet, DropRecord, EventKind, LossReason, LossSlot,
     DROP_REASON_WORDS, TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
 };
 
 use crate::{
+    http_capture::current_stamp,
     kernel::{layout, netns_inode, read, tuple},
     owners::VIGIL_SOCKS,
-    ring::{count_loss, submit},
+    ring::{count_loss, submit_in_place},
 };
 
 /// Drop reasons to report (bits by `enum skb_drop_reason` value); set by the agent.
@@ -68,20 +71,15 @@ fn try_drop(ctx: &BtfTracePointContext, reason: u32) -> Result<(), i64> {
     } else {
         read::<u64>(skb, l.skb_sk)?
     };
-    let mut record = DropRecord {
-        kind: EventKind::SocketDrop as u32,
-        reason,
+    submit_in_place(LossSlot::SocketDrop, |record: &mut DropRecord| {
+        record.kind = EventKind::SocketDrop as u32;
+        record.reason = reason;
         // SAFETY: plain helper call without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        sk_addr: sk,
-        netns: 0,
-        state: 0,
-        protocol: 0,
-        _pad: 0,
-        tuple: SockTuple::default(),
-        owner: SockOwner::default(),
-    };
-    if sk != 0 {
+        record.ts_ns = unsafe { bpf_ktime_get_ns() };
+        record.sk_addr = sk;
+        if sk == 0 {
+            return Ok(());
+        }
         record.state = u32::from(read::<u8>(sk, l.skc_state)?);
         record.netns = netns_inode(&l, sk)?;
         record.tuple = tuple(&l, sk)?;
@@ -93,7 +91,12 @@ fn try_drop(ctx: &BtfTracePointContext, reason: u32) -> Result<(), i64> {
         if let Some(state) = unsafe { VIGIL_SOCKS.get(sk) } {
             record.owner = state.owner;
         }
-    }
-    submit(&record, LossSlot::SocketDrop);
+        // The receive path names the socket as a typed pointer: its capture
+        // state says which message it was receiving.
+        if rx_sk != 0 {
+            record.trace = current_stamp(ctx.arg::<*mut c_void>(3));
+        }
+        Ok(())
+    })?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod drops;
+mod http_capture;
 mod kernel;
 mod owners;
 mod retransmit;

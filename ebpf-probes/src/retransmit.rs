@@ -13,12 +13,19 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::debug;
+use core::ffi::c_void;
+
 use vigil_abi::{
     EventKind, KernelLayout, LossReason, LossSlot, RetransmitRecord, SockOwner, SockState,
-    COUNT_UNKNOWN,
+    TraceStamp, COUNT_UNKNOWN,
 };
 
+/// TCP header flags as `tcp_skb_cb.tcp_flags` holds them.
+const TCPHDR_FIN: u8 = 0x01;
+const TCPHDR_SYN: u8 = 0x02;
+
 use crate::{
+    http_capture::stamp_for,
     kernel::{layout, netns_inode, read, tuple},
     owners::VIGIL_SOCKS,
     ring::{count_loss, submit},
@@ -44,6 +51,13 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let state = u32::from(read::<u8>(sk, l.skc_state)?);
     let total_retrans: u32 = read(sk, l.tcp_total_retrans)?;
     let (counted, owner) = look(sk, total_retrans);
+    // The request whose bytes the segment carries (SYN and FIN carry none).
+    let seq: u32 = read(skb, l.skb_cb + l.tcp_skb_cb_seq)?;
+    let end_seq: u32 = read(skb, l.skb_cb + l.tcp_skb_cb_end_seq)?;
+    let flags: u8 = read(skb, l.skb_cb + l.tcp_skb_cb_tcp_flags)?;
+    let control = u32::from(flags & TCPHDR_FIN != 0) + u32::from(flags & TCPHDR_SYN != 0);
+    let has_payload = end_seq.wrapping_sub(seq) > control;
+    let trace = stamp_for(sk as *mut c_void, seq, has_payload);
     let sample = Sample {
         kind: EventKind::Retransmit,
         slot: LossSlot::Retransmit,
@@ -63,6 +77,7 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
         } else {
             0
         },
+        trace,
     };
     if emit(&l, &sample)? {
         // Only a delivered record moves the baseline: the segments of a lost
@@ -141,6 +156,7 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
             counted: 1,
             owner,
             lost_for_good: 1,
+            trace: TraceStamp::NONE,
         },
     )?;
     Ok(())
@@ -163,6 +179,7 @@ pub struct Sample {
     pub owner: SockOwner,
     /// Segments no later record can carry if this one is lost.
     pub lost_for_good: u32,
+    pub trace: TraceStamp,
 }
 
 /// Fills and submits one retransmit record; whether it reached the ring.
@@ -183,6 +200,7 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
         _pad: 0,
         tuple: tuple(l, s.tuple_skc)?,
         owner: s.owner,
+        trace: s.trace,
     };
     let delivered = submit(&record, s.slot);
     if !delivered && s.lost_for_good > 0 {

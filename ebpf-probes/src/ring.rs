@@ -29,13 +29,7 @@ pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) -> bool {
     match VIGIL_EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(*record);
-            let pending = VIGIL_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-            let wakeup = if pending >= VIGIL_WAKEUP_BYTES.load() {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(u64::from(wakeup));
+            entry.submit(wakeup_flags());
             true
         }
         None => {
@@ -43,6 +37,48 @@ pub fn submit<T: Copy + 'static>(record: &T, slot: LossSlot) -> bool {
             false
         }
     }
+}
+
+/// Builds a record in place in the ring, from zero: for records too big to
+/// sit on the 512-byte BPF stack next to what builds them. A failed `fill`
+/// discards the entry. Returns whether the record got in.
+#[inline(always)]
+pub fn submit_in_place<T: 'static>(
+    slot: LossSlot,
+    fill: impl FnOnce(&mut T) -> Result<(), i64>,
+) -> Result<bool, i64> {
+    let Some(mut entry) = VIGIL_EVENTS.reserve::<T>(0) else {
+        count_loss(slot, LossReason::RingFull);
+        return Ok(false);
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: the reservation holds one T; records are plain old data, so
+    // all-zero bytes are a valid value to fill in.
+    let filled = unsafe {
+        core::ptr::write_bytes(record, 0, 1);
+        fill(&mut *record)
+    };
+    match filled {
+        Ok(()) => {
+            entry.submit(wakeup_flags());
+            Ok(true)
+        }
+        Err(e) => {
+            entry.discard(0);
+            Err(e)
+        }
+    }
+}
+
+/// Wake the agent only once enough bytes wait (see `VIGIL_WAKEUP_BYTES`).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let pending = VIGIL_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    u64::from(if pending >= VIGIL_WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    })
 }
 
 #[inline(always)]

@@ -99,7 +99,11 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         css_set_dfl_cgrp: sized(btf, "css_set.dfl_cgrp", 8)?,
         cgroup_kn: sized(btf, "cgroup.kn", 8)?,
         kernfs_node_id: sized(btf, "kernfs_node.id", 8)?,
-        _pad: 0,
+        tcp_skb_cb_seq: sized(btf, "tcp_skb_cb.seq", 4)?,
+        tcp_skb_cb_end_seq: sized(btf, "tcp_skb_cb.end_seq", 4)?,
+        // u8 before 6.x, u16 since; the programs read its low (first) byte.
+        tcp_skb_cb_tcp_flags: sized(btf, "tcp_skb_cb.tcp_flags", 2)
+            .or_else(|_| sized(btf, "tcp_skb_cb.tcp_flags", 1))?,
     })
 }
 
@@ -126,5 +130,6 @@ mod tests {
         assert_eq!(layout.skc_rcv_saddr, 4);
         // tcp_skb_cb: seq, end_seq, then the gso_segs union.
         assert_eq!(layout.tcp_skb_cb_gso_segs, 8);
+        assert_eq!((layout.tcp_skb_cb_seq, layout.tcp_skb_cb_end_seq), (0, 4));
     }
 }

@@ -15,7 +15,10 @@ use std::fmt;
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, Iter, ProgramFd, TracePoint},
+    programs::{
+        links::CgroupAttachMode, BtfTracePoint, CgroupSkb, CgroupSkbAttachType, Iter, ProgramFd,
+        TracePoint,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use tracing::{info, warn};
@@ -34,6 +37,7 @@ pub enum Signal {
     SocketOwnership,
     SocketDrop,
     SocketSampling,
+    TraceContext,
 }
 
 impl fmt::Display for Signal {
@@ -44,6 +48,7 @@ impl fmt::Display for Signal {
             Signal::SocketOwnership => "socket_ownership",
             Signal::SocketDrop => "socket_drop",
             Signal::SocketSampling => "socket_sampling",
+            Signal::TraceContext => "trace_context",
         })
     }
 }
@@ -60,6 +65,8 @@ enum Attach {
     },
     /// BPF iterator; loaded here, read once per sample by the sampler.
     Iter { target: &'static str },
+    /// cgroup_skb program on the cgroup v2 root (every socket of the node).
+    CgroupSkb { attach_type: CgroupSkbAttachType },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +142,22 @@ const HOOKS: &[HookSpec] = &[
         },
     },
     HookSpec {
+        name: "cgroup_skb/ingress",
+        signal: Signal::TraceContext,
+        program: "vigil_http_in",
+        attach: Attach::CgroupSkb {
+            attach_type: CgroupSkbAttachType::Ingress,
+        },
+    },
+    HookSpec {
+        name: "cgroup_skb/egress",
+        signal: Signal::TraceContext,
+        program: "vigil_http_out",
+        attach: Attach::CgroupSkb {
+            attach_type: CgroupSkbAttachType::Egress,
+        },
+    },
+    HookSpec {
         name: "iter/task_file",
         signal: Signal::SocketSampling,
         program: "vigil_sock_iter",
@@ -206,6 +229,9 @@ pub struct LoadOptions {
     pub kernel_debug_logs: bool,
     /// Drop-reason patterns (`probes.drop_reasons`).
     pub drop_reasons: Vec<String>,
+    /// The cgroup v2 hierarchy's root directory, where the trace-context
+    /// capture attaches (None: the cgroup2 mount of this process).
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// The loaded, attached programs. Dropping detaches everything.
@@ -232,6 +258,8 @@ pub struct LossMaps {
     pub events: PerCpuArray<MapData, u64>,
     /// Retransmitted segments whose record was lost for good, per netns, per CPU.
     pub segments: PerCpuHashMap<MapData, u32, u64>,
+    /// HTTP messages the capture hooks saw, per `CaptureOutcome`, per CPU.
+    pub capture: PerCpuArray<MapData, u64>,
 }
 
 impl Probes {
@@ -277,7 +305,7 @@ impl Probes {
             let status = if opts.disable_hooks.iter().any(|d| d == spec.name) {
                 HookStatus::Disabled
             } else {
-                match attach(&mut ebpf, spec, &kernel_btf) {
+                match attach(&mut ebpf, spec, &kernel_btf, opts.cgroup_root.as_deref()) {
                     Ok(()) => HookStatus::Active,
                     Err(reason) => HookStatus::Unavailable(reason),
                 }
@@ -314,6 +342,9 @@ impl Probes {
         }
         if !probes.signal_active(Signal::SocketSampling) {
             warn!("socket iterator missing: listen queues and RTT are not sampled");
+        }
+        if !probes.signal_active(Signal::TraceContext) {
+            warn!("trace-context capture hooks missing: kernel events carry no trace ids (spans received over OTLP are still joined)");
         }
         if !probes.signal_active(Signal::SocketOwnership) {
             warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
@@ -363,7 +394,8 @@ impl Probes {
                 | aya::maps::Map::PerCpuArray(m)
                 | aya::maps::Map::LruHashMap(m)
                 | aya::maps::Map::PerCpuLruHashMap(m)
-                | aya::maps::Map::Array(m) => m.info().map(|i| i.id()).ok(),
+                | aya::maps::Map::Array(m)
+                | aya::maps::Map::SkStorage(m) => m.info().map(|i| i.id()).ok(),
                 _ => None,
             };
             if let Some(id) = id {
@@ -422,11 +454,17 @@ impl Probes {
                 source,
             }
         })?;
+        let capture =
+            PerCpuArray::try_from(take("VIGIL_CAPTURE")?).map_err(|source| LoadError::Map {
+                name: "VIGIL_CAPTURE",
+                source,
+            })?;
         Ok(ProbeMaps {
             events,
             losses: LossMaps {
                 events: lost,
                 segments,
+                capture,
             },
         })
     }
@@ -446,7 +484,12 @@ impl Probes {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &HookSpec,
+    btf: &Btf,
+    cgroup_root: Option<&std::path::Path>,
+) -> Result<(), String> {
     let program = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
@@ -470,6 +513,23 @@ fn attach(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
         Attach::Iter { target } => {
             let p: &mut Iter = program.try_into().map_err(|e| format!("{e}"))?;
             p.load(target, btf).map_err(|e| describe("load", &e))?;
+        }
+        Attach::CgroupSkb { attach_type } => {
+            let root = match cgroup_root {
+                Some(root) => root.to_owned(),
+                None => std::fs::read_to_string("/proc/self/mountinfo")
+                    .ok()
+                    .and_then(|m| crate::enrich::cgroups::cgroup2_mount(&m))
+                    .ok_or("no cgroup v2 hierarchy is mounted")?,
+            };
+            let dir = std::fs::File::open(&root)
+                .map_err(|e| format!("cannot open cgroup root {}: {e}", root.display()))?;
+            let p: &mut CgroupSkb = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load().map_err(|e| describe("load", &e))?;
+            // A link (fd-bound, gone with the agent). Links always run next
+            // to other programs on the cgroup; the kernel wants no mode flag.
+            p.attach(&dir, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| describe("attach", &e))?;
         }
     }
     Ok(())

@@ -30,6 +30,8 @@ pub enum EventKind {
     RetransmitUnseen = 3,
     /// The kernel dropped a packet of a socket for a reason Vigil watches.
     SocketDrop = 4,
+    /// An HTTP/1.1 message carrying a `traceparent` header crossed a socket.
+    TraceContext = 5,
 }
 
 /// `RetransmitRecord::counted` when the kernel side had no baseline for the socket.
@@ -42,6 +44,7 @@ pub enum LossSlot {
     Retransmit = 0,
     SynAckRetransmit = 1,
     SocketDrop = 2,
+    TraceContext = 3,
 }
 
 /// Why an event never reached the agent.
@@ -56,7 +59,7 @@ pub enum LossReason {
 
 const LOSS_REASONS: u32 = 2;
 /// Entries of the per-CPU `VIGIL_LOST` array.
-pub const LOSS_SLOTS: u32 = 3 * LOSS_REASONS;
+pub const LOSS_SLOTS: u32 = 4 * LOSS_REASONS;
 
 /// Index of a (probe, reason) counter in `VIGIL_LOST`.
 pub const fn loss_index(slot: LossSlot, reason: LossReason) -> u32 {
@@ -131,6 +134,126 @@ pub struct RetransmitRecord {
     pub _pad: u32,
     pub tuple: SockTuple,
     pub owner: SockOwner,
+    /// Trace context of the request whose bytes this segment carries.
+    pub trace: TraceStamp,
+}
+
+/// Characters of a version-00 W3C `traceparent` value.
+pub const TRACEPARENT_LEN: usize = 55;
+
+/// A `traceparent` value as it crossed the wire: copied, never interpreted, in
+/// the kernel; the agent validates it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceStamp {
+    pub raw: [u8; TRACEPARENT_LEN],
+    /// 1 when `raw` holds a value; 0: no trace context.
+    pub present: u8,
+}
+
+impl TraceStamp {
+    pub const NONE: TraceStamp = TraceStamp {
+        raw: [0; TRACEPARENT_LEN],
+        present: 0,
+    };
+}
+
+impl Default for TraceStamp {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+/// Directions of `TraceSlot` and `TraceRecord::role`.
+pub const DIR_RECEIVED: u8 = 1;
+pub const DIR_SENT: u8 = 2;
+/// Message kinds of `TraceRecord::role` (bits 4..8).
+pub const MSG_REQUEST: u8 = 1;
+pub const MSG_RESPONSE: u8 = 2;
+
+/// The trace context of one HTTP message and the first byte of this socket's
+/// send stream it governs: what this side sends from `boundary` on answers
+/// (or is) that message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceSpan {
+    pub stamp: TraceStamp,
+    /// TCP sequence number in this socket's send direction.
+    pub boundary: u32,
+    /// 1 once set (a message with or without trace context was seen).
+    pub valid: u32,
+}
+
+/// Bytes of an incomplete header line kept for the next segment.
+pub const TRACE_CARRY: usize = 96;
+
+/// Per-socket capture state (socket-local storage: freed with the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceSlot {
+    /// The latest message and the one before it: a retransmitted segment
+    /// belongs to the newest one whose boundary it does not precede.
+    pub cur: TraceSpan,
+    pub prev: TraceSpan,
+    /// Sequence number of the last message start accepted, per direction
+    /// (index `dir - 1`): a header seen again (retransmitted) is not a new message.
+    pub msg_seq: [u32; 2],
+    /// Where a header still being read continues, and the boundary of its message.
+    pub open_next_seq: u32,
+    pub open_boundary: u32,
+    /// Header bytes read so far of the open message.
+    pub open_scanned: u16,
+    /// Bit `dir - 1` set once a message start was accepted in that direction.
+    pub msg_seen: u8,
+    /// Direction of the last accepted message start (0: none yet).
+    pub last_dir: u8,
+    /// Direction of the message whose header is still open (0: none).
+    pub open_dir: u8,
+    /// 1 when the next segment starts a header line (after `carry`).
+    pub at_line_start: u8,
+    pub carry_len: u8,
+    /// `MSG_*` of the open message.
+    pub open_kind: u8,
+    pub carry: [u8; TRACE_CARRY],
+}
+
+/// Outcomes of the capture hook, indexes of its per-CPU counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureOutcome {
+    /// A message header with a `traceparent`.
+    Traced = 0,
+    /// A complete message header without one.
+    Untraced = 1,
+    /// A message start seen again (retransmitted) or older than the last one.
+    Repeated = 2,
+    /// A message start in the same direction as the previous message (a
+    /// request body that looks like a request, or pipelining): ignored.
+    OutOfTurn = 3,
+    /// A header given up on: longer than the capture limit, or its next
+    /// segment arrived out of order.
+    Abandoned = 4,
+}
+pub const CAPTURE_OUTCOMES: u32 = 5;
+
+/// A message with trace context crossed a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceRecord {
+    /// `EventKind::TraceContext` as u32.
+    pub kind: u32,
+    /// Direction (`DIR_*`) in bits 0..4, message kind (`MSG_*`) in bits 4..8.
+    pub role: u32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub cookie: u64,
+    /// Kernel address of the socket.
+    pub sk_addr: u64,
+    pub netns: u32,
+    /// `TraceSpan::boundary` of the message.
+    pub boundary: u32,
+    pub tuple: SockTuple,
+    pub stamp: TraceStamp,
 }
 
 /// Drop reasons are `enum skb_drop_reason` values of the running kernel (the
@@ -167,6 +290,8 @@ pub struct DropRecord {
     pub _pad: u32,
     pub tuple: SockTuple,
     pub owner: SockOwner,
+    /// Trace context of the message the socket was receiving.
+    pub trace: TraceStamp,
 }
 
 /// What an iterator sample describes.
@@ -268,7 +393,10 @@ pub struct KernelLayout {
     pub css_set_dfl_cgrp: u32,
     pub cgroup_kn: u32,
     pub kernfs_node_id: u32,
-    pub _pad: u32,
+    // struct tcp_skb_cb: the segment's sequence range and flags
+    pub tcp_skb_cb_seq: u32,
+    pub tcp_skb_cb_end_seq: u32,
+    pub tcp_skb_cb_tcp_flags: u32,
 }
 
 impl KernelLayout {
@@ -311,7 +439,9 @@ impl KernelLayout {
         css_set_dfl_cgrp: 0,
         cgroup_kn: 0,
         kernfs_node_id: 0,
-        _pad: 0,
+        tcp_skb_cb_seq: 0,
+        tcp_skb_cb_end_seq: 0,
+        tcp_skb_cb_tcp_flags: 0,
     };
 }
 
@@ -336,6 +466,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockTuple {}
     unsafe impl aya::Pod for super::DropRecord {}
     unsafe impl aya::Pod for super::SocketSample {}
+    unsafe impl aya::Pod for super::TraceRecord {}
+    unsafe impl aya::Pod for super::TraceSlot {}
 }
 
 #[cfg(test)]
@@ -351,13 +483,30 @@ mod tests {
         assert_eq!(size_of::<SockOwner>(), 4 + 4 + 8 + 16);
         assert_eq!(
             size_of::<RetransmitRecord>(),
-            4 * 2 + 8 * 3 + 4 * 6 + size_of::<SockTuple>() + size_of::<SockOwner>()
+            4 * 2
+                + 8 * 3
+                + 4 * 6
+                + size_of::<SockTuple>()
+                + size_of::<SockOwner>()
+                + size_of::<TraceStamp>()
+        );
+        assert_eq!(size_of::<TraceStamp>(), 56);
+        assert_eq!(size_of::<TraceSpan>(), 64);
+        assert_eq!(size_of::<TraceSlot>(), 2 * 64 + 4 * 4 + 8 + TRACE_CARRY);
+        assert_eq!(
+            size_of::<TraceRecord>(),
+            4 * 2 + 8 * 3 + 4 * 2 + size_of::<SockTuple>() + size_of::<TraceStamp>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 38);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 40);
         assert_eq!(
             size_of::<DropRecord>(),
-            4 * 2 + 8 * 2 + 4 * 4 + size_of::<SockTuple>() + size_of::<SockOwner>()
+            4 * 2
+                + 8 * 2
+                + 4 * 4
+                + size_of::<SockTuple>()
+                + size_of::<SockOwner>()
+                + size_of::<TraceStamp>()
         );
         assert_eq!(
             size_of::<SocketSample>(),

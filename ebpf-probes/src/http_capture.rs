@@ -1,0 +1,710 @@
+//! W3C trace context of plaintext HTTP/1.1, captured per socket.
+//!
+//! Two cgroup_skb programs on the cgroup v2 root see every TCP segment of the
+//! node, both directions, every network namespace. A segment whose payload
+//! starts a request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) has its
+//! header lines scanned for `traceparent:`; the 55-character value is copied
+//! (never interpreted: the agent validates it) into the socket's local storage
+//! with the first sequence number of this side's send stream it governs. The
+//! retransmit probe reads that storage, so a retransmitted segment carries
+//! the trace context of the request whose bytes it holds.
+//!
+//! What is supported, and what is not:
+//! - A message start must begin a segment (true for HTTP/1.1 without
+//!   pipelining: each message follows the other side's). Messages must
+//!   alternate direction; a second message start in the same direction (a
+//!   request body that looks like a request, pipelining) is ignored and
+//!   counted, so payload cannot forge a new trace context mid-message.
+//! - A header may span segments that arrive in order, up to `MAX_HEADER`
+//!   bytes, `WINDOW` bytes per segment; a `traceparent` line split across two
+//!   segments is joined (the partial line, up to `TRACE_CARRY` bytes, is
+//!   carried). An out-of-order continuation abandons the header (counted).
+//! - Only the payload before the end of the header is read; nothing is stored
+//!   but the value.
+//!
+//! Every program returns 1 (pass): capture never affects traffic.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{
+            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_storage_get,
+            bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_tcp_sock,
+        },
+    },
+    macros::{btf_map, cgroup_skb, map},
+    maps::PerCpuArray,
+    programs::SkBuffContext,
+};
+use vigil_abi::{
+    CaptureOutcome, EventKind, LossSlot, TraceRecord, TraceSlot, TraceSpan, TraceStamp,
+    CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE, TRACEPARENT_LEN,
+    TRACE_CARRY,
+};
+
+use crate::{
+    kernel::{layout, netns_inode, tuple},
+    ring::submit,
+};
+
+/// Payload bytes scanned per segment.
+const WINDOW: usize = 2048;
+/// Scratch size: a power of two above `TRACE_CARRY + WINDOW`, so every index
+/// can be masked into bounds (what the verifier checks).
+const BUF: usize = 8192;
+const MASK: usize = BUF - 1;
+/// Words of 8 bytes covering a carried line and a segment window.
+const WORDS: usize = (TRACE_CARRY + WINDOW) / 8 + 1;
+/// Masks a word's offset so its 8 bytes stay in the buffer.
+const WORD_MASK: usize = BUF / 2 - 1;
+/// Header bytes read per message before giving up on it.
+const MAX_HEADER: u32 = 8192;
+/// `traceparent:` (matched case-insensitively; the name is ASCII letters).
+const NAME: &[u8; 12] = b"traceparent:";
+
+/// Per-socket capture state; freed by the kernel with the socket.
+#[btf_map]
+pub static VIGIL_TRACE_SLOTS: SkStorage<TraceSlot> = SkStorage::new();
+
+#[repr(C)]
+pub struct Scratch {
+    /// 1 while a program on this CPU uses the buffer.
+    busy: u32,
+    _pad: u32,
+    buf: [u8; BUF],
+}
+
+/// Where segments are copied for scanning (too big for the 512-byte stack).
+/// Two per CPU: a program sending from process context can be interrupted
+/// by one receiving in softirq on the same CPU, and each needs its own.
+#[map]
+static VIGIL_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
+const SCRATCH_SLOTS: u32 = 2;
+
+/// A scratch buffer no program on this CPU is using, marked busy.
+#[inline(always)]
+fn acquire_scratch() -> Option<*mut Scratch> {
+    let mut i = 0;
+    while i < SCRATCH_SLOTS {
+        if let Some(s) = VIGIL_SCRATCH.get_ptr_mut(i) {
+            // SAFETY: this CPU's value; an interrupting program runs to its
+            // end before this one resumes, so a flag seen clear is free.
+            unsafe {
+                if ptr::read_volatile(ptr::addr_of!((*s).busy)) == 0 {
+                    ptr::write_volatile(ptr::addr_of_mut!((*s).busy), 1);
+                    return Some(s);
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn release_scratch(s: *mut Scratch) {
+    // SAFETY: acquired by this program above.
+    unsafe { ptr::write_volatile(ptr::addr_of_mut!((*s).busy), 0) };
+}
+
+/// Per-CPU counts by `CaptureOutcome`.
+#[map]
+pub static VIGIL_CAPTURE: PerCpuArray<u64> = PerCpuArray::with_max_entries(CAPTURE_OUTCOMES, 0);
+
+#[cgroup_skb(ingress)]
+pub fn vigil_http_in(ctx: SkBuffContext) -> i32 {
+    let _ = capture(&ctx, DIR_RECEIVED);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn vigil_http_out(ctx: SkBuffContext) -> i32 {
+    let _ = capture(&ctx, DIR_SENT);
+    1
+}
+
+/// One TCP segment with payload, and what is known of its message.
+#[derive(Clone, Copy)]
+struct Segment {
+    /// Sequence number of the first payload byte.
+    seq: u32,
+    /// Offset of the payload in the packet, and its length.
+    payload_at: u32,
+    payload: u32,
+    dir: u8,
+    /// `MSG_*` of the message the header belongs to.
+    kind: u8,
+    /// The message's `TraceSpan::boundary`.
+    boundary: u32,
+    /// The segment (after the carried partial line) begins a header line.
+    at_line: bool,
+}
+
+#[inline(always)]
+fn count(outcome: CaptureOutcome) {
+    if let Some(n) = VIGIL_CAPTURE.get_ptr_mut(outcome as u32) {
+        // SAFETY: this CPU's slot; nothing else writes it meanwhile.
+        unsafe { *n += 1 };
+    }
+}
+
+/// `a` is at or after `b` in sequence space.
+#[inline(always)]
+pub fn seq_ge(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+/// The message a payload starts, from its first 8 bytes.
+#[inline(always)]
+fn message_start(head: [u8; 8]) -> Option<u8> {
+    let word = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    const METHODS: [&[u8; 4]; 7] = [b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI"];
+    let mut i = 0;
+    while i < METHODS.len() {
+        if word == u32::from_le_bytes(*METHODS[i]) {
+            return Some(MSG_REQUEST);
+        }
+        i += 1;
+    }
+    if &head == b"HTTP/1.1" || &head == b"HTTP/1.0" {
+        return Some(MSG_RESPONSE);
+    }
+    None
+}
+
+fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer the kernel passed in.
+    let len = unsafe { (*skb).len };
+    // The packet starts at the IP header, in both directions.
+    let vihl: u8 = ctx.load(0)?;
+    let (ip_len, proto_at) = match vihl >> 4 {
+        4 => (u32::from(vihl & 0x0f) * 4, 9),
+        6 => (40, 6),
+        _ => return Ok(()),
+    };
+    if ctx.load::<u8>(proto_at)? != 6 {
+        return Ok(());
+    }
+    let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4)?);
+    let doff: u8 = ctx.load(ip_len as usize + 12)?;
+    let payload_at = ip_len + u32::from(doff >> 4) * 4;
+    // Pure ACKs and handshakes: the common case ends here.
+    if len <= payload_at {
+        return Ok(());
+    }
+    let payload = len - payload_at;
+    // SAFETY: reading the context's socket field, which the verifier allows.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    // SAFETY: helper on the context's socket; returns NULL for non-full sockets.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let start = if payload >= 8 {
+        message_start(ctx.load::<[u8; 8]>(payload_at as usize)?)
+    } else {
+        None
+    };
+    let mut seg = Segment {
+        seq,
+        payload_at,
+        payload,
+        dir,
+        kind: start.unwrap_or(0),
+        boundary: 0,
+        at_line: false,
+    };
+    match start {
+        Some(_) => start_message(ctx, sk, &mut seg),
+        None => continue_header(ctx, sk, &mut seg),
+    }
+}
+
+#[inline(always)]
+fn slot_of(sk: *mut bpf_sock, create: bool) -> Option<&'static mut TraceSlot> {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: a full socket from bpf_sk_fullsock; the kernel zero-fills a new slot.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(VIGIL_TRACE_SLOTS).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            flags,
+        )
+    }
+    .cast::<TraceSlot>();
+    // SAFETY: non-null storage values live as long as the socket.
+    unsafe { p.as_mut() }
+}
+
+#[inline(never)]
+fn start_message(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
+    let (dir, seq) = (seg.dir, seg.seq);
+    let Some(slot) = slot_of(sk, true) else {
+        return Ok(());
+    };
+    let d = usize::from(dir - 1) & 1;
+    let bit = 1u8 << d;
+    if slot.msg_seen & bit != 0 && !seq_ge(seq.wrapping_sub(1), slot.msg_seq[d]) {
+        count(CaptureOutcome::Repeated);
+        return Ok(());
+    }
+    if slot.last_dir == dir {
+        count(CaptureOutcome::OutOfTurn);
+        return Ok(());
+    }
+    if slot.open_dir != 0 {
+        count(CaptureOutcome::Abandoned);
+    }
+    slot.msg_seen |= bit;
+    slot.msg_seq[d] = seq;
+    slot.last_dir = dir;
+    slot.open_dir = 0;
+    slot.open_scanned = 0;
+    slot.carry_len = 0;
+    // What this side sends from here on belongs to this message: a message
+    // sent starts at its own first byte; one received is answered by
+    // whatever this side sends next.
+    let boundary = if dir == DIR_SENT {
+        seq
+    } else {
+        // SAFETY: helper on a full socket; NULL when it is not TCP.
+        match unsafe { bpf_tcp_sock(sk).as_ref() } {
+            Some(tp) => tp.snd_nxt,
+            None => return Ok(()),
+        }
+    };
+    if seg.kind == MSG_REQUEST {
+        // A request without trace context ends the previous one's.
+        push(slot, boundary);
+    }
+    seg.boundary = boundary;
+    scan_segment(ctx, sk, slot, seg)
+}
+
+#[inline(always)]
+fn continue_header(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
+    let seq = seg.seq;
+    let Some(slot) = slot_of(sk, false) else {
+        return Ok(());
+    };
+    if slot.open_dir != seg.dir {
+        return Ok(());
+    }
+    if seq != slot.open_next_seq {
+        // Before: a retransmission of what was read. After: a gap.
+        if !seq_ge(seq, slot.open_next_seq) {
+            return Ok(());
+        }
+        slot.open_dir = 0;
+        count(CaptureOutcome::Abandoned);
+        return Ok(());
+    }
+    seg.kind = slot.open_kind;
+    seg.boundary = slot.open_boundary;
+    seg.at_line = slot.at_line_start != 0;
+    scan_segment(ctx, sk, slot, seg)
+}
+
+/// A new message governs what this side sends from `boundary` on.
+#[inline(always)]
+fn push(slot: &mut TraceSlot, boundary: u32) {
+    if slot.cur.valid == 0 || slot.cur.boundary != boundary {
+        slot.prev = slot.cur;
+    }
+    slot.cur = TraceSpan {
+        stamp: TraceStamp::NONE,
+        boundary,
+        valid: 1,
+    };
+}
+
+/// Copies the segment (after any carried partial line) into scratch, scans
+/// it, and records the result in the slot.
+#[inline(never)]
+fn scan_segment(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    slot: &mut TraceSlot,
+    seg: &Segment,
+) -> Result<(), i64> {
+    let scanned = u32::from(slot.open_scanned) + seg.payload;
+    if scanned > MAX_HEADER {
+        slot.open_dir = 0;
+        count(CaptureOutcome::Abandoned);
+        return Ok(());
+    }
+    let Some(scratch) = acquire_scratch() else {
+        count(CaptureOutcome::Abandoned);
+        return Ok(());
+    };
+    // SAFETY: acquired for this program alone until released below.
+    let r = scan_into(ctx, sk, slot, unsafe { &mut (*scratch).buf }, seg, scanned);
+    release_scratch(scratch);
+    r
+}
+
+#[inline(always)]
+fn scan_into(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    slot: &mut TraceSlot,
+    buf: &mut [u8; BUF],
+    seg: &Segment,
+    scanned: u32,
+) -> Result<(), i64> {
+    let Segment {
+        seq,
+        payload_at,
+        payload,
+        dir,
+        kind,
+        boundary,
+        at_line,
+    } = *seg;
+    let carry = if at_line {
+        usize::from(slot.carry_len) % (TRACE_CARRY + 1)
+    } else {
+        0
+    };
+    // Fixed-length copies: a data-dependent loop end would split the
+    // verifier's walk into one path per length.
+    let mut k = 0;
+    while k < TRACE_CARRY {
+        buf[k] = slot.carry[k];
+        k += 1;
+    }
+    let take = if payload as usize > WINDOW {
+        WINDOW
+    } else {
+        payload as usize
+    };
+    // The verifier wants the length provably 1..: (take - 1) masked, plus 1,
+    // and the offset masked; both stay far inside the buffer.
+    let len = ((take.wrapping_sub(1) & (WINDOW * 2 - 1)) + 1) as u32;
+    // SAFETY: at most 127 + 4096 bytes into a BUF-byte buffer.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            payload_at,
+            buf.as_mut_ptr().add(carry & 0x7f).cast(),
+            len,
+        )
+    };
+    if r != 0 {
+        return Err(r);
+    }
+    let n = carry + take;
+    match scan(buf, n, at_line) {
+        Scan::Found(v) => {
+            slot.open_dir = 0;
+            if slot.cur.valid == 0 || slot.cur.boundary != boundary {
+                push(slot, boundary);
+            }
+            let mut i = 0;
+            while i < TRACEPARENT_LEN {
+                slot.cur.stamp.raw[i] = buf[(v + i) & MASK];
+                i += 1;
+            }
+            slot.cur.stamp.present = 1;
+            count(CaptureOutcome::Traced);
+            emit(ctx, sk, dir, kind, boundary, &slot.cur.stamp);
+        }
+        Scan::End => {
+            slot.open_dir = 0;
+            count(CaptureOutcome::Untraced);
+        }
+        Scan::More { line_start } => {
+            if payload as usize > WINDOW {
+                // The rest of this segment was not read; a resume would misparse.
+                slot.open_dir = 0;
+                count(CaptureOutcome::Abandoned);
+                return Ok(());
+            }
+            slot.open_dir = dir;
+            slot.open_kind = kind;
+            slot.open_next_seq = seq.wrapping_add(payload);
+            slot.open_boundary = boundary;
+            slot.open_scanned = scanned as u16;
+            match line_start {
+                Some(s) => {
+                    let mut j = 0;
+                    while j < TRACE_CARRY {
+                        slot.carry[j] = buf[(s + j) & MASK];
+                        j += 1;
+                    }
+                    slot.carry_len = ((n - s) % (TRACE_CARRY + 1)) as u8;
+                    slot.at_line_start = 1;
+                }
+                None => {
+                    slot.carry_len = 0;
+                    slot.at_line_start = 0;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Scan {
+    /// The `traceparent` value starts here and is complete.
+    Found(usize),
+    /// The blank line ending the header.
+    End,
+    /// The header goes on in the next segment; the unfinished last line
+    /// starts at `line_start` when it is short enough to carry.
+    More { line_start: Option<usize> },
+}
+
+enum Line {
+    Found(usize),
+    End,
+    /// Not finished in this segment and may still be `traceparent` (or the
+    /// segment ends where a line starts).
+    Open,
+    Other,
+}
+
+/// What `scan` shares with `scan_step` across bpf_loop iterations.
+#[repr(C)]
+struct ScanState {
+    buf: *const [u8; BUF],
+    n: u64,
+    outcome: u64,
+    value_at: u64,
+    /// 1 + start of a line that ended with the data, unfinished (0: none).
+    open_line: u64,
+}
+const STEP_MORE: u64 = 0;
+const STEP_FOUND: u64 = 1;
+const STEP_END: u64 = 2;
+
+/// One 8-byte word of the scan: each newline in it starts a line to check.
+/// Returns 1 to stop the loop.
+extern "C" fn scan_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the ScanState `scan` gave it.
+    let state = unsafe { &mut *ctx.cast::<ScanState>() };
+    // SAFETY: the scratch buffer `scan` holds for the whole loop.
+    let buf = unsafe { &*state.buf };
+    let n = state.n as usize;
+    let base = index as usize * 8;
+    if index as usize >= WORDS || base >= n {
+        return 1;
+    }
+    // SAFETY: `base & WORD_MASK` + 8 stays inside the BUF-byte buffer.
+    let x = unsafe { ptr::read_unaligned(buf.as_ptr().add(base & WORD_MASK).cast::<u64>()) };
+    if !has_newline(x) {
+        return 0;
+    }
+    let mut j = 0;
+    while j < 8 {
+        let i = base + j;
+        if i < n && buf[i & MASK] == b'\n' {
+            match check_line(buf, i + 1, n) {
+                Line::Found(v) => {
+                    state.outcome = STEP_FOUND;
+                    state.value_at = v as u64;
+                    return 1;
+                }
+                Line::End => {
+                    state.outcome = STEP_END;
+                    return 1;
+                }
+                Line::Open => state.open_line = (i + 2) as u64,
+                Line::Other => {}
+            }
+        }
+        j += 1;
+    }
+    0
+}
+
+/// Whether any byte of `x` is `\n` (may also flag a byte after a real one,
+/// never misses one; the bytes are checked one by one after).
+#[inline(always)]
+fn has_newline(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let v = x ^ (ONES * u64::from(b'\n'));
+    v.wrapping_sub(ONES) & !v & (ONES << 7) != 0
+}
+
+/// Looks at the header line starting at `s` (just after a newline).
+#[inline(always)]
+fn check_line(buf: &[u8; BUF], s: usize, n: usize) -> Line {
+    if s >= n {
+        return Line::Open;
+    }
+    let c = buf[s & MASK];
+    if c == b'\r' || c == b'\n' {
+        return Line::End;
+    }
+    if c | 0x20 != b't' {
+        return Line::Other;
+    }
+    if s + NAME.len() > n {
+        return Line::Open;
+    }
+    let mut i = 1;
+    while i < NAME.len() {
+        let b = buf[(s + i) & MASK];
+        let b = if NAME[i] == b':' { b } else { b | 0x20 };
+        if b != NAME[i] {
+            return Line::Other;
+        }
+        i += 1;
+    }
+    // Optional whitespace before the value.
+    let mut v = s + NAME.len();
+    if v < n && (buf[v & MASK] == b' ' || buf[v & MASK] == b'\t') {
+        v += 1;
+    }
+    if v < n && (buf[v & MASK] == b' ' || buf[v & MASK] == b'\t') {
+        v += 1;
+    }
+    if v + TRACEPARENT_LEN > n {
+        return Line::Open;
+    }
+    Line::Found(v)
+}
+
+/// Scans `buf[..n]` for the `traceparent` line or the end of the header.
+/// `at_line`: `buf[0]` starts a header line (else the first line is the
+/// request or status line, or the unfinished line before this segment).
+#[inline(always)]
+fn scan(buf: &[u8; BUF], n: usize, at_line: bool) -> Scan {
+    let mut first_open = 0;
+    if at_line {
+        match check_line(buf, 0, n) {
+            Line::Found(v) => return Scan::Found(v),
+            Line::End => return Scan::End,
+            Line::Open => first_open = 1,
+            Line::Other => {}
+        }
+    }
+    // Eight bytes per step: only words holding a newline are looked into.
+    // bpf_loop has the verifier check one step, not every iteration.
+    let mut state = ScanState {
+        buf: buf as *const [u8; BUF],
+        n: n as u64,
+        outcome: STEP_MORE,
+        value_at: 0,
+        open_line: first_open,
+    };
+    // SAFETY: `scan_step` is a BPF function; `state` outlives the call.
+    unsafe {
+        bpf_loop(
+            WORDS as u32,
+            scan_step as *mut c_void,
+            ptr::addr_of_mut!(state).cast(),
+            0,
+        )
+    };
+    match state.outcome {
+        STEP_FOUND => return Scan::Found(state.value_at as usize & MASK),
+        STEP_END => return Scan::End,
+        _ => {}
+    }
+    // The unfinished last line, when it may still be `traceparent`.
+    Scan::More {
+        line_start: match state.open_line {
+            0 => None,
+            s => Some((s - 1) as usize & MASK),
+        },
+    }
+}
+
+/// Tells the agent which trace a socket's message belonged to.
+#[inline(always)]
+fn emit(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    dir: u8,
+    kind: u8,
+    boundary: u32,
+    stamp: &TraceStamp,
+) {
+    let Some(l) = layout() else { return };
+    // The verifier forbids arithmetic on a socket pointer but allows field
+    // reads through the same socket as a BTF-typed `tcp_sock`.
+    // SAFETY: helper on a full socket; NULL when it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return;
+    }
+    let addr = tp as u64;
+    let (Ok(netns), Ok(tuple)) = (netns_inode(&l, addr), tuple(&l, addr)) else {
+        return;
+    };
+    let record = TraceRecord {
+        kind: EventKind::TraceContext as u32,
+        role: u32::from(dir) | u32::from(kind) << 4,
+        // SAFETY: plain helper call without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: the skb context, whose socket the helper reads.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        sk_addr: addr,
+        netns,
+        boundary,
+        tuple,
+        stamp: *stamp,
+    };
+    submit(&record, LossSlot::TraceContext);
+}
+
+/// The capture state of a typed (BTF) socket pointer, if it has one.
+#[inline(always)]
+fn slot_of_traced(sk: *mut c_void) -> Option<&'static TraceSlot> {
+    // SAFETY: `sk` is a tracepoint's trusted socket argument; no creation.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(VIGIL_TRACE_SLOTS).cast_mut().cast(),
+            sk,
+            ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<TraceSlot>();
+    // SAFETY: storage values live as long as the socket.
+    unsafe { p.as_ref() }
+}
+
+/// The trace context of the message `sk` is receiving or answering.
+#[inline(always)]
+pub fn current_stamp(sk: *mut c_void) -> TraceStamp {
+    match slot_of_traced(sk) {
+        Some(slot) if slot.cur.valid == 1 => slot.cur.stamp,
+        _ => TraceStamp::NONE,
+    }
+}
+
+/// The trace context of a retransmitted segment of `sk` starting at `seq`:
+/// the newest message whose boundary it does not precede; none for segments
+/// without payload.
+#[inline(always)]
+pub fn stamp_for(sk: *mut c_void, seq: u32, has_payload: bool) -> TraceStamp {
+    if !has_payload {
+        return TraceStamp::NONE;
+    }
+    let Some(slot) = slot_of_traced(sk) else {
+        return TraceStamp::NONE;
+    };
+    if slot.cur.valid == 1 && seq_ge(seq, slot.cur.boundary) {
+        return slot.cur.stamp;
+    }
+    if slot.prev.valid == 1 && seq_ge(seq, slot.prev.boundary) {
+        return slot.prev.stamp;
+    }
+    TraceStamp::NONE
+}
