@@ -75,6 +75,10 @@ pub struct Scratch {
     /// 1 while a program on this CPU uses the buffer.
     busy: u32,
     _pad: u32,
+    /// The scan's state lives here, in map memory, not on the stack: the
+    /// verifier does not track map contents, so every bpf_loop step looks
+    /// the same to it and one check of the step suffices.
+    scan: ScanState,
     buf: [u8; BUF],
 }
 
@@ -351,7 +355,7 @@ fn scan_segment(
         return Ok(());
     };
     // SAFETY: acquired for this program alone until released below.
-    let r = scan_into(ctx, sk, slot, unsafe { &mut (*scratch).buf }, seg, scanned);
+    let r = scan_into(ctx, sk, slot, scratch, seg, scanned);
     release_scratch(scratch);
     r
 }
@@ -361,10 +365,12 @@ fn scan_into(
     ctx: &SkBuffContext,
     sk: *mut bpf_sock,
     slot: &mut TraceSlot,
-    buf: &mut [u8; BUF],
+    scratch: *mut Scratch,
     seg: &Segment,
     scanned: u32,
 ) -> Result<(), i64> {
+    // SAFETY: acquired for this program alone.
+    let buf = unsafe { &mut (*scratch).buf };
     let Segment {
         seq,
         payload_at,
@@ -407,7 +413,8 @@ fn scan_into(
         return Err(r);
     }
     let n = carry + take;
-    match scan(buf, n, at_line) {
+    // SAFETY: as above.
+    match scan(unsafe { &mut *scratch }, n, at_line) {
         Scan::Found(v) => {
             slot.open_dir = 0;
             if slot.cur.valid == 0 || slot.cur.boundary != boundary {
@@ -480,7 +487,6 @@ enum Line {
 /// What `scan` shares with `scan_step` across bpf_loop iterations.
 #[repr(C)]
 struct ScanState {
-    buf: *const [u8; BUF],
     n: u64,
     outcome: u64,
     value_at: u64,
@@ -494,11 +500,14 @@ const STEP_END: u64 = 2;
 /// One 8-byte word of the scan: each newline in it starts a line to check.
 /// Returns 1 to stop the loop.
 extern "C" fn scan_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the ScanState `scan` gave it.
-    let state = unsafe { &mut *ctx.cast::<ScanState>() };
-    // SAFETY: the scratch buffer `scan` holds for the whole loop.
-    let buf = unsafe { &*state.buf };
+    // SAFETY: bpf_loop passes back the pointer `scan` gave it: the scratch
+    // value this program holds for the whole loop.
+    let scratch = unsafe { &mut **ctx.cast::<*mut Scratch>() };
+    let (state, buf) = (&mut scratch.scan, &scratch.buf);
     let n = state.n as usize;
+    if n > TRACE_CARRY + WINDOW {
+        return 1;
+    }
     let base = index as usize * 8;
     if index as usize >= WORDS || base >= n {
         return 1;
@@ -583,7 +592,8 @@ fn check_line(buf: &[u8; BUF], s: usize, n: usize) -> Line {
 /// `at_line`: `buf[0]` starts a header line (else the first line is the
 /// request or status line, or the unfinished line before this segment).
 #[inline(always)]
-fn scan(buf: &[u8; BUF], n: usize, at_line: bool) -> Scan {
+fn scan(scratch: &mut Scratch, n: usize, at_line: bool) -> Scan {
+    let buf = &scratch.buf;
     let mut first_open = 0;
     if at_line {
         match check_line(buf, 0, n) {
@@ -595,22 +605,23 @@ fn scan(buf: &[u8; BUF], n: usize, at_line: bool) -> Scan {
     }
     // Eight bytes per step: only words holding a newline are looked into.
     // bpf_loop has the verifier check one step, not every iteration.
-    let mut state = ScanState {
-        buf: buf as *const [u8; BUF],
+    scratch.scan = ScanState {
         n: n as u64,
         outcome: STEP_MORE,
         value_at: 0,
         open_line: first_open,
     };
-    // SAFETY: `scan_step` is a BPF function; `state` outlives the call.
+    let mut handle: *mut Scratch = scratch;
+    // SAFETY: `scan_step` is a BPF function; `handle` outlives the call.
     unsafe {
         bpf_loop(
             WORDS as u32,
             scan_step as *mut c_void,
-            ptr::addr_of_mut!(state).cast(),
+            ptr::addr_of_mut!(handle).cast(),
             0,
         )
     };
+    let state = &scratch.scan;
     match state.outcome {
         STEP_FOUND => return Scan::Found(state.value_at as usize & MASK),
         STEP_END => return Scan::End,
