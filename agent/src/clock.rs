@@ -48,3 +48,43 @@ mod tests {
         );
     }
 }
+
+/// `unix_ns` as RFC 3339 UTC with milliseconds (for people reading the CLI).
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let millis = unix_ns / 1_000_000 % 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        // 2026-11-22T10:45:18.250Z
+        assert_eq!(
+            super::rfc3339(1_795_344_318_250_000_000),
+            "2026-11-22T10:45:18.250Z"
+        );
+        assert_eq!(
+            super::rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+}

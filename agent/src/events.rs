@@ -3,8 +3,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use vigil_abi::{
-    DropRecord, EventKind, RetransmitRecord, SockOwner, SockTuple, AF_INET, AF_INET6, COUNT_UNKNOWN,
+    DropRecord, EventKind, RetransmitRecord, SockOwner, SockTuple, TraceRecord, AF_INET, AF_INET6,
+    COUNT_UNKNOWN, DIR_SENT, MSG_REQUEST,
 };
+
+use crate::correlate::traceparent::Stamp;
 
 /// A connection's endpoints, `local` being this node's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,8 +78,14 @@ pub struct RetransmitEvent {
     /// Segments the kernel counted since Vigil's previous look at the socket,
     /// from `tcp_sock.total_retrans`; None when there was no baseline yet.
     pub counted: Option<u32>,
+    /// TCP sequence number of the segment's first byte, and its payload
+    /// bytes (0: a SYN or FIN only, or a record without a segment).
+    pub seq: u32,
+    pub bytes: u32,
     pub endpoints: Endpoints,
     pub owner: Option<Owner>,
+    /// Trace context of the request whose bytes the segment carried.
+    pub trace: Stamp,
 }
 
 impl RetransmitEvent {
@@ -183,8 +192,11 @@ impl RetransmitEvent {
             err: r.err,
             total_retrans: r.total_retrans,
             counted: (r.counted != COUNT_UNKNOWN).then_some(r.counted),
+            seq: r.seq,
+            bytes: r.bytes,
             endpoints: endpoints(&r.tuple)?,
             owner: Owner::from_kernel(&r.owner),
+            trace: Stamp::from_kernel(&r.trace),
         })
     }
 }
@@ -205,6 +217,8 @@ pub struct DropEvent {
     /// None when the packet had no socket.
     pub endpoints: Option<Endpoints>,
     pub owner: Option<Owner>,
+    /// Trace context of the message the socket was receiving.
+    pub trace: Stamp,
 }
 
 impl DropEvent {
@@ -227,6 +241,7 @@ impl DropEvent {
                 Some(endpoints(&r.tuple)?)
             },
             owner: Owner::from_kernel(&r.owner),
+            trace: Stamp::from_kernel(&r.trace),
         })
     }
 
@@ -236,11 +251,69 @@ impl DropEvent {
     }
 }
 
+/// Whether an HTTP message was a request or a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Message {
+    Request,
+    Response,
+}
+
+/// An HTTP/1.1 message with trace context crossed a socket of this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub sk_addr: u64,
+    pub netns: u32,
+    /// This side sent the message (else it received it).
+    pub sent: bool,
+    pub message: Message,
+    /// First sequence number of this side's send stream the message governs.
+    pub boundary: u32,
+    pub endpoints: Endpoints,
+    pub trace: Stamp,
+    /// Filled in by attribution (the kernel does not know it here).
+    pub owner: Option<Owner>,
+}
+
+impl TraceEvent {
+    pub fn decode(bytes: &[u8]) -> Result<TraceEvent, DecodeError> {
+        // SAFETY: TraceRecord is plain old data, any bit pattern is valid.
+        let r: TraceRecord = unsafe { record(bytes) }?;
+        if r.kind != EventKind::TraceContext as u32 {
+            return Err(DecodeError::Kind(r.kind));
+        }
+        Ok(TraceEvent {
+            ts_ns: r.ts_ns,
+            cookie: r.cookie,
+            sk_addr: r.sk_addr,
+            netns: r.netns,
+            sent: (r.role & 0x0f) as u8 == DIR_SENT,
+            message: if (r.role >> 4 & 0x0f) as u8 == MSG_REQUEST {
+                Message::Request
+            } else {
+                Message::Response
+            },
+            boundary: r.boundary,
+            endpoints: endpoints(&r.tuple)?,
+            trace: Stamp::from_kernel(&r.stamp),
+            owner: None,
+        })
+    }
+
+    /// The socket served the request (it received it, or sent the response).
+    pub fn server_side(&self) -> bool {
+        self.sent == (self.message == Message::Response)
+    }
+}
+
 /// Any record of the ring buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
     Retransmit(RetransmitEvent),
     Drop(DropEvent),
+    Trace(TraceEvent),
 }
 
 impl KernelEvent {
@@ -255,6 +328,8 @@ impl KernelEvent {
             })?;
         if kind == EventKind::SocketDrop as u32 {
             DropEvent::decode(bytes).map(KernelEvent::Drop)
+        } else if kind == EventKind::TraceContext as u32 {
+            TraceEvent::decode(bytes).map(KernelEvent::Trace)
         } else {
             RetransmitEvent::decode(bytes).map(KernelEvent::Retransmit)
         }

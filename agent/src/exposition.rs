@@ -36,10 +36,21 @@ pub enum Value {
     Histogram(HistogramPoint),
 }
 
+/// A measurement that contributed to a point, with the trace it belonged
+/// to (OTLP exemplars; Prometheus text 0.0.4 has no place for them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exemplar {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub time_unix_nano: u64,
+    pub value: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     pub labels: Vec<(String, String)>,
     pub value: Value,
+    pub exemplar: Option<Exemplar>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,7 +112,11 @@ impl Exposition {
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
         match self.families.iter_mut().rev().find(|f| f.name == name) {
-            Some(f) => f.points.push(Point { labels, value }),
+            Some(f) => f.points.push(Point {
+                labels,
+                value,
+                exemplar: None,
+            }),
             // A sample without its family is a bug in the agent: never panic
             // on the scrape path, make it visible instead.
             None => {
@@ -112,6 +127,19 @@ impl Exposition {
 
     pub fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl SampleValue) {
         self.point(name, labels, Value::Number(value.as_f64()));
+    }
+
+    /// Attaches an exemplar to the sample just added to family `name`.
+    pub fn exemplar(&mut self, name: &str, exemplar: Exemplar) {
+        if let Some(p) = self
+            .families
+            .iter_mut()
+            .rev()
+            .find(|f| f.name == name)
+            .and_then(|f| f.points.last_mut())
+        {
+            p.exemplar = Some(exemplar);
+        }
     }
 
     pub fn histogram(&mut self, name: &str, labels: &[(&str, String)], h: HistogramPoint) {

@@ -40,6 +40,23 @@ enum Command {
     ///
     /// Example: vigil sockets --sort retrans --limit 20
     Sockets(SocketsArgs),
+    /// Everything the kernel saw on this node for one trace: the connections
+    /// that carried its HTTP/1.1 messages, retransmits and drops with times
+    /// relative to its first message, RTT and accept-queue fill.
+    ///
+    /// Example: vigil explain 4bf92f3577b34da6a3ce929d0e0e4736
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// The trace id: 32 hex characters (the second field of a traceparent).
+    trace_id: String,
+    #[command(flatten)]
+    agent: AgentAddr,
+    /// Print the agent's JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -183,6 +200,15 @@ fn main() -> ExitCode {
                 }
             }))
         }
+        Command::Explain(args) => print_or_fail(
+            vigil::triage::explain(args.agent.agent, &args.trace_id).and_then(|e| {
+                if args.json {
+                    Ok(serde_json::to_string_pretty(&e)? + "\n")
+                } else {
+                    Ok(vigil::triage::render_explanation(&e))
+                }
+            }),
+        ),
         Command::Agent(args) => {
             init_logging(args.log_format, args.kernel_debug_logs);
             let config = match load_config(&args) {

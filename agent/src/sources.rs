@@ -91,6 +91,7 @@ fn drain(
                         RetransmitKind::SynAck => &stats.received_synack,
                     },
                     KernelEvent::Drop(_) => &stats.received_drop,
+                    KernelEvent::Trace(_) => &stats.received_trace,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 batch.push(e);

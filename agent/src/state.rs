@@ -16,10 +16,15 @@ use tracing::{info, warn};
 
 use crate::{
     clock::MonotonicToWall,
-    correlate::ledger::{ConnKey, ConnectionLedger, LedgerEvent, QueueFill},
+    correlate::{
+        ledger::{ConnKey, ConnectionLedger, LedgerEvent, QueueFill},
+        traceparent::Stamp,
+        traces::TraceKernelEvent,
+    },
     enrich::{workload::PodRef, Enricher, Identity, SocketKey},
     events::{
-        tcp_state_name, DropEvent, KernelEvent, OwnerSource, RetransmitEvent, RetransmitKind,
+        tcp_state_name, DropEvent, KernelEvent, Message, OwnerSource, RetransmitEvent,
+        RetransmitKind, TraceEvent,
     },
     export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity},
     metrics::Registry,
@@ -51,8 +56,13 @@ struct RetransmitLine<'a> {
     err: i32,
     total_retrans: u32,
     counted_segments: u32,
+    /// First sequence number and payload bytes of the retransmitted segment.
+    seq: u32,
+    bytes: u32,
     local: String,
     remote: String,
+    #[serde(flatten)]
+    trace: TraceFields,
     /// "namespace/name" of the peer when it is a pod of this node.
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_pod: Option<String>,
@@ -73,6 +83,50 @@ struct DropLine<'a> {
     remote: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     remote_pod: Option<String>,
+    #[serde(flatten)]
+    trace: TraceFields,
+    #[serde(flatten)]
+    who: Who<'a>,
+}
+
+/// Trace context of an event-log line: ids, or `trace_invalid` when the
+/// captured value was not W3C, or nothing.
+#[derive(Serialize)]
+struct TraceFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    span_id: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    trace_invalid: bool,
+}
+
+impl TraceFields {
+    fn of(stamp: &Stamp) -> TraceFields {
+        TraceFields {
+            trace_id: stamp.context().map(|c| c.trace_id_hex()),
+            span_id: stamp.context().map(|c| c.span_id_hex()),
+            trace_invalid: *stamp == Stamp::Invalid,
+        }
+    }
+}
+
+/// An HTTP message with trace context, in the event log.
+#[derive(Serialize)]
+struct TraceLine<'a> {
+    ts_unix_ns: u64,
+    kind: &'static str,
+    netns: u32,
+    cookie: u64,
+    local: String,
+    remote: String,
+    /// "sent" or "received" by this socket.
+    direction: &'static str,
+    message: Message,
+    /// First sequence number of this socket's send stream the message governs.
+    boundary: u32,
+    #[serde(flatten)]
+    trace: TraceFields,
     #[serde(flatten)]
     who: Who<'a>,
 }
@@ -123,8 +177,11 @@ impl EventLog {
             err: e.err,
             total_retrans: e.total_retrans,
             counted_segments: e.counted_segments(),
+            seq: e.seq,
+            bytes: e.bytes,
             local: e.endpoints.local.to_string(),
             remote: e.endpoints.remote.to_string(),
+            trace: TraceFields::of(&e.trace),
             remote_pod,
             who,
         };
@@ -149,6 +206,27 @@ impl EventLog {
             local: e.endpoints.map(|ep| ep.local.to_string()),
             remote: e.endpoints.map(|ep| ep.remote.to_string()),
             remote_pod,
+            trace: TraceFields::of(&e.trace),
+            who,
+        };
+        serde_json::to_writer(&mut self.out, &line)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+impl EventLog {
+    fn write_trace(&mut self, e: &TraceEvent, who: Who<'_>) -> std::io::Result<()> {
+        let line = TraceLine {
+            ts_unix_ns: self.clock.to_unix_ns(e.ts_ns),
+            kind: "trace_context",
+            netns: e.netns,
+            cookie: e.cookie,
+            local: e.endpoints.local.to_string(),
+            remote: e.endpoints.remote.to_string(),
+            direction: if e.sent { "sent" } else { "received" },
+            message: e.message,
+            boundary: e.boundary,
+            trace: TraceFields::of(&e.trace),
             who,
         };
         serde_json::to_writer(&mut self.out, &line)?;
@@ -276,6 +354,14 @@ impl StateOwner {
                     let key = SocketKey::of_drop(d);
                     self.enricher.attribute(&mut d.owner, key)
                 }
+                KernelEvent::Trace(t) => {
+                    let key = SocketKey::Connection {
+                        netns: t.netns,
+                        local: t.endpoints.local,
+                        remote: t.endpoints.remote,
+                    };
+                    self.enricher.attribute(&mut t.owner, key)
+                }
             })
             .collect();
         let Ok(mut registry) = self.registry.lock() else {
@@ -283,10 +369,14 @@ impl StateOwner {
         };
         for (e, who) in batch.iter().zip(&identities) {
             match e {
-                KernelEvent::Retransmit(r) => registry.record_retransmit(r, who),
+                KernelEvent::Retransmit(r) => {
+                    registry.record_retransmit(r, who, self.clock.to_unix_ns(r.ts_ns))
+                }
                 KernelEvent::Drop(d) => registry.record_drop(d, who),
+                KernelEvent::Trace(_) => {}
             }
         }
+        self.index_traces(&batch, &identities, &mut registry);
         self.export_logs(&batch, &identities, &registry.health);
         self.remember(&batch, &registry.health);
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
@@ -316,12 +406,63 @@ impl StateOwner {
                         let reason = registry.health.reason_name(d.reason);
                         log.write_drop(d, &reason, peer, owner(&d.owner))
                     }
+                    KernelEvent::Trace(t) => log.write_trace(t, owner(&t.owner)),
                 }
             })
             .and_then(|()| log.out.flush());
         if let Err(e) = written {
             warn!(error = %e, "event log write failed; disabling the event log");
             self.event_log = None;
+        }
+    }
+
+    /// Which connections carried each trace, and the kernel events stamped
+    /// with it, for `vigil explain`.
+    fn index_traces(&self, batch: &Batch, identities: &[Identity], registry: &mut Registry) {
+        for (e, who) in batch.iter().zip(identities) {
+            let (stamp, event) = match e {
+                KernelEvent::Trace(t) => {
+                    if let Some(ctx) = t.trace.context() {
+                        let at = self.clock.to_unix_ns(t.ts_ns);
+                        registry.traces.message(t, ctx, at, who);
+                    }
+                    (t.trace, None)
+                }
+                KernelEvent::Retransmit(r) => (
+                    r.trace,
+                    (r.counted_segments() > 0).then(|| TraceKernelEvent {
+                        at_unix_ns: self.clock.to_unix_ns(r.ts_ns),
+                        kind: "retransmit".into(),
+                        cookie: r.cookie,
+                        local: Some(r.endpoints.local),
+                        remote: Some(r.endpoints.remote),
+                        span_id: String::new(),
+                        segments: r.counted_segments(),
+                        reason: None,
+                    }),
+                ),
+                KernelEvent::Drop(d) => (
+                    d.trace,
+                    Some(TraceKernelEvent {
+                        at_unix_ns: self.clock.to_unix_ns(d.ts_ns),
+                        kind: "drop".into(),
+                        cookie: 0,
+                        local: d.endpoints.map(|ep| ep.local),
+                        remote: d.endpoints.map(|ep| ep.remote),
+                        span_id: String::new(),
+                        segments: 0,
+                        reason: Some(registry.health.reason_name(d.reason)),
+                    }),
+                ),
+            };
+            match (stamp, event) {
+                (Stamp::Invalid, _) => registry.traces.invalid_stamps += 1,
+                (Stamp::Context(ctx), Some(mut event)) => {
+                    event.span_id = ctx.span_id_hex();
+                    registry.traces.event(&ctx, event);
+                }
+                _ => {}
+            }
         }
     }
 
@@ -357,7 +498,7 @@ impl StateOwner {
                     ),
                     _ => continue,
                 },
-                KernelEvent::Retransmit(_) => continue,
+                KernelEvent::Retransmit(_) | KernelEvent::Trace(_) => continue,
             };
             ledger.record(key, self.clock.to_unix_ns(at), what);
         }
@@ -472,11 +613,11 @@ impl StateOwner {
                         severity: Severity::Info,
                         body: "tcp retransmit".into(),
                         attributes,
-                        trace_id: None,
-                        span_id: None,
+                        trace_id: r.trace.context().map(|c| c.trace_id),
+                        span_id: r.trace.context().map(|c| c.span_id),
                     }
                 }
-                KernelEvent::Retransmit(_) => continue,
+                KernelEvent::Retransmit(_) | KernelEvent::Trace(_) => continue,
                 KernelEvent::Drop(d) => {
                     let peer = d
                         .endpoints
@@ -497,8 +638,8 @@ impl StateOwner {
                         severity: Severity::Warn,
                         body: "socket drop".into(),
                         attributes,
-                        trace_id: None,
-                        span_id: None,
+                        trace_id: d.trace.context().map(|c| c.trace_id),
+                        span_id: d.trace.context().map(|c| c.span_id),
                     }
                 }
             };

@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use crate::socket_health::{ConnectionRow, ListenerRow, SocketTable};
+use crate::{
+    correlate::traceparent::TraceContext,
+    export::prometheus::{Explanation, TRACES_PATH},
+    socket_health::{ConnectionRow, ListenerRow, SocketTable},
+};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE_BYTES: u64 = 64 << 20;
@@ -32,8 +36,106 @@ pub enum TriageError {
     },
     #[error("the agent at {addr} answered `{status}`")]
     Status { addr: SocketAddr, status: String },
-    #[error("the agent's answer is not a socket table: {0}")]
+    #[error("the agent's answer is not what this CLI expects: {0}")]
     Body(#[from] serde_json::Error),
+    #[error("`{0}` is not a trace id: give the 32 hex characters of the trace-id field of a traceparent")]
+    TraceId(String),
+}
+
+/// GETs what the agent's kernel probes saw of one trace.
+pub fn explain(addr: SocketAddr, trace_id: &str) -> Result<Explanation, TriageError> {
+    let id = TraceContext::parse_trace_id(trace_id)
+        .map_err(|_| TriageError::TraceId(trace_id.trim().to_owned()))?;
+    let path = format!("{TRACES_PATH}{}", hex::encode(id));
+    Ok(serde_json::from_slice(&get(addr, &path)?)?)
+}
+
+fn ms_since(t: u64, origin: u64) -> String {
+    let d = t as i128 - origin as i128;
+    format!("{:+.3} ms", d as f64 / 1e6)
+}
+
+/// `vigil explain` as text: connections, then retransmits and drops with
+/// times relative to the trace's first message on this node, then RTT and
+/// queue fill from the latest socket sample.
+pub fn render_explanation(e: &Explanation) -> String {
+    let t = &e.trace;
+    let origin = t.first_seen_unix_ns;
+    let mut out = format!(
+        "trace {}: first HTTP message on this node at {} (t=0)\n",
+        t.trace_id,
+        crate::clock::rfc3339(origin)
+    );
+    out.push_str(&format!("\nconnections ({}):\n", t.connections.len()));
+    for c in &t.connections {
+        let now = e.connections.iter().find(|r| r.cookie == c.cookie);
+        out.push_str(&format!(
+            "  {:<6} {} -> {}  {}{}  span {}  first message {}  {}\n",
+            c.role,
+            c.local,
+            c.remote,
+            c.process.as_deref().unwrap_or("?"),
+            c.pid.map(|p| format!("[{p}]")).unwrap_or_default(),
+            c.span_id,
+            ms_since(c.first_seen_unix_ns, origin),
+            match now {
+                Some(r) => format!(
+                    "now: srtt {:.1} ms, cwnd {}, {} segments retransmitted in its life",
+                    f64::from(r.srtt_us) / 1e3,
+                    r.cwnd,
+                    r.total_retrans
+                ),
+                None => "now: closed (not in the latest sample)".into(),
+            }
+        ));
+    }
+    let retransmits: Vec<_> = t
+        .events
+        .iter()
+        .filter(|ev| ev.kind == "retransmit")
+        .collect();
+    let segments: u64 = retransmits.iter().map(|ev| u64::from(ev.segments)).sum();
+    out.push_str(&format!(
+        "\nretransmits ({segments} segments in {} events):\n",
+        retransmits.len()
+    ));
+    for ev in &retransmits {
+        out.push_str(&format!(
+            "  {}  {} -> {}  {} segment(s)  span {}\n",
+            ms_since(ev.at_unix_ns, origin),
+            ev.local.map(|a| a.to_string()).unwrap_or_default(),
+            ev.remote.map(|a| a.to_string()).unwrap_or_default(),
+            ev.segments,
+            ev.span_id
+        ));
+    }
+    let drops: Vec<_> = t.events.iter().filter(|ev| ev.kind == "drop").collect();
+    out.push_str(&format!("\ndrops ({}):\n", drops.len()));
+    for ev in &drops {
+        out.push_str(&format!(
+            "  {}  {} -> {}  {}\n",
+            ms_since(ev.at_unix_ns, origin),
+            ev.local.map(|a| a.to_string()).unwrap_or_default(),
+            ev.remote.map(|a| a.to_string()).unwrap_or_default(),
+            ev.reason.as_deref().unwrap_or("?")
+        ));
+    }
+    if !e.listeners.is_empty() {
+        out.push_str("\naccept queues of the serving listeners (latest sample):\n");
+        for l in &e.listeners {
+            out.push_str(&format!(
+                "  {}  {}/{} queued  {} handshakes dropped in its life\n",
+                l.local, l.queue_len, l.queue_cap, l.drops
+            ));
+        }
+    }
+    if t.omitted > 0 {
+        out.push_str(&format!(
+            "\n({} connections/events beyond the per-trace bounds were not kept)\n",
+            t.omitted
+        ));
+    }
+    out
 }
 
 /// GETs /v1/sockets from the agent.
@@ -67,6 +169,12 @@ fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
     let head = String::from_utf8_lossy(&response[..split]);
     let status = head.lines().next().unwrap_or_default().to_owned();
     if !status.contains(" 200 ") {
+        // The agent says why in the body (e.g. which trace it never saw).
+        let why = String::from_utf8_lossy(&response[split + 4..]);
+        let status = match why.trim() {
+            "" => status,
+            why => format!("{status}: {why}"),
+        };
         return Err(TriageError::Status { addr, status });
     }
     response.drain(..split + 4);

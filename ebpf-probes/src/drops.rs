@@ -17,8 +17,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext, Global,
 };
 use vigil_abi::{
-    DropReasonSet, DropRecord, EventKind, LossReason, LossSlot,
-    DROP_REASON_WORDS, TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
+    DropReasonSet, DropRecord, EventKind, LossReason, LossSlot, DROP_REASON_WORDS,
+    TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
 };
 
 use crate::{

@@ -166,7 +166,9 @@ pub fn seq_ge(a: u32, b: u32) -> bool {
 #[inline(always)]
 fn message_start(head: [u8; 8]) -> Option<u8> {
     let word = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-    const METHODS: [&[u8; 4]; 7] = [b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI"];
+    const METHODS: [&[u8; 4]; 7] = [
+        b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI",
+    ];
     let mut i = 0;
     while i < METHODS.len() {
         if word == u32::from_le_bytes(*METHODS[i]) {
@@ -344,7 +346,9 @@ fn scan_segment(
     slot: &mut TraceSlot,
     seg: &Segment,
 ) -> Result<(), i64> {
-    let scanned = u32::from(slot.open_scanned) + seg.payload;
+    // Header bytes read so far: a segment counts up to its scan window (a
+    // big segment holds the header and then body).
+    let scanned = u32::from(slot.open_scanned) + seg.payload.min(WINDOW as u32);
     if scanned > MAX_HEADER {
         slot.open_dir = 0;
         count(CaptureOutcome::Abandoned);

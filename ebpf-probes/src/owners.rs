@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use vigil_abi::{
-    tp_offsets, EventKind, KernelLayout, LossSlot, SockState, AF_INET, AF_INET6, IPPROTO_TCP,
-    TraceStamp, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
+    tp_offsets, EventKind, KernelLayout, LossSlot, SockState, TraceStamp, AF_INET, AF_INET6,
+    IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
 };
 
 use crate::{
@@ -109,6 +109,8 @@ fn reconcile_on_close(l: &KernelLayout, sk: u64, oldstate: u32) -> Result<(), i6
             owner: state.owner,
             // The socket's last word: nothing later can carry these segments.
             lost_for_good: unseen,
+            seq: 0,
+            bytes: 0,
             trace: TraceStamp::NONE,
         },
     )?;

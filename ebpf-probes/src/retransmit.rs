@@ -56,8 +56,8 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let end_seq: u32 = read(skb, l.skb_cb + l.tcp_skb_cb_end_seq)?;
     let flags: u8 = read(skb, l.skb_cb + l.tcp_skb_cb_tcp_flags)?;
     let control = u32::from(flags & TCPHDR_FIN != 0) + u32::from(flags & TCPHDR_SYN != 0);
-    let has_payload = end_seq.wrapping_sub(seq) > control;
-    let trace = stamp_for(sk as *mut c_void, seq, has_payload);
+    let bytes = end_seq.wrapping_sub(seq).saturating_sub(control);
+    let trace = stamp_for(sk as *mut c_void, seq, bytes > 0);
     let sample = Sample {
         kind: EventKind::Retransmit,
         slot: LossSlot::Retransmit,
@@ -77,6 +77,8 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
         } else {
             0
         },
+        seq,
+        bytes,
         trace,
     };
     if emit(&l, &sample)? {
@@ -156,6 +158,8 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
             counted: 1,
             owner,
             lost_for_good: 1,
+            seq: 0,
+            bytes: 0,
             trace: TraceStamp::NONE,
         },
     )?;
@@ -179,6 +183,9 @@ pub struct Sample {
     pub owner: SockOwner,
     /// Segments no later record can carry if this one is lost.
     pub lost_for_good: u32,
+    /// The segment's first sequence number and payload bytes (0 when none).
+    pub seq: u32,
+    pub bytes: u32,
     pub trace: TraceStamp,
 }
 
@@ -197,6 +204,8 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
         err: s.err,
         total_retrans: s.total_retrans,
         counted: s.counted,
+        seq: s.seq,
+        bytes: s.bytes,
         _pad: 0,
         tuple: tuple(l, s.tuple_skc)?,
         owner: s.owner,

@@ -114,6 +114,36 @@ impl TraceContext {
     }
 }
 
+/// What the kernel stamped on an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stamp {
+    /// No trace context: outside any traced request.
+    #[default]
+    None,
+    Context(TraceContext),
+    /// A `traceparent` value was there but is not valid W3C.
+    Invalid,
+}
+
+impl Stamp {
+    pub fn from_kernel(s: &vigil_abi::TraceStamp) -> Stamp {
+        if s.present != 1 {
+            return Stamp::None;
+        }
+        match TraceContext::parse(&s.raw) {
+            Ok(ctx) => Stamp::Context(ctx),
+            Err(_) => Stamp::Invalid,
+        }
+    }
+
+    pub fn context(&self) -> Option<&TraceContext> {
+        match self {
+            Stamp::Context(ctx) => Some(ctx),
+            Stamp::None | Stamp::Invalid => None,
+        }
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

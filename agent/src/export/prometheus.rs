@@ -17,7 +17,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::metrics::{PipelineStats, Registry};
+use crate::{
+    correlate::{traceparent::TraceContext, traces::TraceRecordOut},
+    metrics::{PipelineStats, Registry},
+    socket_health::{ConnectionRow, ListenerRow},
+};
 
 const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +79,61 @@ pub fn request_path(head: &[u8]) -> Option<&str> {
     }
 }
 
+/// GET /v1/traces/{trace_id}: what `vigil explain` shows.
+pub const TRACES_PATH: &str = "/v1/traces/";
+
+/// What the kernel saw for one trace, with the current sample of its
+/// connections and of the listeners that accepted them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Explanation {
+    pub trace: TraceRecordOut,
+    /// Connections of the trace still open at the latest socket sample.
+    pub connections: Vec<ConnectionRow>,
+    /// Listeners on the local ports of the trace's server-side connections.
+    pub listeners: Vec<ListenerRow>,
+}
+
+fn explanation(source: &MetricsSource, id: &str) -> Result<String, (&'static str, String)> {
+    let trace_id = TraceContext::parse_trace_id(id)
+        .map_err(|e| ("400 Bad Request", format!("not a trace id ({e}): {id:?}\n")))?;
+    let r = source.registry.lock().map_err(|_| {
+        (
+            "500 Internal Server Error",
+            "state unavailable\n".to_owned(),
+        )
+    })?;
+    let trace = r.traces.get(&trace_id).cloned().ok_or((
+        "404 Not Found",
+        format!(
+            "no kernel record of trace {}: no HTTP/1.1 message carried it on this node, or it was evicted\n",
+            hex::encode(trace_id)
+        ),
+    ))?;
+    let table = r.health.table();
+    let connections = table
+        .connections
+        .iter()
+        .filter(|c| trace.connections.iter().any(|t| t.cookie == c.cookie))
+        .cloned()
+        .collect();
+    let listeners = table
+        .listeners
+        .iter()
+        .filter(|l| {
+            trace.connections.iter().any(|t| {
+                t.role == "server" && t.netns == l.netns && t.local.port() == l.local.port()
+            })
+        })
+        .cloned()
+        .collect();
+    serde_json::to_string(&Explanation {
+        trace,
+        connections,
+        listeners,
+    })
+    .map_err(|e| ("500 Internal Server Error", format!("{e}\n")))
+}
+
 async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -112,12 +171,19 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 .and_then(|r| serde_json::to_string(r.health.table()).ok());
             respond_with(&mut stream, "application/json", body).await
         }
+        Some(path) if path.starts_with(TRACES_PATH) => {
+            let body = explanation(source, &path[TRACES_PATH.len()..]);
+            match body {
+                Ok(body) => respond(&mut stream, "200 OK", "application/json", &body).await,
+                Err((status, why)) => respond(&mut stream, status, "text/plain", &why).await,
+            }
+        }
         Some("/") => {
             respond(
                 &mut stream,
                 "200 OK",
                 "text/plain",
-                "Vigil agent. Metrics: /metrics; latest socket sample: /v1/sockets\n",
+                "Vigil agent. Metrics: /metrics; latest socket sample: /v1/sockets; one trace: /v1/traces/TRACE_ID\n",
             )
             .await
         }

@@ -131,6 +131,10 @@ pub struct RetransmitRecord {
     /// Segments the kernel counted since the previous look at this socket
     /// (`total_retrans` delta), or `COUNT_UNKNOWN` without a baseline.
     pub counted: u32,
+    /// TCP sequence number of the retransmitted segment's first byte.
+    pub seq: u32,
+    /// Payload bytes it carries (SYN and FIN not counted).
+    pub bytes: u32,
     pub _pad: u32,
     pub tuple: SockTuple,
     pub owner: SockOwner,
@@ -485,7 +489,7 @@ mod tests {
             size_of::<RetransmitRecord>(),
             4 * 2
                 + 8 * 3
-                + 4 * 6
+                + 4 * 8
                 + size_of::<SockTuple>()
                 + size_of::<SockOwner>()
                 + size_of::<TraceStamp>()
