@@ -37,6 +37,9 @@ pub struct LoadConfig {
     pub max_duration: Duration,
     /// Send a fresh random W3C `traceparent` with every request.
     pub with_traceparent: bool,
+    /// Record each connection's initial sequence numbers (TCP_REPAIR, needs
+    /// CAP_NET_ADMIN), so tests can place retransmitted segments in requests.
+    pub record_seq: bool,
 }
 
 impl Default for LoadConfig {
@@ -48,6 +51,7 @@ impl Default for LoadConfig {
             stream: "demo".to_owned(),
             max_duration: Duration::from_secs(60),
             with_traceparent: true,
+            record_seq: false,
         }
     }
 }
@@ -65,6 +69,73 @@ pub struct RequestRecord {
     pub status: u16,
     /// Response body bytes received.
     pub bytes: u64,
+    /// Bytes of this request and of its whole response (head and body) on
+    /// the wire: the request's share of each direction of the stream.
+    pub request_wire_bytes: u64,
+    pub response_wire_bytes: u64,
+    /// With `record_seq`: sequence numbers of the first data byte this client
+    /// sent and received on the connection (0 otherwise).
+    pub send_seq0: u32,
+    pub recv_seq0: u32,
+}
+
+/// Sequence numbers of the next byte to send and to receive on a connected
+/// socket, read in TCP repair mode (before any data has flowed, these are
+/// each side's ISN + 1). Leaving repair mode sends a window probe; nothing is lost.
+pub fn initial_sequences(stream: &TcpStream) -> io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    const TCP_REPAIR: libc::c_int = 19;
+    const TCP_REPAIR_QUEUE: libc::c_int = 20;
+    const TCP_QUEUE_SEQ: libc::c_int = 21;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let fd = stream.as_raw_fd();
+    let set = |opt: libc::c_int, v: libc::c_int| -> io::Result<()> {
+        // SAFETY: a valid socket fd and a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let queue_seq = || -> io::Result<u32> {
+        let mut v: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: a valid socket fd and a u32 out-parameter of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                (&mut v as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(TCP_REPAIR, 1)?;
+    let read = (|| {
+        set(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+        let send = queue_seq()?;
+        set(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+        let recv = queue_seq()?;
+        Ok((send, recv))
+    })();
+    set(TCP_REPAIR, 0)?;
+    read
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -218,6 +289,8 @@ impl From<io::Error> for ExchangeError {
 
 struct Response {
     status: u16,
+    /// Bytes of the response head, blank line included.
+    head_bytes: u64,
     body_bytes: u64,
     /// Kept only for the playlist, which names the segments.
     body: Option<Vec<u8>>,
@@ -250,6 +323,14 @@ fn run_connection(cfg: &LoadConfig, deadline: Instant, tally: &Tally) -> Vec<Req
     };
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let (send_seq0, recv_seq0) = if cfg.record_seq {
+        initial_sequences(&stream).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read initial sequence numbers (needs CAP_NET_ADMIN)");
+            (0, 0)
+        })
+    } else {
+        (0, 0)
+    };
     let playlist_path = format!("/live/{}/index.m3u8", cfg.stream);
     let mut segments: Vec<String> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -289,11 +370,16 @@ fn run_connection(cfg: &LoadConfig, deadline: Instant, tally: &Tally) -> Vec<Req
             end_unix_ns,
             status: 0,
             bytes: 0,
+            request_wire_bytes: request_head(&cfg.target, &path, trace.as_ref()).len() as u64,
+            response_wire_bytes: 0,
+            send_seq0,
+            recv_seq0,
         };
         let keep_going = match result {
             Ok(resp) => {
                 record.status = resp.status;
                 record.bytes = resp.body_bytes;
+                record.response_wire_bytes = resp.head_bytes + resp.body_bytes;
                 tally.bytes.fetch_add(resp.body_bytes, Ordering::Relaxed);
                 if (200..300).contains(&resp.status) {
                     tally.ok.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +531,7 @@ fn exchange(
     }
     Ok(Response {
         status: head.status,
+        head_bytes: head_end as u64,
         body_bytes: received,
         body,
         keep_alive: head.keep_alive() && want.is_some(),

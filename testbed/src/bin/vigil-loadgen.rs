@@ -47,6 +47,10 @@ struct Args {
     /// Do not send `traceparent` headers.
     #[arg(long)]
     no_traceparent: bool,
+    /// Record each connection's initial sequence numbers in the JSON records
+    /// (send_seq0/recv_seq0; TCP repair mode, needs CAP_NET_ADMIN).
+    #[arg(long)]
+    record_seq: bool,
     /// Print each run's summary as one JSON line (with per-request records).
     #[arg(long)]
     json: bool,
@@ -95,6 +99,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         stream: args.stream,
         max_duration,
         with_traceparent: !args.no_traceparent,
+        record_seq: args.record_seq,
     };
     let started = Instant::now();
     let mut total = LoadSummary::default();

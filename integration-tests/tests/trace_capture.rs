@@ -1,0 +1,306 @@
+//! In-kernel trace-context capture against the bytes each request put on the
+//! wire: every retransmitted segment is placed in the request whose bytes it
+//! carries, using the connection's initial sequence numbers (read by the load
+//! generator through TCP repair mode) and the request and response sizes.
+//! That placement is the oracle; the agent's stamp must match it.
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context};
+use serde_json::Value;
+use vigil_integration_tests::{
+    bpf_available, read_event_log, tag, wait_for, Agent, OtlpSink, Scenario, TempPath,
+};
+use vigil_testbed::netns::{bin_path, loadgen_command, ChildGuard};
+
+// `Scenario` re-exports what it needs; the loader command builder is shared.
+
+/// One request's share of each direction of its connection, in stream
+/// offsets from the first data byte.
+struct Placed {
+    trace_id: String,
+    request: std::ops::Range<u64>,
+    response: std::ops::Range<u64>,
+}
+
+/// A connection of the load generator: its requests in order and the
+/// sequence numbers of the first byte each side sent.
+struct Conn {
+    client_seq0: u32,
+    server_seq0: u32,
+    requests: Vec<Placed>,
+}
+
+fn connections(summary: &Value) -> anyhow::Result<HashMap<u16, Conn>> {
+    let mut records: Vec<&Value> = summary["requests"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no request records: {summary}"))?
+        .iter()
+        .collect();
+    records.sort_by_key(|r| r["start_unix_ns"].as_u64());
+    let mut conns: HashMap<u16, Conn> = HashMap::new();
+    for r in records {
+        let port = r["local_port"].as_u64().unwrap_or(0) as u16;
+        let conn = conns.entry(port).or_insert_with(|| Conn {
+            client_seq0: r["send_seq0"].as_u64().unwrap_or(0) as u32,
+            server_seq0: r["recv_seq0"].as_u64().unwrap_or(0) as u32,
+            requests: Vec::new(),
+        });
+        let (req_at, resp_at) = conn
+            .requests
+            .last()
+            .map_or((0, 0), |p| (p.request.end, p.response.end));
+        let req = r["request_wire_bytes"].as_u64().unwrap_or(0);
+        let resp = r["response_wire_bytes"].as_u64().unwrap_or(0);
+        conn.requests.push(Placed {
+            trace_id: r["trace_id"].as_str().unwrap_or_default().to_owned(),
+            request: req_at..req_at + req,
+            response: resp_at..resp_at + resp,
+        });
+    }
+    anyhow::ensure!(
+        conns.values().all(|c| c.client_seq0 != 0 || c.server_seq0 != 0),
+        "the load generator recorded no initial sequence numbers (TCP repair needs CAP_NET_ADMIN)"
+    );
+    Ok(conns)
+}
+
+fn run_loadgen(
+    scenario: &Scenario,
+    traced: bool,
+    connections: u32,
+    requests: u32,
+) -> anyhow::Result<ChildGuard> {
+    let target = SocketAddr::new(scenario.link.server_addr(false), scenario.port);
+    let mut cmd: Command = loadgen_command(
+        &scenario.link.client,
+        &bin_path("vigil-loadgen")?,
+        target,
+        connections,
+        requests,
+        60.0,
+    );
+    cmd.args(["--json", "--record-seq"]);
+    if !traced {
+        cmd.arg("--no-traceparent");
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    ChildGuard::spawn(&mut cmd)
+}
+
+fn summary_of(mut load: ChildGuard) -> anyhow::Result<Value> {
+    let mut out = String::new();
+    if let Some(mut stdout) = load.child_mut().stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    load.terminate(Duration::from_secs(5))?;
+    let line = out.lines().last().ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
+}
+
+/// Tallies of the comparison, in retransmitted segments.
+#[derive(Debug, Default)]
+struct Tally {
+    /// In a traced request's bytes, stamped with its trace id.
+    right: u64,
+    /// In a traced request's bytes, stamped with another trace id.
+    wrong: u64,
+    /// In a traced request's bytes, without a stamp.
+    unstamped: u64,
+    /// Outside any traced request (untraced requests, SYN/FIN, handshakes)
+    /// and stamped anyway.
+    stamped_outside: u64,
+    /// Outside any traced request and unstamped, as they must be.
+    outside: u64,
+}
+
+#[test]
+fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
+    if !bpf_available("retransmitted_segments_carry_their_requests_trace") {
+        return Ok(());
+    }
+    let log = TempPath::new("trace-capture-events.jsonl");
+    let sink = OtlpSink::start("trace-capture")?;
+    let log_arg = log.0.display().to_string();
+    let agent = Agent::start_with_env(
+        &["--event-log", &log_arg],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &sink.endpoint()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+        ],
+    )?;
+    let mut scenario = Scenario::start(&tag("tc"), 80, false)?;
+    let before = scenario.mib("Tcp", "RetransSegs")?;
+    // Loss of server-to-client packets: responses (and SYN-ACKs) are retransmitted.
+    scenario.link.set_loss(scenario.port, 3)?;
+    // Traced and untraced keep-alive connections side by side, 40 requests each.
+    let traced = run_loadgen(&scenario, true, 4, 40)?;
+    let untraced = run_loadgen(&scenario, false, 2, 40)?;
+    let (traced, untraced) = (summary_of(traced)?, summary_of(untraced)?);
+    for s in [&traced, &untraced] {
+        assert_eq!(s["requests_interrupted"], 0, "every request completed: {s}");
+        assert_eq!(s["requests_failed"], 0, "every request completed: {s}");
+    }
+    scenario.quiesce()?;
+    let mut conns = connections(&traced)?;
+    let traced_ports: Vec<u16> = conns.keys().copied().collect();
+    conns.extend(connections(&untraced)?);
+    let server = SocketAddr::new(scenario.link.server_addr(false), scenario.port);
+
+    // Wait until the agent has logged every retransmit the kernel counted
+    // (the events are complete: a comparison over part of them proves less).
+    let (server_ns, client_ns) = (
+        scenario.link.server.inode()?,
+        scenario.link.client.inode()?,
+    );
+    let after = scenario.mib("Tcp", "RetransSegs")?;
+    let kernel = (after.0 - before.0, after.1 - before.1);
+    let logged_in = |events: &[Value], ns: u64| -> u64 {
+        events
+            .iter()
+            .filter(|e| e["netns"] == ns)
+            .filter_map(|e| e["counted_segments"].as_u64())
+            .sum()
+    };
+    let events = wait_for(Duration::from_secs(20), "every retransmit logged", || {
+        let events = read_event_log(&log.0)?;
+        let logged = (logged_in(&events, server_ns), logged_in(&events, client_ns));
+        Ok((logged == kernel).then_some(events))
+    })?;
+
+    let mut tally = Tally::default();
+    for e in events
+        .iter()
+        .filter(|e| e["counted_segments"].as_u64().unwrap_or(0) > 0)
+        .filter(|e| e["netns"] == server_ns || e["netns"] == client_ns)
+    {
+        let segments = e["counted_segments"].as_u64().unwrap_or(0);
+        let stamped = e["trace_id"].as_str();
+        let local: SocketAddr = e["local"].as_str().unwrap_or_default().parse()?;
+        let remote: SocketAddr = e["remote"].as_str().unwrap_or_default().parse()?;
+        let (server_side, client_port) = if local == server {
+            (true, remote.port())
+        } else {
+            (false, local.port())
+        };
+        let seq = e["seq"].as_u64().unwrap_or(0) as u32;
+        let bytes = e["bytes"].as_u64().unwrap_or(0);
+        // Where the segment's first byte sits, and in which request.
+        let expected = conns.get(&client_port).and_then(|c| {
+            if bytes == 0 || e["kind"] != "segment" {
+                return None;
+            }
+            let (seq0, range): (u32, fn(&Placed) -> &std::ops::Range<u64>) = if server_side {
+                (c.server_seq0, |p| &p.response)
+            } else {
+                (c.client_seq0, |p| &p.request)
+            };
+            let offset = u64::from(seq.wrapping_sub(seq0));
+            c.requests
+                .iter()
+                .find(|p| range(p).contains(&offset))
+                .map(|p| p.trace_id.as_str())
+                .filter(|t| !t.is_empty())
+        });
+        match (expected, stamped) {
+            (Some(want), Some(got)) if want == got => tally.right += segments,
+            (Some(_), Some(_)) => tally.wrong += segments,
+            (Some(_), None) => tally.unstamped += segments,
+            (None, Some(_)) => tally.stamped_outside += segments,
+            (None, None) => tally.outside += segments,
+        }
+    }
+    eprintln!("{tally:?}");
+    let in_requests = tally.right + tally.wrong + tally.unstamped;
+    assert!(
+        in_requests >= 20,
+        "the lossy link retransmitted segments of traced requests: {tally:?}"
+    );
+    // Tolerance 1%: a segment of a request whose header the capture never read
+    // (e.g. the ring or a scratch buffer was busy) goes unstamped; it must never
+    // carry another request's trace.
+    assert_eq!(tally.wrong, 0, "no segment stamped with another request's trace: {tally:?}");
+    assert_eq!(
+        tally.stamped_outside, 0,
+        "segments outside traced requests carry no trace: {tally:?}"
+    );
+    assert!(
+        tally.right * 100 >= in_requests * 99,
+        "at least 99% of in-request segments carry their trace: {tally:?}"
+    );
+    assert!(
+        tally.outside > 0,
+        "untraced requests and handshakes were retransmitted too: {tally:?}"
+    );
+
+    // Every traced request crossed two sockets (client and server) with its trace.
+    let messages: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "trace_context" && e["message"] == "request")
+        .collect();
+    for c in traced_ports.iter().filter_map(|p| conns.get(p)) {
+        for p in &c.requests {
+            let seen = messages.iter().filter(|m| m["trace_id"] == p.trace_id.as_str()).count();
+            assert_eq!(seen, 2, "request {} seen sent and received", p.trace_id);
+        }
+    }
+
+    // The same stamps reach OTLP: log records carry trace_id/span_id fields.
+    let stamped_events: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "segment" && e["trace_id"].is_string())
+        .collect();
+    let want: std::collections::HashSet<&str> = stamped_events
+        .iter()
+        .filter_map(|e| e["trace_id"].as_str())
+        .collect();
+    let got = wait_for(Duration::from_secs(15), "OTLP log records with trace ids", || {
+        let ids: std::collections::HashSet<String> = sink
+            .requests("logs")?
+            .iter()
+            .flat_map(|r| r["records"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["body"] == "tcp retransmit")
+            .filter_map(|r| r["trace_id"].as_str().map(str::to_owned))
+            .filter(|t| !t.is_empty() && t.chars().any(|c| c != '0'))
+            .collect();
+        Ok(want.iter().all(|t| ids.contains(*t)).then_some(ids))
+    })?;
+    assert!(!got.is_empty());
+
+    // `vigil explain` lists a stamped retransmit of one trace.
+    let sample = stamped_events[0];
+    let trace_id = sample["trace_id"].as_str().unwrap_or_default();
+    let out = Command::new(bin_path("vigil")?)
+        .args(["explain", trace_id, "--json", "--agent", &agent.metrics_addr.to_string()])
+        .output()?;
+    assert!(out.status.success(), "vigil explain: {}", String::from_utf8_lossy(&out.stderr));
+    let explained: Value = serde_json::from_slice(&out.stdout)?;
+    let retransmits: u64 = explained["trace"]["events"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter(|e| e["kind"] == "retransmit")
+                .filter_map(|e| e["segments"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let logged: u64 = stamped_events
+        .iter()
+        .filter(|e| e["trace_id"] == trace_id)
+        .filter_map(|e| e["counted_segments"].as_u64())
+        .sum();
+    assert_eq!(retransmits, logged, "explain shows the trace's retransmits: {explained}");
+    let roles: Vec<&str> = explained["trace"]["connections"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|c| c["role"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(roles.contains(&"server") && roles.contains(&"client"), "{explained}");
+    drop(agent);
+    Ok(())
+}
