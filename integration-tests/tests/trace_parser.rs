@@ -1,0 +1,325 @@
+//! The kernel's `traceparent` parser against hand-made HTTP/1.1 traffic on
+//! loopback: headers split across segments at every awkward place, names in
+//! other cases, malformed, truncated, oversized and adversarial headers, and
+//! keep-alive connections switching trace context request by request. What
+//! the server socket's capture reported (the agent's event log) must be
+//! exactly what each case expects, and the agent must stay healthy.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use vigil_integration_tests::{bpf_available, metric_sum, read_event_log, wait_for, Agent, TempPath};
+
+const SPAN: &str = "00f067aa0ba902b7";
+
+fn trace(n: u32) -> String {
+    format!("4bf92f3577b34da6a3ce929d{n:08x}")
+}
+
+fn tp(n: u32) -> String {
+    format!("00-{}-{SPAN}-01", trace(n))
+}
+
+/// A minimal HTTP/1.1 server: answers every request (head, then a body of
+/// Content-Length bytes) with an empty 200, until the client closes.
+fn serve(listener: TcpListener) {
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { return };
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let body: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + body {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..end + 4 + body);
+                if s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// One request as segments: each part is written on its own (TCP_NODELAY,
+/// with a pause, so each is one segment on loopback).
+struct Request(Vec<Vec<u8>>);
+
+impl Request {
+    fn whole(text: &str) -> Request {
+        Request(vec![text.as_bytes().to_vec()])
+    }
+    fn split(parts: &[&str]) -> Request {
+        Request(parts.iter().map(|p| p.as_bytes().to_vec()).collect())
+    }
+}
+
+struct Case {
+    name: &'static str,
+    requests: Vec<Request>,
+    /// Whether the server answers (false: the client stops mid-header).
+    complete: bool,
+    /// What the server socket's capture reports, in order: a trace id, or
+    /// "invalid" for a value that is not W3C.
+    expect: Vec<String>,
+}
+
+/// Sends the case's requests on one connection; returns the client port.
+fn run_case(server: SocketAddr, case: &Case) -> anyhow::Result<u16> {
+    let mut s = TcpStream::connect(server)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let port = s.local_addr()?.port();
+    for req in &case.requests {
+        for part in &req.0 {
+            s.write_all(part)?;
+            thread::sleep(Duration::from_millis(30));
+        }
+        if case.complete {
+            let mut got = Vec::new();
+            let mut b = [0u8; 256];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b)?;
+                anyhow::ensure!(n > 0, "{}: server closed", case.name);
+                got.extend_from_slice(&b[..n]);
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Both);
+    Ok(port)
+}
+
+fn cases() -> Vec<Case> {
+    let get = |n: u32| format!("GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n", tp(n));
+    let cookie = |len: usize| format!("Cookie: {}\r\n", "c".repeat(len));
+    let evil = format!("GET /x HTTP/1.1\r\ntraceparent: {}\r\n\r\n", tp(666));
+    vec![
+        Case {
+            name: "whole header",
+            requests: vec![Request::whole(&get(1))],
+            complete: true,
+            expect: vec![trace(1)],
+        },
+        Case {
+            name: "name in other cases, tab before the value",
+            requests: vec![Request::whole(&format!(
+                "GET / HTTP/1.1\r\nHost: vigil\r\nTraceParent:\t{}\r\n\r\n",
+                tp(2)
+            ))],
+            complete: true,
+            expect: vec![trace(2)],
+        },
+        Case {
+            name: "split before the traceparent line",
+            requests: vec![Request::split(&[
+                "GET / HTTP/1.1\r\nHost: vigil\r\n",
+                &format!("traceparent: {}\r\n\r\n", tp(3)),
+            ])],
+            complete: true,
+            expect: vec![trace(3)],
+        },
+        Case {
+            name: "split inside the value",
+            requests: vec![Request::split(&[
+                &format!("GET / HTTP/1.1\r\ntraceparent: {}", &tp(4)[..20]),
+                &format!("{}\r\nHost: vigil\r\n\r\n", &tp(4)[20..]),
+            ])],
+            complete: true,
+            expect: vec![trace(4)],
+        },
+        Case {
+            name: "split inside the name, and inside the request line",
+            requests: vec![Request::split(&[
+                "GET / HT",
+                "TP/1.1\r\nHost: vigil\r\ntrace",
+                &format!("parent: {}\r\n\r\n", tp(5)),
+            ])],
+            complete: true,
+            expect: vec![trace(5)],
+        },
+        Case {
+            name: "keep-alive: traced, untraced, traced",
+            requests: vec![
+                Request::whole(&get(6)),
+                Request::whole("GET /none HTTP/1.1\r\nHost: vigil\r\n\r\n"),
+                Request::whole(&get(7)),
+            ],
+            complete: true,
+            expect: vec![trace(6), trace(7)],
+        },
+        Case {
+            name: "malformed value (not hex)",
+            requests: vec![Request::whole(&format!(
+                "GET / HTTP/1.1\r\ntraceparent: 00-{}-{SPAN}-01\r\n\r\n",
+                "z".repeat(32)
+            ))],
+            complete: true,
+            expect: vec!["invalid".into()],
+        },
+        Case {
+            name: "value cut short by the end of the header",
+            requests: vec![Request::whole(
+                "GET / HTTP/1.1\r\ntraceparent: 00-4bf9\r\nHost: vigil\r\nAccept: */*\r\nUser-Agent: a-long-enough-agent-string\r\n\r\n",
+            )],
+            complete: true,
+            expect: vec!["invalid".into()],
+        },
+        Case {
+            name: "header over the 8 KiB limit, then a normal request",
+            requests: vec![
+                Request::split(&[
+                    "GET / HTTP/1.1\r\n",
+                    &cookie(1500),
+                    &cookie(1500),
+                    &cookie(1500),
+                    &cookie(1500),
+                    &cookie(1500),
+                    &cookie(1500),
+                    &format!("traceparent: {}\r\n\r\n", tp(8)),
+                ]),
+                Request::whole(&get(9)),
+            ],
+            complete: true,
+            expect: vec![trace(9)],
+        },
+        Case {
+            name: "one segment longer than the scan window, then a normal request",
+            requests: vec![
+                Request::whole(&format!(
+                    "GET / HTTP/1.1\r\n{}traceparent: {}\r\n\r\n",
+                    cookie(3000),
+                    tp(10)
+                )),
+                Request::whole(&get(11)),
+            ],
+            complete: true,
+            expect: vec![trace(11)],
+        },
+        Case {
+            name: "a request body that looks like a request with a trace",
+            requests: vec![Request::split(&[
+                &format!(
+                    "POST /upload HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\nContent-Length: {}\r\n\r\n",
+                    tp(12),
+                    evil.len()
+                ),
+                &evil,
+            ])],
+            complete: true,
+            expect: vec![trace(12)],
+        },
+        Case {
+            name: "binary garbage after a method, connection dropped",
+            requests: vec![Request(vec![{
+                let mut g = b"GET ".to_vec();
+                g.extend((0..2000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+                g
+            }])],
+            complete: false,
+            expect: vec![],
+        },
+        Case {
+            name: "truncated inside the value, connection dropped",
+            requests: vec![Request::whole("GET / HTTP/1.1\r\ntraceparent: 00-4bf92f35")],
+            complete: false,
+            expect: vec![],
+        },
+    ]
+}
+
+#[test]
+fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()> {
+    if !bpf_available("kernel_parser_reports_exactly_what_each_header_carries") {
+        return Ok(());
+    }
+    let log = TempPath::new("trace-parser-events.jsonl");
+    let log_arg = log.0.display().to_string();
+    let agent = Agent::start(&["--event-log", &log_arg])?;
+    let before = agent.scrape()?;
+
+    let mut results = Vec::new();
+    for addr in ["127.0.0.1:0", "[::1]:0"] {
+        let listener = TcpListener::bind(addr)?;
+        let server = listener.local_addr()?;
+        thread::spawn(move || serve(listener));
+        for case in cases() {
+            let port = run_case(server, &case)?;
+            results.push((server, port, case));
+        }
+    }
+
+    // Every case's reports, from the server socket (it received the requests).
+    let received = |events: &[Value], server: SocketAddr, port: u16| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "trace_context" && e["direction"] == "received")
+            .filter(|e| e["local"] == server.to_string())
+            .filter(|e| {
+                e["remote"]
+                    .as_str()
+                    .and_then(|r| r.parse::<SocketAddr>().ok())
+                    .is_some_and(|r| r.port() == port)
+            })
+            .map(|e| match e["trace_id"].as_str() {
+                Some(t) => t.to_owned(),
+                None if e["trace_invalid"] == true => "invalid".to_owned(),
+                None => "none".to_owned(),
+            })
+            .collect()
+    };
+    let expected_reports: usize = results.iter().map(|(_, _, c)| c.expect.len()).sum();
+    let events = wait_for(Duration::from_secs(10), "every expected report", || {
+        let events = read_event_log(&log.0)?;
+        let n: usize = results
+            .iter()
+            .map(|(s, p, _)| received(&events, *s, *p).len())
+            .sum();
+        Ok((n >= expected_reports).then_some(events))
+    })?;
+    for (server, port, case) in &results {
+        assert_eq!(
+            received(&events, *server, *port),
+            case.expect,
+            "{} ({server})",
+            case.name
+        );
+    }
+    // The adversarial ones were seen and set aside, not misread.
+    let after = agent.scrape()?;
+    let delta = |outcome: &str| {
+        metric_sum(&after, "vigil_http_capture_messages_total", &[("outcome", outcome)])
+            - metric_sum(&before, "vigil_http_capture_messages_total", &[("outcome", outcome)])
+    };
+    assert!(delta("abandoned") >= 4, "oversized headers abandoned:\n{after}");
+    assert!(delta("out_of_turn") >= 2, "the look-alike body ignored:\n{after}");
+    assert!(
+        metric_sum(&after, "vigil_trace_stamps_invalid_total", &[]) >= 4,
+        "malformed values counted:\n{after}"
+    );
+    assert!(agent.sockets().is_ok(), "the agent still answers");
+    Ok(())
+}
