@@ -11,6 +11,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Ok(KernelEvent::Drop(e)) => {
             let _ = (e.at_listener(), tcp_state_name(e.tcp_state));
         }
+        Ok(KernelEvent::Trace(e)) => {
+            let _ = (e.server_side(), e.trace.context());
+        }
         Err(_) => {}
     }
     let _ = vigil::sampler::decode_samples(data);

@@ -15,6 +15,7 @@ const TARGETS: &[&str] = &[
     "kernel_btf",
     "text_formats",
     "origin_request",
+    "traceparent",
 ];
 
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {
