@@ -273,7 +273,7 @@ pub struct TraceEvent {
     pub boundary: u32,
     pub endpoints: Endpoints,
     pub trace: Stamp,
-    /// Filled in by attribution (the kernel does not know it here).
+    /// The socket's owner as the kernel recorded it, or from /proc.
     pub owner: Option<Owner>,
 }
 
@@ -298,7 +298,7 @@ impl TraceEvent {
             boundary: r.boundary,
             endpoints: endpoints(&r.tuple)?,
             trace: Stamp::from_kernel(&r.stamp),
-            owner: None,
+            owner: Owner::from_kernel(&r.owner),
         })
     }
 
@@ -360,6 +360,42 @@ mod tests {
     use super::*;
     use vigil_abi::SockTuple;
 
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn stamp(value: &str) -> vigil_abi::TraceStamp {
+        let mut s = vigil_abi::TraceStamp::NONE;
+        let n = value.len().min(s.raw.len());
+        s.raw[..n].copy_from_slice(&value.as_bytes()[..n]);
+        s.present = 1;
+        s
+    }
+
+    #[test]
+    fn decodes_trace_stamps_and_validates_them() {
+        let mut r = record(1, AF_INET);
+        let e = decode(&r);
+        assert_eq!(
+            e.trace.context().map(|c| c.trace_id_hex()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!((e.seq, e.bytes), (1000, 1448));
+        r.trace = stamp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g");
+        assert_eq!(decode(&r).trace, Stamp::Invalid);
+        r.trace.present = 0;
+        assert_eq!(decode(&r).trace, Stamp::None);
+    }
+
+    fn decode(r: &RetransmitRecord) -> RetransmitEvent {
+        // SAFETY: reading a repr(C) POD value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (r as *const RetransmitRecord).cast::<u8>(),
+                std::mem::size_of::<RetransmitRecord>(),
+            )
+        };
+        RetransmitEvent::decode(bytes).expect("decodes")
+    }
+
     fn record(kind: u32, family: u16) -> RetransmitRecord {
         let mut local_addr = [0u8; 16];
         local_addr[..4].copy_from_slice(&[198, 18, 1, 1]);
@@ -378,6 +414,8 @@ mod tests {
             err: 0,
             total_retrans: 0,
             counted: COUNT_UNKNOWN,
+            seq: 1000,
+            bytes: 1448,
             _pad: 0,
             tuple: SockTuple {
                 local_addr,
@@ -393,6 +431,7 @@ mod tests {
                 cgroup_id: 5,
                 comm,
             },
+            trace: stamp(TRACEPARENT),
         }
     }
 
@@ -473,6 +512,7 @@ mod tests {
             _pad: 0,
             tuple: r.tuple,
             owner: r.owner,
+            trace: vigil_abi::TraceStamp::NONE,
         };
         // SAFETY: reading a repr(C) POD value as bytes.
         let as_bytes = |d: &DropRecord| unsafe {

@@ -11,14 +11,16 @@ use std::{
     time::Instant,
 };
 
-use vigil_abi::{loss_index, LossReason, LossSlot};
+use vigil_abi::{loss_index, CaptureOutcome, LossReason, LossSlot};
 
 pub use crate::exposition::Exposition;
 use crate::{
     cardinality::SeriesBudget,
+    correlate::traces::TraceIndex,
     enrich::Identity,
     events::{DropEvent, OwnerSource, RetransmitEvent, RetransmitKind},
     export::otlp::OtlpStats,
+    exposition::Exemplar,
     kube_pods::KubeStats,
     loader::{
         prog_stats::{ProgramHandle, ProgramStats},
@@ -34,6 +36,7 @@ pub struct PipelineStats {
     pub received_retransmit: AtomicU64,
     pub received_synack: AtomicU64,
     pub received_drop: AtomicU64,
+    pub received_trace: AtomicU64,
     pub decode_errors: AtomicU64,
     pub channel_dropped: AtomicU64,
     pub sampler_passes: AtomicU64,
@@ -107,6 +110,8 @@ struct RetransmitCounts {
     segments: u64,
     synack: u64,
     unreported: u64,
+    /// The latest retransmit of the series that carried a trace context.
+    exemplar: Option<Exemplar>,
 }
 
 pub struct Registry {
@@ -124,6 +129,10 @@ pub struct Registry {
     pub kube: Option<Arc<KubeStats>>,
     /// The OTLP exporter's telemetry, when it runs.
     pub otlp: Option<Arc<OtlpStats>>,
+    /// Per-trace record of what the kernel saw, for `vigil explain`.
+    pub traces: TraceIndex,
+    /// The OTLP span receiver's telemetry, when it runs.
+    pub receiver: Option<Arc<crate::correlate::receiver::ReceiverStats>>,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -140,6 +149,8 @@ fn errno_name(err: i32) -> &'static str {
 }
 
 const UNKNOWN: &str = "unknown";
+/// Until the agent sizes it from `correlate.trace_index_entries`.
+const DEFAULT_TRACE_INDEX_ENTRIES: usize = 4096;
 /// Label value of the overflow series (not a cgroup path or process name).
 const OVERFLOW: &str = "_overflow";
 
@@ -156,18 +167,21 @@ impl Registry {
             budget,
             kube: None,
             otlp: None,
+            receiver: None,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
             attributed: BTreeMap::new(),
             hooks,
             lost,
+            traces: TraceIndex::new(DEFAULT_TRACE_INDEX_ENTRIES),
             cgroup_cache_entries: 0,
             proc_socket_entries: 0,
         }
     }
 
-    pub fn record_retransmit(&mut self, e: &RetransmitEvent, who: &Identity) {
+    /// `at_unix_ns`: the event's time, for its exemplar.
+    pub fn record_retransmit(&mut self, e: &RetransmitEvent, who: &Identity, at_unix_ns: u64) {
         let source = match e.owner.as_ref().map(|o| o.source) {
             Some(OwnerSource::Kernel) => "kernel",
             Some(OwnerSource::Proc) => "proc",
@@ -191,6 +205,14 @@ impl Registry {
         }
         c.segments += u64::from(counted);
         c.unreported += u64::from(e.unreported_segments());
+        if let Some(ctx) = e.trace.context() {
+            c.exemplar = Some(Exemplar {
+                trace_id: ctx.trace_id,
+                span_id: ctx.span_id,
+                time_unix_nano: at_unix_ns,
+                value: f64::from(counted),
+            });
+        }
         if e.kind == RetransmitKind::SynAck {
             c.synack += 1;
         }
@@ -273,6 +295,9 @@ impl Registry {
             x.family(name, "counter", help);
             for (s, c) in &self.retransmits {
                 x.sample(name, &s.labels(), value(c));
+                if let (Some(e), "vigil_tcp_retransmitted_segments_total") = (c.exemplar, name) {
+                    x.exemplar(name, e);
+                }
             }
         }
         let name = "vigil_tcp_retransmit_failed_attempts_total";
@@ -321,6 +346,37 @@ impl Registry {
                 );
             }
         }
+        let name = "vigil_http_capture_messages_total";
+        x.family(name, "counter", "HTTP/1.1 message headers the trace-context capture hooks read, by outcome: traced (a traceparent), untraced (none), repeated (a retransmitted header), out_of_turn (a second message start in one direction: ignored), abandoned (header too long or continued out of order).");
+        if let Some(lost) = &self.lost {
+            let outcomes = [
+                (CaptureOutcome::Traced, "traced"),
+                (CaptureOutcome::Untraced, "untraced"),
+                (CaptureOutcome::Repeated, "repeated"),
+                (CaptureOutcome::OutOfTurn, "out_of_turn"),
+                (CaptureOutcome::Abandoned, "abandoned"),
+            ];
+            for (outcome, label) in outcomes {
+                let n: u64 = lost
+                    .capture
+                    .get(&(outcome as u32), 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                x.sample(name, &[("outcome", label.into())], n);
+            }
+        }
+        let name = "vigil_trace_stamps_invalid_total";
+        x.family(name, "counter", "Kernel events whose captured traceparent value was not valid W3C Trace Context (treated as no trace).");
+        x.sample(name, &[], self.traces.invalid_stamps);
+        let name = "vigil_trace_index_traces";
+        x.family(name, "gauge", "Traces `vigil explain` can answer for now.");
+        x.sample(name, &[], self.traces.len());
+        let name = "vigil_trace_index_evicted_total";
+        x.family(
+            name,
+            "counter",
+            "Traces forgotten to keep the index within correlate.trace_index_entries.",
+        );
+        x.sample(name, &[], self.traces.evicted);
         let name = "vigil_tcp_retransmit_segments_lost_total";
         x.family(name, "counter", "Retransmitted segments the kernel counted whose record never reached the agent, for good (a lost record's segments otherwise ride on the socket's next record); per netns, vigil_tcp_retransmitted_segments_total plus this equals Tcp RetransSegs.");
         if let Some(lost) = &self.lost {
@@ -369,6 +425,11 @@ impl Registry {
             name,
             &[("probe", "socket_drop".into())],
             stats.received_drop.load(Ordering::Relaxed),
+        );
+        x.sample(
+            name,
+            &[("probe", "trace_context".into())],
+            stats.received_trace.load(Ordering::Relaxed),
         );
         let name = "vigil_events_dropped_total";
         x.family(
@@ -511,6 +572,9 @@ impl Registry {
                 x.sample(name, &[], v.load(Ordering::Relaxed));
             }
         }
+        if let Some(r) = &self.receiver {
+            r.render(&mut x);
+        }
         let name = "vigil_build_info";
         x.family(name, "gauge", "Build of the running agent.");
         x.sample(name, &[("version", env!("CARGO_PKG_VERSION").into())], 1u8);
@@ -539,6 +603,9 @@ mod tests {
             err,
             total_retrans: 0,
             counted: None,
+            seq: 0,
+            bytes: 1,
+            trace: crate::correlate::traceparent::Stamp::None,
             endpoints: Endpoints {
                 local: "198.18.1.1:80".parse().expect("addr"),
                 remote: "198.18.1.2:5000".parse().expect("addr"),
@@ -563,6 +630,35 @@ mod tests {
     }
 
     #[test]
+    fn traced_retransmits_become_exemplars() {
+        let mut r = registry(10);
+        let ctx = crate::correlate::traceparent::TraceContext {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            flags: 1,
+        };
+        let mut e = event(3, 0, RetransmitKind::Segment);
+        e.trace = crate::correlate::traceparent::Stamp::Context(ctx);
+        r.record_retransmit(&e, &Identity::default(), 123);
+        // A later untraced retransmit keeps the last traced one as exemplar.
+        r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &Identity::default(), 456);
+        let x = r.families(&PipelineStats::default());
+        let f = x
+            .families
+            .iter()
+            .find(|f| f.name == "vigil_tcp_retransmitted_segments_total")
+            .expect("family");
+        let exemplar = f.points[0].exemplar.expect("exemplar");
+        assert_eq!((exemplar.trace_id, exemplar.span_id), ([7; 16], [8; 8]));
+        assert_eq!((exemplar.time_unix_nano, exemplar.value), (123, 3.0));
+        // Prometheus text 0.0.4 has no exemplars: the line is unchanged.
+        assert!(r
+            .render(&PipelineStats::default())
+            .lines()
+            .any(|l| l.starts_with("vigil_tcp_retransmitted_segments_total{") && l.ends_with(" 4")));
+    }
+
+    #[test]
     fn owners_beyond_the_limit_share_the_overflow_series() {
         let mut r = registry(2);
         for i in 0..5 {
@@ -572,7 +668,7 @@ mod tests {
                 cgroup: Some(format!("/kubepods/pod{i}")),
                 pod: None,
             };
-            r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &who);
+            r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &who, 0);
         }
         let text = r.render(&PipelineStats::default());
         let series = text
@@ -600,7 +696,7 @@ mod tests {
             cgroup: Some(path.into()),
             pod: Some(pod.clone()),
         };
-        r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &unnamed);
+        r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &unnamed, 0);
         pod.namespace = Some("video".into());
         pod.name = Some("origin-0".into());
         let named = Identity {
@@ -609,7 +705,7 @@ mod tests {
         };
         let mut e = event(2, 0, RetransmitKind::Segment);
         e.netns = 8;
-        r.record_retransmit(&e, &named);
+        r.record_retransmit(&e, &named, 0);
         let text = r.render(&PipelineStats::default());
         assert!(
             text.contains(&format!(r#"vigil_tcp_retransmitted_segments_total{{netns="7",cgroup="{path}",process="origin",pod="5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718"}} 1"#)),
@@ -630,10 +726,10 @@ mod tests {
             cgroup: Some("/pods/a\"b".into()),
             pod: None,
         };
-        r.record_retransmit(&event(4, 0, RetransmitKind::Segment), &who);
-        r.record_retransmit(&event(2, 0, RetransmitKind::Segment), &who);
-        r.record_retransmit(&event(1, 0, RetransmitKind::SynAck), &who);
-        r.record_retransmit(&event(5, -libc::EBUSY, RetransmitKind::Segment), &who);
+        r.record_retransmit(&event(4, 0, RetransmitKind::Segment), &who, 0);
+        r.record_retransmit(&event(2, 0, RetransmitKind::Segment), &who, 0);
+        r.record_retransmit(&event(1, 0, RetransmitKind::SynAck), &who, 0);
+        r.record_retransmit(&event(5, -libc::EBUSY, RetransmitKind::Segment), &who, 0);
         let text = r.render(&PipelineStats::default());
         let labels = r#"netns="7",cgroup="/pods/a\"b",process="origin""#;
         assert!(

@@ -360,7 +360,18 @@ impl StateOwner {
                         local: t.endpoints.local,
                         remote: t.endpoints.remote,
                     };
-                    self.enricher.attribute(&mut t.owner, key)
+                    let who = self.enricher.attribute(&mut t.owner, key);
+                    if t.owner.is_some() || !t.server_side() {
+                        who
+                    } else {
+                        // A request that arrived before accept(): the socket
+                        // has no owner yet; its listener's process takes it.
+                        let key = SocketKey::Listener {
+                            netns: t.netns,
+                            port: t.endpoints.local.port(),
+                        };
+                        self.enricher.attribute(&mut t.owner, key)
+                    }
                 }
             })
             .collect();

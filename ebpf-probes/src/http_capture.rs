@@ -27,13 +27,18 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{
+        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
     btf_maps::SkStorage,
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_storage_get,
-            bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_tcp_sock,
+            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_release,
+            bpf_sk_storage_get, bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
+            bpf_tcp_sock,
         },
     },
     macros::{btf_map, cgroup_skb, map},
@@ -41,14 +46,15 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use vigil_abi::{
-    CaptureOutcome, EventKind, LossSlot, TraceRecord, TraceSlot, TraceSpan, TraceStamp,
+    CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSpan, TraceStamp,
     CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE, TRACEPARENT_LEN,
     TRACE_CARRY,
 };
 
 use crate::{
     kernel::{layout, netns_inode, tuple},
-    ring::submit,
+    owners::VIGIL_SOCKS,
+    ring::submit_in_place,
 };
 
 /// Payload bytes scanned per segment.
@@ -659,23 +665,29 @@ fn emit(
         return;
     }
     let addr = tp as u64;
-    let (Ok(netns), Ok(tuple)) = (netns_inode(&l, addr), tuple(&l, addr)) else {
-        return;
-    };
-    let record = TraceRecord {
-        kind: EventKind::TraceContext as u32,
-        role: u32::from(dir) | u32::from(kind) << 4,
+    let _ = submit_in_place(LossSlot::TraceContext, |r: &mut TraceRecord| {
+        r.kind = EventKind::TraceContext as u32;
+        r.role = u32::from(dir) | u32::from(kind) << 4;
         // SAFETY: plain helper call without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        r.ts_ns = unsafe { bpf_ktime_get_ns() };
         // SAFETY: the skb context, whose socket the helper reads.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
-        sk_addr: addr,
-        netns,
-        boundary,
-        tuple,
-        stamp: *stamp,
-    };
-    submit(&record, LossSlot::TraceContext);
+        r.cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        r.sk_addr = addr;
+        r.netns = netns_inode(&l, addr)?;
+        r.boundary = boundary;
+        r.tuple = tuple(&l, addr)?;
+        // Recorded in process context at connect/listen/accept.
+        // SAFETY: the value is copied out before the map can change it.
+        match unsafe { VIGIL_SOCKS.get(addr) } {
+            Some(state) => r.owner = state.owner,
+            // A request can arrive before accept(), while the connection has
+            // no owner yet: its listener's process is about to take it.
+            None if dir == DIR_RECEIVED && kind == MSG_REQUEST => r.owner = listener_owner(ctx),
+            None => {}
+        }
+        r.stamp = *stamp;
+        Ok(())
+    });
 }
 
 /// The capture state of a typed (BTF) socket pointer, if it has one.
@@ -702,6 +714,63 @@ pub fn current_stamp(sk: *mut c_void) -> TraceStamp {
         Some(slot) if slot.cur.valid == 1 => slot.cur.stamp,
         _ => TraceStamp::NONE,
     }
+}
+
+/// The owner of the listener a received packet's connection came through,
+/// found with a listener lookup on the packet's destination (a zero source
+/// misses every established socket).
+#[inline(never)]
+fn listener_owner(ctx: &SkBuffContext) -> SockOwner {
+    // SAFETY: plain old data; all-zero is the wildcard source.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let Ok(vihl) = ctx.load::<u8>(0) else {
+        return SockOwner::default();
+    };
+    let size = match vihl >> 4 {
+        4 => {
+            let ihl = usize::from(vihl & 0x0f) * 4;
+            let (Ok(daddr), Ok(dport)) = (ctx.load::<u32>(16), ctx.load::<u16>(ihl + 2)) else {
+                return SockOwner::default();
+            };
+            // Writing a union member is safe; the lookup reads this one.
+            t.__bindgen_anon_1.ipv4.daddr = daddr;
+            t.__bindgen_anon_1.ipv4.dport = dport;
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+        }
+        6 => {
+            let (Ok(daddr), Ok(dport)) = (ctx.load::<[u32; 4]>(24), ctx.load::<u16>(42)) else {
+                return SockOwner::default();
+            };
+            t.__bindgen_anon_1.ipv6.daddr = daddr;
+            t.__bindgen_anon_1.ipv6.dport = dport;
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+        }
+        _ => return SockOwner::default(),
+    };
+    // SAFETY: a stack tuple of `size` bytes; the reference is released below.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb.cast(),
+            &mut t,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return SockOwner::default();
+    }
+    // SAFETY: a socket reference from the lookup.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    let owner = if tp.is_null() {
+        SockOwner::default()
+    } else {
+        // SAFETY: the value is copied out before the map can change it.
+        unsafe { VIGIL_SOCKS.get(tp as u64) }.map_or(SockOwner::default(), |s| s.owner)
+    };
+    // SAFETY: releasing the lookup's reference, once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    owner
 }
 
 /// The trace context of a retransmitted segment of `sk` starting at `seq`:

@@ -118,6 +118,9 @@ struct Tally {
     stamped_outside: u64,
     /// Outside any traced request and unstamped, as they must be.
     outside: u64,
+    /// Of the in-request segments, those retransmitted by client sockets
+    /// (request bytes).
+    client_side: u64,
 }
 
 #[test]
@@ -137,8 +140,20 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     )?;
     let mut scenario = Scenario::start(&tag("tc"), 80, false)?;
     let before = scenario.mib("Tcp", "RetransSegs")?;
-    // Loss of server-to-client packets: responses (and SYN-ACKs) are retransmitted.
+    // Loss both ways: responses (and SYN-ACKs) are retransmitted by the
+    // server sockets, requests (and SYNs) by the client sockets.
     scenario.link.set_loss(scenario.port, 3)?;
+    let port = scenario.port.to_string();
+    let server_netns = &scenario.link.server;
+    server_netns.run(&["nft", "add", "table", "inet", "vigil_tc_loss"])?;
+    server_netns.run(&[
+        "nft", "add", "chain", "inet", "vigil_tc_loss", "input",
+        "{ type filter hook input priority 0; policy accept; }",
+    ])?;
+    server_netns.run(&[
+        "nft", "add", "rule", "inet", "vigil_tc_loss", "input", "tcp", "dport", &port,
+        "numgen", "random", "mod", "100", "<", "5", "drop",
+    ])?;
     // Traced and untraced keep-alive connections side by side, 40 requests each.
     let traced = run_loadgen(&scenario, true, 4, 40)?;
     let untraced = run_loadgen(&scenario, false, 2, 40)?;
@@ -147,6 +162,7 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         assert_eq!(s["requests_interrupted"], 0, "every request completed: {s}");
         assert_eq!(s["requests_failed"], 0, "every request completed: {s}");
     }
+    server_netns.run(&["nft", "delete", "table", "inet", "vigil_tc_loss"])?;
     scenario.quiesce()?;
     let mut conns = connections(&traced)?;
     let traced_ports: Vec<u16> = conns.keys().copied().collect();
@@ -208,6 +224,9 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
                 .map(|p| p.trace_id.as_str())
                 .filter(|t| !t.is_empty())
         });
+        if expected.is_some() && !server_side {
+            tally.client_side += segments;
+        }
         match (expected, stamped) {
             (Some(want), Some(got)) if want == got => tally.right += segments,
             (Some(_), Some(_)) => tally.wrong += segments,
@@ -233,6 +252,10 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     assert!(
         tally.right * 100 >= in_requests * 99,
         "at least 99% of in-request segments carry their trace: {tally:?}"
+    );
+    assert!(
+        tally.client_side > 0,
+        "client sockets retransmitted request bytes too: {tally:?}"
     );
     assert!(
         tally.outside > 0,

@@ -65,6 +65,8 @@ pub struct OtlpSettings {
     pub metrics: Option<SignalSettings>,
     /// `None`: log records are received and discarded (nothing counted).
     pub logs: Option<SignalSettings>,
+    /// Where the span receiver forwards to; `None`: it does not run.
+    pub traces: Option<SignalSettings>,
     /// `OTEL_METRIC_EXPORT_INTERVAL`: metrics and pending logs are exported
     /// this often.
     pub export_interval: Duration,
@@ -79,13 +81,13 @@ impl OtlpSettings {
     /// From the standard env vars; `Ok(None)` when no OTLP endpoint
     /// variable is set (export off) or `OTEL_SDK_DISABLED=true`.
     ///
-    /// Honours `OTEL_EXPORTER_OTLP_ENDPOINT` and the `_METRICS_`/`_LOGS_`
+    /// Honours `OTEL_EXPORTER_OTLP_ENDPOINT` and the `_METRICS_`/`_LOGS_`/`_TRACES_`
     /// variants (a signal-specific variable wins; a signal whose endpoint is
     /// set by neither is off), `OTEL_EXPORTER_OTLP_HEADERS` and its variants
     /// (which replace the general list), `OTEL_EXPORTER_OTLP_TIMEOUT` and its
     /// variants (ms, default 10000), `OTEL_EXPORTER_OTLP_PROTOCOL` and its
     /// variants (only `grpc`), `OTEL_METRICS_EXPORTER`/`OTEL_LOGS_EXPORTER`
-    /// (`none` turns that signal off), `OTEL_METRIC_EXPORT_INTERVAL` (ms,
+    /// and `OTEL_TRACES_EXPORTER` (`none` turns that signal off), `OTEL_METRIC_EXPORT_INTERVAL` (ms,
     /// default 60000), `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME`.
     /// Empty variables count as unset. A bad value is an error naming the
     /// variable.
@@ -110,6 +112,7 @@ impl OtlpSettings {
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
             "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         ] {
             if let Some(p) = get(var) {
                 if p != "grpc" {
@@ -156,10 +159,12 @@ impl OtlpSettings {
         };
         let metrics = signal("METRICS", "OTEL_METRICS_EXPORTER")?;
         let logs = signal("LOGS", "OTEL_LOGS_EXPORTER")?;
+        let traces = signal("TRACES", "OTEL_TRACES_EXPORTER")?;
         let any_endpoint = [
             "OTEL_EXPORTER_OTLP_ENDPOINT",
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
             "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         ]
         .iter()
         .any(|v| get(v).is_some());
@@ -188,6 +193,7 @@ impl OtlpSettings {
         Ok(Some(OtlpSettings {
             metrics,
             logs,
+            traces,
             export_interval,
             resource,
             start_time: None,
@@ -386,6 +392,17 @@ fn unit(name: &str) -> &'static str {
 /// points start at `start_unix_nano`. A histogram point whose counts do not
 /// match its bounds (`bounds.len() + 1`) is skipped, as is a number in a
 /// histogram family or a histogram in another.
+/// A metric exemplar: the trace of a measurement behind a point.
+fn exemplar(e: &crate::exposition::Exemplar) -> opentelemetry_proto::tonic::metrics::v1::Exemplar {
+    opentelemetry_proto::tonic::metrics::v1::Exemplar {
+        time_unix_nano: e.time_unix_nano,
+        trace_id: e.trace_id.to_vec(),
+        span_id: e.span_id.to_vec(),
+        value: Some(opentelemetry_proto::tonic::metrics::v1::exemplar::Value::AsDouble(e.value)),
+        ..Default::default()
+    }
+}
+
 pub fn metrics_request(
     resource_attrs: &[(String, String)],
     families: &Exposition,
@@ -405,6 +422,7 @@ pub fn metrics_request(
                         start_time_unix_nano: start,
                         time_unix_nano: now_unix_nano,
                         value: Some(number_data_point::Value::AsDouble(v)),
+                        exemplars: p.exemplar.iter().map(exemplar).collect(),
                         ..Default::default()
                     }),
                     Value::Histogram(_) => None,
@@ -661,6 +679,44 @@ impl Target {
         };
         self.warn.failed(&self.endpoint, &err);
         Err(err)
+    }
+}
+
+/// The span receiver's upstream (`correlate::receiver`): the same channel,
+/// TLS, headers, timeout and rate-limited warnings as metrics and logs.
+pub struct TracesUpstream(Target);
+
+impl TracesUpstream {
+    /// `None` (and a warning) when the channel cannot be set up.
+    pub fn new(s: SignalSettings) -> Option<TracesUpstream> {
+        Target::new(s, "traces").map(TracesUpstream)
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.0.endpoint
+    }
+
+    /// Exports one request; Ok(spans the collector rejected in a partial success).
+    pub async fn export(
+        &mut self,
+        msg: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    ) -> Result<u64, String> {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let req = self.0.request(msg);
+        let mut client = TraceServiceClient::new(self.0.channel.clone());
+        let res = tokio::time::timeout(self.0.timeout, client.export(req)).await;
+        let rejected = match &res {
+            Ok(Ok(r)) => r
+                .get_ref()
+                .partial_success
+                .as_ref()
+                .map_or(0, |p| p.rejected_spans),
+            _ => 0,
+        };
+        let rejected = u64::try_from(rejected).unwrap_or(0);
+        self.0
+            .outcome(res.map(|r| r.map(|_| ())))
+            .map(|()| rejected)
     }
 }
 
@@ -1033,6 +1089,15 @@ mod tests {
         x.family("vigil_retransmits_total", "counter", "Retransmits.");
         x.sample("vigil_retransmits_total", &[("pod", "a".into())], 7u64);
         x.sample("vigil_retransmits_total", &[("pod", "b".into())], 1u64);
+        x.exemplar(
+            "vigil_retransmits_total",
+            crate::exposition::Exemplar {
+                trace_id: [0xab; 16],
+                span_id: [0xcd; 8],
+                time_unix_nano: 150,
+                value: 1.0,
+            },
+        );
         x.family("vigil_sent_bytes_total", "counter", "Sent.");
         x.sample("vigil_sent_bytes_total", &[], 1024u64);
         x.family("vigil_sockets", "gauge", "Sockets.");
@@ -1093,6 +1158,12 @@ mod tests {
         assert_eq!(p.attributes, string_attrs(&[("pod".into(), "b".into())]));
         assert_eq!(p.value, Some(number_data_point::Value::AsDouble(1.0)));
         assert_eq!((p.start_time_unix_nano, p.time_unix_nano), (100, 200));
+        // The traced measurement behind the point, as an exemplar.
+        assert_eq!(p.exemplars.len(), 1);
+        let e = &p.exemplars[0];
+        assert_eq!((e.trace_id.as_slice(), e.span_id.as_slice()), (&[0xab; 16][..], &[0xcd; 8][..]));
+        assert_eq!(e.time_unix_nano, 150);
+        assert!(sum.data_points[0].exemplars.is_empty());
 
         assert_eq!(m[1].name, "vigil_sent_bytes");
         assert_eq!(m[1].unit, "By");

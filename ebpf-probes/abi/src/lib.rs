@@ -257,6 +257,7 @@ pub struct TraceRecord {
     /// `TraceSpan::boundary` of the message.
     pub boundary: u32,
     pub tuple: SockTuple,
+    pub owner: SockOwner,
     pub stamp: TraceStamp,
 }
 
@@ -499,7 +500,12 @@ mod tests {
         assert_eq!(size_of::<TraceSlot>(), 2 * 64 + 4 * 4 + 8 + TRACE_CARRY);
         assert_eq!(
             size_of::<TraceRecord>(),
-            4 * 2 + 8 * 3 + 4 * 2 + size_of::<SockTuple>() + size_of::<TraceStamp>()
+            4 * 2
+                + 8 * 3
+                + 4 * 2
+                + size_of::<SockTuple>()
+                + size_of::<SockOwner>()
+                + size_of::<TraceStamp>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
         assert_eq!(size_of::<KernelLayout>(), 4 * 40);
