@@ -14,7 +14,7 @@ use crate::{
     cardinality::SeriesBudget,
     clock::MonotonicToWall,
     config::Config,
-    correlate::ledger::ConnectionLedger,
+    correlate::{ledger::ConnectionLedger, traces::TraceIndex},
     enrich::Enricher,
     export::otlp::{self, OtlpStats},
     export::prometheus::{self, MetricsSource},
@@ -43,6 +43,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = std::time::SystemTime::now();
     let otlp = otlp::OtlpSettings::from_env(&config.agent.resolved_node_name())
         .map_err(|e| anyhow::anyhow!("OpenTelemetry export settings: {e}"))?;
+    // The span receiver binds now too: its port in use must fail the start.
+    // It runs only with an upstream to forward to.
+    let receiver_bind = match otlp.as_ref().and_then(|s| s.traces.clone()) {
+        Some(upstream) if config.receiver.enabled => Some((
+            crate::correlate::receiver::bind(config.receiver.listen).await?,
+            upstream,
+        )),
+        None if config.receiver.enabled => {
+            info!("OTLP span receiver off: no OTLP traces endpoint to forward to (OTEL_EXPORTER_OTLP_ENDPOINT)");
+            None
+        }
+        _ => None,
+    };
 
     let mut probes = Probes::load(&LoadOptions {
         ring_buffer_bytes: config.probes.ring_buffer_bytes,
@@ -51,6 +64,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         disable_hooks: config.probes.disable_hooks.clone(),
         kernel_debug_logs: config.probes.kernel_debug_logs,
         drop_reasons: config.probes.drop_reasons.clone(),
+        cgroup_root: config.probes.cgroup_root.clone(),
     })?;
     let maps = probes.take_maps()?;
     // After the ownership hooks are attached, so no socket falls between the two.
@@ -93,8 +107,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(config.metrics.series_idle_expiry_secs),
         ),
     )));
-    if pod_watch.is_some() {
-        if let Ok(mut r) = registry.lock() {
+    if let Ok(mut r) = registry.lock() {
+        r.traces = TraceIndex::new(config.correlate.trace_index_entries);
+        if pod_watch.is_some() {
             r.kube = Some(kube_stats.clone());
         }
     }
@@ -178,6 +193,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.correlate.ledger_events_per_connection,
         Duration::from_secs(config.correlate.ledger_retention_secs),
     )));
+    let receiver_task = receiver_bind.and_then(|(listener, upstream)| {
+        use crate::correlate::receiver::{self, ReceiverSettings, ReceiverStats};
+        let upstream = otlp::TracesUpstream::new(upstream)?;
+        let stats = Arc::new(ReceiverStats::default());
+        if let Ok(mut r) = registry.lock() {
+            r.receiver = Some(stats.clone());
+        }
+        let flush = Duration::from_millis(config.agent.shutdown_timeout_ms);
+        Some(receiver::spawn(
+            listener,
+            ReceiverSettings::new(&config.receiver, flush),
+            upstream,
+            ledger.clone(),
+            stats,
+            // A source of spans: it stops accepting when the drain starts.
+            stop_sources.clone(),
+        ))
+    });
     let state_task = tokio::spawn(
         StateOwner {
             enricher,
@@ -230,6 +263,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!(timeout_ms = config.agent.shutdown_timeout_ms, "drain timed out; exiting without it");
         },
         () = second_signal => warn!("second signal: skipping the drain"),
+    }
+    // The span receiver flushes by the same deadline, counted from the drain's start.
+    if let Some(task) = receiver_task {
+        if let Err(e) = task.await {
+            warn!(error = %e, "span receiver task failed");
+        }
     }
     // The state owner has hung up, so every log record is queued: final export.
     stop_export.cancel();

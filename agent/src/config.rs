@@ -18,6 +18,7 @@ pub struct Config {
     pub sampler: SamplerConfig,
     pub metrics: MetricsConfig,
     pub correlate: CorrelateConfig,
+    pub receiver: ReceiverConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -60,6 +61,10 @@ pub struct ProbesConfig {
     /// Packet drop reasons to report (`enum skb_drop_reason` names without the
     /// `SKB_DROP_REASON_` prefix; a trailing `*` matches a prefix).
     pub drop_reasons: Vec<String>,
+    /// Root of the node's cgroup v2 hierarchy, where the HTTP trace-context
+    /// capture attaches to see every socket. Unset: this process's cgroup2
+    /// mount (in a pod, mount the host's /sys/fs/cgroup).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for ProbesConfig {
@@ -72,6 +77,7 @@ impl Default for ProbesConfig {
             drop_reasons: ["SOCKET_*", "TCP_*", "PROTO_MEM"]
                 .map(String::from)
                 .to_vec(),
+            cgroup_root: None,
         }
     }
 }
@@ -189,6 +195,48 @@ impl Default for CorrelateConfig {
             ledger_events_per_connection: 256,
             ledger_retention_secs: 300,
             trace_index_entries: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReceiverConfig {
+    /// Run the OTLP/gRPC span receiver: services send it their spans, which
+    /// are joined with their connection's kernel events (`vigil.tcp.*`
+    /// attributes and span events) and forwarded to the OTLP traces endpoint
+    /// (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT).
+    /// Without such an endpoint there is nowhere to forward to, and the
+    /// receiver does not run.
+    pub enabled: bool,
+    /// Where it listens. The default, OTLP/gRPC's port on loopback, serves
+    /// processes in the host's network namespace; the Helm chart listens on
+    /// 0.0.0.0:4317 and publishes it as a hostPort, so pods send to their
+    /// node's IP.
+    pub listen: SocketAddr,
+    /// Spans held (waiting for their join delay or for the upstream) before
+    /// new ones are shed and counted; about 1 KiB each.
+    pub queue_spans: usize,
+    /// Spans per export request to the upstream.
+    pub max_batch_spans: usize,
+    /// How long after its end a span is joined: its connection's kernel
+    /// events reach the ledger within pipeline.poll_interval_ms, its RTT and
+    /// accept-queue samples every sampler.interval_ms.
+    pub join_delay_ms: u64,
+    /// Span events (one per retransmit or drop) added to one span at most;
+    /// the rest are counted in `vigil.tcp.events_omitted`.
+    pub max_events_per_span: usize,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            queue_spans: 8_192,
+            max_batch_spans: 512,
+            join_delay_ms: 1_500,
+            max_events_per_span: 32,
         }
     }
 }
@@ -327,6 +375,17 @@ impl Config {
         }
         if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
             return invalid("sampler.interval_ms", "must be 10..=3600000".into());
+        }
+        for (field, value) in [
+            ("receiver.queue_spans", self.receiver.queue_spans),
+            ("receiver.max_batch_spans", self.receiver.max_batch_spans),
+        ] {
+            if value == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
+        }
+        if self.receiver.join_delay_ms > 60_000 {
+            return invalid("receiver.join_delay_ms", "must be 0..=60000".into());
         }
         Ok(())
     }

@@ -641,7 +641,11 @@ mod tests {
         e.trace = crate::correlate::traceparent::Stamp::Context(ctx);
         r.record_retransmit(&e, &Identity::default(), 123);
         // A later untraced retransmit keeps the last traced one as exemplar.
-        r.record_retransmit(&event(1, 0, RetransmitKind::Segment), &Identity::default(), 456);
+        r.record_retransmit(
+            &event(1, 0, RetransmitKind::Segment),
+            &Identity::default(),
+            456,
+        );
         let x = r.families(&PipelineStats::default());
         let f = x
             .families
@@ -652,10 +656,12 @@ mod tests {
         assert_eq!((exemplar.trace_id, exemplar.span_id), ([7; 16], [8; 8]));
         assert_eq!((exemplar.time_unix_nano, exemplar.value), (123, 3.0));
         // Prometheus text 0.0.4 has no exemplars: the line is unchanged.
-        assert!(r
-            .render(&PipelineStats::default())
-            .lines()
-            .any(|l| l.starts_with("vigil_tcp_retransmitted_segments_total{") && l.ends_with(" 4")));
+        assert!(
+            r.render(&PipelineStats::default())
+                .lines()
+                .any(|l| l.starts_with("vigil_tcp_retransmitted_segments_total{")
+                    && l.ends_with(" 4"))
+        );
     }
 
     #[test]

@@ -36,9 +36,8 @@ use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_release,
-            bpf_sk_storage_get, bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
-            bpf_tcp_sock,
+            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_release, bpf_sk_storage_get,
+            bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_tcp_sock,
         },
     },
     macros::{btf_map, cgroup_skb, map},

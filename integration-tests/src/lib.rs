@@ -517,3 +517,117 @@ impl Scenario {
         Ok(())
     }
 }
+
+// --- OTLP span join (tests/span_join.rs) ---------------------------------
+
+/// `vigil-otlp-sink` with its stdout (one JSON line per export request) in
+/// a file, read on demand.
+pub struct OtlpSink {
+    child: ChildGuard,
+    out: TempPath,
+    pub addr: SocketAddr,
+}
+
+impl OtlpSink {
+    pub fn start(name: &str) -> anyhow::Result<OtlpSink> {
+        let out = TempPath::new(name);
+        let file = std::fs::File::create(&out.0)?;
+        let child = ChildGuard::spawn(
+            Command::new(bin_path("vigil-otlp-sink")?)
+                .args(["--listen", "127.0.0.1:0", "--max-seconds", "300"])
+                .stdout(file)
+                .stderr(Stdio::inherit()),
+        )?;
+        let addr = wait_for(Duration::from_secs(10), "the sink's address", || {
+            let text = std::fs::read_to_string(&out.0)?;
+            Ok(text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("vigil-otlp-sink listening on "))
+                .and_then(|a| a.trim().parse().ok()))
+        })?;
+        Ok(OtlpSink { child, out, addr })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request of `signal` ("metrics", "logs", "traces") so far.
+    pub fn requests(&self, signal: &str) -> anyhow::Result<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.out.0)?;
+        Ok(text
+            .lines()
+            .skip(1)
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["signal"] == signal)
+            .collect())
+    }
+
+    /// Every span received so far, each with its resource under "resource".
+    pub fn spans(&self) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for r in self.requests("traces")? {
+            for s in r["spans"].as_array().into_iter().flatten() {
+                let mut s = s.clone();
+                s["resource"] = r["resource"].clone();
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+/// The Python of the venv `cargo xtask setup` fills with the official
+/// OpenTelemetry SDK (VIGIL_OTEL_PYTHON overrides). Missing: a failure in CI
+/// (CI=true), a skip elsewhere.
+pub fn otel_python(test: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("VIGIL_OTEL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/otel-python/bin/python")
+        });
+    if python.is_file() {
+        return Some(python);
+    }
+    let why = format!(
+        "{test}: no OpenTelemetry Python SDK at {} (run `cargo xtask setup`)",
+        python.display()
+    );
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: {why}"
+    );
+    eprintln!("SKIPPED (not in CI): {why}");
+    None
+}
+
+/// A Python script of integration-tests/py.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// Drops `percent`% of the data segments from server port `port` on their
+/// arrival in the client namespace (as [`vigil_testbed::netns::LinkPair::set_loss`]),
+/// never a SYN, FIN or RST: handshakes and closes are then never retransmitted,
+/// so every retransmit is of data sent while a request was served.
+pub fn set_data_loss(
+    link: &vigil_testbed::netns::LinkPair,
+    port: u16,
+    percent: u8,
+) -> anyhow::Result<()> {
+    let script = TempPath::new(&format!("{}-loss.nft", link.client.name()));
+    std::fs::write(
+        &script.0,
+        format!(
+            "table inet vigil_data_loss {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp sport {port} tcp flags & (syn | fin | rst) == 0 numgen random mod 100 < {percent} counter drop\n  }}\n}}\n"
+        ),
+    )?;
+    link.client
+        .run(&["nft", "-f", &script.0.display().to_string()])
+        .map(drop)
+}

@@ -106,6 +106,8 @@ fn otlp_export_matches_the_kernel() -> anyhow::Result<()> {
         &["--node-name", node],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            // No span receiver: this test does not send spans (and port 4317 stays free).
+            ("OTEL_TRACES_EXPORTER", "none"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
             (
                 "OTEL_RESOURCE_ATTRIBUTES",

@@ -65,7 +65,9 @@ fn connections(summary: &Value) -> anyhow::Result<HashMap<u16, Conn>> {
         });
     }
     anyhow::ensure!(
-        conns.values().all(|c| c.client_seq0 != 0 || c.server_seq0 != 0),
+        conns
+            .values()
+            .all(|c| c.client_seq0 != 0 || c.server_seq0 != 0),
         "the load generator recorded no initial sequence numbers (TCP repair needs CAP_NET_ADMIN)"
     );
     Ok(conns)
@@ -100,7 +102,10 @@ fn summary_of(mut load: ChildGuard) -> anyhow::Result<Value> {
         stdout.read_to_string(&mut out)?;
     }
     load.terminate(Duration::from_secs(5))?;
-    let line = out.lines().last().ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+    let line = out
+        .lines()
+        .last()
+        .ok_or_else(|| anyhow!("loadgen printed nothing"))?;
     serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
 }
 
@@ -135,6 +140,8 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         &["--event-log", &log_arg],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &sink.endpoint()),
+            // No span receiver: this test does not send spans (and port 4317 stays free).
+            ("OTEL_TRACES_EXPORTER", "none"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
         ],
     )?;
@@ -147,12 +154,31 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     let server_netns = &scenario.link.server;
     server_netns.run(&["nft", "add", "table", "inet", "vigil_tc_loss"])?;
     server_netns.run(&[
-        "nft", "add", "chain", "inet", "vigil_tc_loss", "input",
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "vigil_tc_loss",
+        "input",
         "{ type filter hook input priority 0; policy accept; }",
     ])?;
     server_netns.run(&[
-        "nft", "add", "rule", "inet", "vigil_tc_loss", "input", "tcp", "dport", &port,
-        "numgen", "random", "mod", "100", "<", "5", "drop",
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "vigil_tc_loss",
+        "input",
+        "tcp",
+        "dport",
+        &port,
+        "numgen",
+        "random",
+        "mod",
+        "100",
+        "<",
+        "5",
+        "drop",
     ])?;
     // Traced and untraced keep-alive connections side by side, 40 requests each.
     let traced = run_loadgen(&scenario, true, 4, 40)?;
@@ -171,10 +197,7 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
 
     // Wait until the agent has logged every retransmit the kernel counted
     // (the events are complete: a comparison over part of them proves less).
-    let (server_ns, client_ns) = (
-        scenario.link.server.inode()?,
-        scenario.link.client.inode()?,
-    );
+    let (server_ns, client_ns) = (scenario.link.server.inode()?, scenario.link.client.inode()?);
     let after = scenario.mib("Tcp", "RetransSegs")?;
     let kernel = (after.0 - before.0, after.1 - before.1);
     let logged_in = |events: &[Value], ns: u64| -> u64 {
@@ -244,7 +267,10 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     // Tolerance 1%: a segment of a request whose header the capture never read
     // (e.g. the ring or a scratch buffer was busy) goes unstamped; it must never
     // carry another request's trace.
-    assert_eq!(tally.wrong, 0, "no segment stamped with another request's trace: {tally:?}");
+    assert_eq!(
+        tally.wrong, 0,
+        "no segment stamped with another request's trace: {tally:?}"
+    );
     assert_eq!(
         tally.stamped_outside, 0,
         "segments outside traced requests carry no trace: {tally:?}"
@@ -269,7 +295,10 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         .collect();
     for c in traced_ports.iter().filter_map(|p| conns.get(p)) {
         for p in &c.requests {
-            let seen = messages.iter().filter(|m| m["trace_id"] == p.trace_id.as_str()).count();
+            let seen = messages
+                .iter()
+                .filter(|m| m["trace_id"] == p.trace_id.as_str())
+                .count();
             assert_eq!(seen, 2, "request {} seen sent and received", p.trace_id);
         }
     }
@@ -283,26 +312,40 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         .iter()
         .filter_map(|e| e["trace_id"].as_str())
         .collect();
-    let got = wait_for(Duration::from_secs(15), "OTLP log records with trace ids", || {
-        let ids: std::collections::HashSet<String> = sink
-            .requests("logs")?
-            .iter()
-            .flat_map(|r| r["records"].as_array().cloned().unwrap_or_default())
-            .filter(|r| r["body"] == "tcp retransmit")
-            .filter_map(|r| r["trace_id"].as_str().map(str::to_owned))
-            .filter(|t| !t.is_empty() && t.chars().any(|c| c != '0'))
-            .collect();
-        Ok(want.iter().all(|t| ids.contains(*t)).then_some(ids))
-    })?;
+    let got = wait_for(
+        Duration::from_secs(15),
+        "OTLP log records with trace ids",
+        || {
+            let ids: std::collections::HashSet<String> = sink
+                .requests("logs")?
+                .iter()
+                .flat_map(|r| r["records"].as_array().cloned().unwrap_or_default())
+                .filter(|r| r["body"] == "tcp retransmit")
+                .filter_map(|r| r["trace_id"].as_str().map(str::to_owned))
+                .filter(|t| !t.is_empty() && t.chars().any(|c| c != '0'))
+                .collect();
+            Ok(want.iter().all(|t| ids.contains(*t)).then_some(ids))
+        },
+    )?;
     assert!(!got.is_empty());
 
     // `vigil explain` lists a stamped retransmit of one trace.
     let sample = stamped_events[0];
     let trace_id = sample["trace_id"].as_str().unwrap_or_default();
     let out = Command::new(bin_path("vigil")?)
-        .args(["explain", trace_id, "--json", "--agent", &agent.metrics_addr.to_string()])
+        .args([
+            "explain",
+            trace_id,
+            "--json",
+            "--agent",
+            &agent.metrics_addr.to_string(),
+        ])
         .output()?;
-    assert!(out.status.success(), "vigil explain: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vigil explain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let explained: Value = serde_json::from_slice(&out.stdout)?;
     let retransmits: u64 = explained["trace"]["events"]
         .as_array()
@@ -318,12 +361,18 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         .filter(|e| e["trace_id"] == trace_id)
         .filter_map(|e| e["counted_segments"].as_u64())
         .sum();
-    assert_eq!(retransmits, logged, "explain shows the trace's retransmits: {explained}");
+    assert_eq!(
+        retransmits, logged,
+        "explain shows the trace's retransmits: {explained}"
+    );
     let roles: Vec<&str> = explained["trace"]["connections"]
         .as_array()
         .map(|v| v.iter().filter_map(|c| c["role"].as_str()).collect())
         .unwrap_or_default();
-    assert!(roles.contains(&"server") && roles.contains(&"client"), "{explained}");
+    assert!(
+        roles.contains(&"server") && roles.contains(&"client"),
+        "{explained}"
+    );
     drop(agent);
     Ok(())
 }

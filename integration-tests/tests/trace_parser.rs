@@ -13,7 +13,9 @@ use std::{
 };
 
 use serde_json::Value;
-use vigil_integration_tests::{bpf_available, metric_sum, read_event_log, wait_for, Agent, TempPath};
+use vigil_integration_tests::{
+    bpf_available, metric_sum, read_event_log, wait_for, Agent, TempPath,
+};
 
 const SPAN: &str = "00f067aa0ba902b7";
 
@@ -54,8 +56,7 @@ fn serve(listener: TcpListener) {
                     }
                 }
                 buf.drain(..end + 4 + body);
-                if s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                     .is_err()
                 {
                     return;
@@ -114,7 +115,12 @@ fn run_case(server: SocketAddr, case: &Case) -> anyhow::Result<u16> {
 }
 
 fn cases() -> Vec<Case> {
-    let get = |n: u32| format!("GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n", tp(n));
+    let get = |n: u32| {
+        format!(
+            "GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
+            tp(n)
+        )
+    };
     let cookie = |len: usize| format!("Cookie: {}\r\n", "c".repeat(len));
     let evil = format!("GET /x HTTP/1.1\r\ntraceparent: {}\r\n\r\n", tp(666));
     vec![
@@ -311,11 +317,24 @@ fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()
     // The adversarial ones were seen and set aside, not misread.
     let after = agent.scrape()?;
     let delta = |outcome: &str| {
-        metric_sum(&after, "vigil_http_capture_messages_total", &[("outcome", outcome)])
-            - metric_sum(&before, "vigil_http_capture_messages_total", &[("outcome", outcome)])
+        metric_sum(
+            &after,
+            "vigil_http_capture_messages_total",
+            &[("outcome", outcome)],
+        ) - metric_sum(
+            &before,
+            "vigil_http_capture_messages_total",
+            &[("outcome", outcome)],
+        )
     };
-    assert!(delta("abandoned") >= 4, "oversized headers abandoned:\n{after}");
-    assert!(delta("out_of_turn") >= 2, "the look-alike body ignored:\n{after}");
+    assert!(
+        delta("abandoned") >= 4,
+        "oversized headers abandoned:\n{after}"
+    );
+    assert!(
+        delta("out_of_turn") >= 2,
+        "the look-alike body ignored:\n{after}"
+    );
     assert!(
         metric_sum(&after, "vigil_trace_stamps_invalid_total", &[]) >= 4,
         "malformed values counted:\n{after}"

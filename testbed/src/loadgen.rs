@@ -628,6 +628,10 @@ mod tests {
             end_unix_ns: 0,
             status: 200,
             bytes: 0,
+            request_wire_bytes: 0,
+            response_wire_bytes: 0,
+            send_seq0: 0,
+            recv_seq0: 0,
         };
         let mut total = LoadSummary {
             requests: vec![rec.clone(); MAX_RECORDS - 1],

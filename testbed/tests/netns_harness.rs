@@ -118,6 +118,7 @@ fn loss_on_link_causes_server_retransmissions() {
                 stream: "loss".into(),
                 max_duration: Duration::from_secs(60),
                 with_traceparent: true,
+                record_seq: false,
             })
         })
         .expect("spawn loadgen thread")

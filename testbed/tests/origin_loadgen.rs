@@ -84,6 +84,7 @@ fn loadgen_fetches_playlist_and_segments() {
         stream: "itest".into(),
         max_duration: Duration::from_secs(30),
         with_traceparent: true,
+        record_seq: false,
     };
     let s = loadgen::run(&cfg).expect("valid config");
     assert_eq!(s.requests_ok, 18, "{s:?}");

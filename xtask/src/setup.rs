@@ -139,11 +139,48 @@ fn ensure_tracefs() -> anyhow::Result<()> {
         .context("tracefs is needed to attach tracepoints")
 }
 
+/// The official OpenTelemetry Python SDK from PyPI, the independent OTLP
+/// sender of the span-join test, in a venv of its own (pinned versions).
+const OTEL_PYTHON_PACKAGES: &[&str] = &[
+    "opentelemetry-sdk==1.45.2",
+    "opentelemetry-exporter-otlp-proto-grpc==1.45.2",
+];
+
+/// The venv the integration tests run the SDK from (`target/otel-python`).
+fn otel_python_venv() -> std::path::PathBuf {
+    crate::workspace_root().join("target").join("otel-python")
+}
+
+fn ensure_otel_python() -> anyhow::Result<()> {
+    let venv = otel_python_venv();
+    let python = venv.join("bin").join("python");
+    // The stamp names the pinned set, so a version bump reinstalls.
+    let stamp = venv.join("vigil-packages.txt");
+    let wanted = OTEL_PYTHON_PACKAGES.join("\n");
+    if python.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing the OpenTelemetry Python SDK into {}",
+        venv.display()
+    );
+    run(Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg("--clear")
+        .arg(&venv))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(OTEL_PYTHON_PACKAGES))?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
+}
+
 pub fn ensure() -> anyhow::Result<()> {
     ensure_apt()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_tracefs()?;
+    ensure_otel_python()?;
     eprintln!("setup: toolchain and tools ready");
     Ok(())
 }

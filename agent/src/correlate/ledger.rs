@@ -53,6 +53,9 @@ pub struct ConnectionLedger {
     connections: HashMap<ConnKey, ConnHistory>,
     /// Keys in the order they were first seen, to evict the oldest first.
     order: VecDeque<ConnKey>,
+    /// Keys by remote side: a span names its peer, so joining one must not
+    /// scan every connection of the node.
+    by_remote: HashMap<SocketAddr, Vec<ConnKey>>,
     listeners: HashMap<(u32, SocketAddr), VecDeque<Timed<QueueFill>>>,
     max_connections: usize,
     events_per_connection: usize,
@@ -74,6 +77,7 @@ impl ConnectionLedger {
         ConnectionLedger {
             connections: HashMap::new(),
             order: VecDeque::new(),
+            by_remote: HashMap::new(),
             listeners: HashMap::new(),
             max_connections: max_connections.max(1),
             events_per_connection: events_per_connection.max(1),
@@ -90,9 +94,11 @@ impl ConnectionLedger {
                 };
                 if self.connections.remove(&oldest).is_some() {
                     self.connections_evicted += 1;
+                    self.unindex(&oldest);
                 }
             }
             self.order.push_back(key);
+            self.by_remote.entry(key.remote).or_default().push(key);
         }
         let h = self.connections.entry(key).or_default();
         h.last_seen_unix_ns = h.last_seen_unix_ns.max(now);
@@ -107,8 +113,21 @@ impl ConnectionLedger {
             .retain(|_, h| h.last_seen_unix_ns >= horizon);
         let connections = &self.connections;
         self.order.retain(|k| connections.contains_key(k));
+        self.by_remote.retain(|_, keys| {
+            keys.retain(|k| connections.contains_key(k));
+            !keys.is_empty()
+        });
         self.listeners
             .retain(|_, samples| samples.back().is_some_and(|s| s.at_unix_ns >= horizon));
+    }
+
+    fn unindex(&mut self, key: &ConnKey) {
+        if let Some(keys) = self.by_remote.get_mut(&key.remote) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_remote.remove(&key.remote);
+            }
+        }
     }
 
     pub fn record(&mut self, key: ConnKey, at_unix_ns: u64, what: LedgerEvent) {
@@ -155,9 +174,11 @@ impl ConnectionLedger {
 
     /// Connections whose remote side is `peer` (any netns, any local side).
     pub fn by_peer(&self, peer: SocketAddr) -> impl Iterator<Item = (&ConnKey, &ConnHistory)> {
-        self.connections
-            .iter()
-            .filter(move |(k, _)| k.remote == peer)
+        self.by_remote
+            .get(&peer)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.connections.get(k).map(|h| (k, h)))
     }
 
     /// Samples of the listeners on `port` (any address, any netns).
@@ -165,6 +186,19 @@ impl ConnectionLedger {
         self.listeners
             .iter()
             .filter(move |((_, local), _)| local.port() == port)
+            .flat_map(|(_, samples)| samples.iter())
+    }
+
+    /// Samples of the listeners on `port` in network namespace `netns` (any
+    /// address: a wildcard listener and specific ones alike).
+    pub fn listener_samples(
+        &self,
+        netns: u32,
+        port: u16,
+    ) -> impl Iterator<Item = &Timed<QueueFill>> {
+        self.listeners
+            .iter()
+            .filter(move |((ns, local), _)| *ns == netns && local.port() == port)
             .flat_map(|(_, samples)| samples.iter())
     }
 
@@ -221,5 +255,36 @@ mod tests {
         assert!(l.connection(&key(1)).is_some());
         assert!(l.connection(&key(2)).is_none());
         assert_eq!(l.by_peer(key(1).remote).count(), 1);
+        assert_eq!(
+            l.by_peer(key(2).remote).count(),
+            0,
+            "expired from the index too"
+        );
+    }
+
+    #[test]
+    fn the_peer_index_follows_eviction() {
+        let mut l = ConnectionLedger::new(2, 3, Duration::from_secs(10));
+        let other_ns = ConnKey { netns: 2, ..key(1) };
+        l.record(key(1), 0, LedgerEvent::Retransmit { segments: 1 });
+        l.record(other_ns, 1, LedgerEvent::Retransmit { segments: 1 });
+        assert_eq!(l.by_peer(key(1).remote).count(), 2, "same peer, two netns");
+        l.record(key(2), 2, LedgerEvent::Retransmit { segments: 1 });
+        let left: Vec<&ConnKey> = l.by_peer(key(1).remote).map(|(k, _)| k).collect();
+        assert_eq!(left, vec![&other_ns], "the evicted one left the index");
+        l.observe_listener(
+            1,
+            SocketAddr::from(([0, 0, 0, 0], 8080)),
+            3,
+            QueueFill { len: 1, cap: 8 },
+        );
+        l.observe_listener(
+            2,
+            SocketAddr::from(([0, 0, 0, 0], 8080)),
+            3,
+            QueueFill { len: 2, cap: 8 },
+        );
+        assert_eq!(l.listener_samples(1, 8080).count(), 1);
+        assert_eq!(l.listener_fill(8080).count(), 2);
     }
 }

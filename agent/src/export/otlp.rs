@@ -1161,7 +1161,10 @@ mod tests {
         // The traced measurement behind the point, as an exemplar.
         assert_eq!(p.exemplars.len(), 1);
         let e = &p.exemplars[0];
-        assert_eq!((e.trace_id.as_slice(), e.span_id.as_slice()), (&[0xab; 16][..], &[0xcd; 8][..]));
+        assert_eq!(
+            (e.trace_id.as_slice(), e.span_id.as_slice()),
+            (&[0xab; 16][..], &[0xcd; 8][..])
+        );
         assert_eq!(e.time_unix_nano, 150);
         assert!(sum.data_points[0].exemplars.is_empty());
 

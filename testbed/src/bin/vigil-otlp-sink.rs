@@ -20,6 +20,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, NumberDataPoint,
@@ -27,7 +33,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde_json::{json, Map, Value};
 
-/// Receives OTLP metrics and logs over gRPC (plain HTTP/2, no TLS) and
+/// Receives OTLP metrics, logs and traces over gRPC (plain HTTP/2, no TLS) and
 /// prints every export request as one JSON line on stdout.
 ///
 /// Once listening, the first stdout line is:
@@ -47,6 +53,16 @@ use serde_json::{json, Map, Value};
 ///   {"signal":"logs","resource":{..},"records":[{"time_unix_nano",
 ///    "severity_number","severity_text","body","attributes":{..},
 ///    "trace_id":"hex","span_id":"hex"}]}
+///
+/// or
+///
+///   {"signal":"traces","resource":{..},"spans":[{"trace_id":"hex",
+///    "span_id":"hex","parent_span_id":"hex","name","kind":"server"|"client"|
+///    "internal"|"producer"|"consumer"|"unspecified","scope",
+///    "start_time_unix_nano","end_time_unix_nano","attributes":{..},
+///    "events":[{"name","time_unix_nano","attributes":{..}}]}]}
+///
+/// (one line per resource in the request).
 ///
 /// Attribute values are JSON strings, numbers or booleans. The process exits
 /// 0 on SIGTERM or SIGINT, when its parent dies, or after --max-seconds.
@@ -111,6 +127,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(MetricsServiceServer::new(Sink))
         .add_service(LogsServiceServer::new(Sink))
+        .add_service(TraceServiceServer::new(Sink))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
         .await
         .context("serving OTLP/gRPC")
@@ -226,6 +243,65 @@ impl LogsService for Sink {
             }))?;
         }
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Sink {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+        for rs in req.into_inner().resource_spans {
+            let spans: Vec<Value> = rs
+                .scope_spans
+                .iter()
+                .flat_map(|ss| {
+                    let scope = ss.scope.as_ref().map(|s| s.name.as_str()).unwrap_or("");
+                    ss.spans.iter().map(move |s| (scope, s))
+                })
+                .map(|(scope, s)| {
+                    let kind = match SpanKind::try_from(s.kind) {
+                        Ok(SpanKind::Server) => "server",
+                        Ok(SpanKind::Client) => "client",
+                        Ok(SpanKind::Internal) => "internal",
+                        Ok(SpanKind::Producer) => "producer",
+                        Ok(SpanKind::Consumer) => "consumer",
+                        _ => "unspecified",
+                    };
+                    let events: Vec<Value> = s
+                        .events
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "name": e.name,
+                                "time_unix_nano": e.time_unix_nano,
+                                "attributes": attributes(&e.attributes),
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "trace_id": hex::encode(&s.trace_id),
+                        "span_id": hex::encode(&s.span_id),
+                        "parent_span_id": hex::encode(&s.parent_span_id),
+                        "name": s.name,
+                        "kind": kind,
+                        "scope": scope,
+                        "start_time_unix_nano": s.start_time_unix_nano,
+                        "end_time_unix_nano": s.end_time_unix_nano,
+                        "attributes": attributes(&s.attributes),
+                        "events": events,
+                    })
+                })
+                .collect();
+            print(&json!({
+                "signal": "traces",
+                "resource": resource(rs.resource.as_ref()),
+                "spans": spans,
+            }))?;
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
 
