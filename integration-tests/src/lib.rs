@@ -365,6 +365,20 @@ impl Drop for TempPath {
     }
 }
 
+/// Waits for a `vigil-loadgen --json` run to end and returns its summary.
+pub fn loadgen_summary(mut load: ChildGuard) -> anyhow::Result<Value> {
+    let mut out = String::new();
+    if let Some(mut stdout) = load.child_mut().stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    load.terminate(Duration::from_secs(5))?;
+    let line = out
+        .lines()
+        .last()
+        .ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
+}
+
 /// An origin in the server namespace of a fresh link pair, reached from the
 /// client namespace. Dropping it stops the origin and removes both namespaces.
 pub struct Scenario {
@@ -466,17 +480,7 @@ impl Scenario {
         requests: u32,
         max_secs: f64,
     ) -> anyhow::Result<Value> {
-        let mut load = self.spawn_load(v6, connections, requests, max_secs)?;
-        let mut out = String::new();
-        if let Some(mut stdout) = load.child_mut().stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        load.terminate(Duration::from_secs(5))?;
-        let line = out
-            .lines()
-            .last()
-            .ok_or_else(|| anyhow!("loadgen printed nothing"))?;
-        serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
+        loadgen_summary(self.spawn_load(v6, connections, requests, max_secs)?)
     }
 
     /// Load through `loss_percent` loss for `secs` (requests without end, so

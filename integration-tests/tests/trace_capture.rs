@@ -6,16 +6,16 @@
 
 use std::{
     collections::HashMap,
-    io::Read,
     net::SocketAddr,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use serde_json::Value;
 use vigil_integration_tests::{
-    bpf_available, read_event_log, tag, wait_for, Agent, OtlpSink, Scenario, TempPath,
+    bpf_available, loadgen_summary, read_event_log, tag, wait_for, Agent, OtlpSink, Scenario,
+    TempPath,
 };
 use vigil_testbed::netns::{bin_path, loadgen_command, ChildGuard};
 
@@ -96,19 +96,6 @@ fn run_loadgen(
     ChildGuard::spawn(&mut cmd)
 }
 
-fn summary_of(mut load: ChildGuard) -> anyhow::Result<Value> {
-    let mut out = String::new();
-    if let Some(mut stdout) = load.child_mut().stdout.take() {
-        stdout.read_to_string(&mut out)?;
-    }
-    load.terminate(Duration::from_secs(5))?;
-    let line = out
-        .lines()
-        .last()
-        .ok_or_else(|| anyhow!("loadgen printed nothing"))?;
-    serde_json::from_str(line).with_context(|| format!("loadgen summary {line:?}"))
-}
-
 /// Tallies of the comparison, in retransmitted segments.
 #[derive(Debug, Default)]
 struct Tally {
@@ -183,7 +170,7 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     // Traced and untraced keep-alive connections side by side, 40 requests each.
     let traced = run_loadgen(&scenario, true, 4, 40)?;
     let untraced = run_loadgen(&scenario, false, 2, 40)?;
-    let (traced, untraced) = (summary_of(traced)?, summary_of(untraced)?);
+    let (traced, untraced) = (loadgen_summary(traced)?, loadgen_summary(untraced)?);
     for s in [&traced, &untraced] {
         assert_eq!(s["requests_interrupted"], 0, "every request completed: {s}");
         assert_eq!(s["requests_failed"], 0, "every request completed: {s}");
