@@ -58,6 +58,8 @@ use crate::{
 
 /// Payload bytes scanned per segment.
 const WINDOW: usize = 2048;
+/// Bytes read first; the rest of the window only if the header goes on.
+const FIRST_READ: usize = 512;
 /// Scratch size: a power of two above `TRACE_CARRY + WINDOW`, so every index
 /// can be masked into bounds (what the verifier checks).
 const BUF: usize = 8192;
@@ -187,28 +189,68 @@ fn message_start(head: [u8; 8]) -> Option<u8> {
     None
 }
 
-fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
+/// Where a TCP segment's payload starts in the packet, its sequence number,
+/// and whether it is TCP at all: read straight from the packet's linear part
+/// (IP and TCP headers always are, both ways), else through the helper.
+#[inline(always)]
+fn tcp_header(ctx: &SkBuffContext) -> Result<Option<(u32, u32)>, i64> {
     let skb = ctx.skb.skb;
-    // SAFETY: the context pointer the kernel passed in.
-    let len = unsafe { (*skb).len };
-    // The packet starts at the IP header, in both directions.
+    // SAFETY: the context's packet bounds, as the verifier hands them out.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // 40 bytes: the smallest IPv4 + TCP header pair (a bound the verifier reads).
+    if data + 40 <= end {
+        // SAFETY: in bounds, checked just above.
+        let vihl = unsafe { *(data as *const u8) };
+        let (ip_len, proto) = match vihl >> 4 {
+            // SAFETY: offsets 9 and 6 are inside the 40 checked bytes.
+            4 => (usize::from(vihl & 0x0f) * 4, unsafe {
+                *((data + 9) as *const u8)
+            }),
+            6 => (40, unsafe { *((data + 6) as *const u8) }),
+            _ => return Ok(None),
+        };
+        if proto != 6 {
+            return Ok(None);
+        }
+        let tcp = data + (ip_len & 0x3c);
+        if tcp + 20 <= end {
+            // SAFETY: in bounds, checked just above.
+            let (seq, doff) = unsafe {
+                (
+                    ptr::read_unaligned((tcp + 4) as *const u32),
+                    *((tcp + 12) as *const u8),
+                )
+            };
+            let payload_at = (tcp - data) as u32 + u32::from(doff >> 4) * 4;
+            return Ok(Some((u32::from_be(seq), payload_at)));
+        }
+    }
     let vihl: u8 = ctx.load(0)?;
     let (ip_len, proto_at) = match vihl >> 4 {
         4 => (u32::from(vihl & 0x0f) * 4, 9),
         6 => (40, 6),
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
     if ctx.load::<u8>(proto_at)? != 6 {
-        return Ok(());
+        return Ok(None);
     }
     let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4)?);
     let doff: u8 = ctx.load(ip_len as usize + 12)?;
-    let payload_at = ip_len + u32::from(doff >> 4) * 4;
+    Ok(Some((seq, ip_len + u32::from(doff >> 4) * 4)))
+}
+
+fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
+    // SAFETY: the context pointer the kernel passed in.
+    let len = unsafe { (*ctx.skb.skb).len };
+    let Some((seq, payload_at)) = tcp_header(ctx)? else {
+        return Ok(());
+    };
     // Pure ACKs and handshakes: the common case ends here.
     if len <= payload_at {
         return Ok(());
     }
     let payload = len - payload_at;
+    let skb = ctx.skb.skb;
     // SAFETY: reading the context's socket field, which the verifier allows.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -401,31 +443,56 @@ fn scan_into(
         buf[k] = slot.carry[k];
         k += 1;
     }
-    let take = if payload as usize > WINDOW {
-        WINDOW
-    } else {
-        payload as usize
-    };
-    // The verifier wants the length provably 1..: (take - 1) masked, plus 1,
-    // and the offset masked; both stay far inside the buffer.
-    let len = ((take.wrapping_sub(1) & (WINDOW * 2 - 1)) + 1) as u32;
-    // SAFETY: at most 127 + 4096 bytes into a BUF-byte buffer.
-    let r = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            payload_at,
-            buf.as_mut_ptr().add(carry & 0x7f).cast(),
-            len,
-        )
-    };
-    if r != 0 {
-        return Err(r);
+    // Most headers fit in the first FIRST_READ bytes: read those, and the
+    // rest of the window only when the header goes on (copying is the cost).
+    let mut take = 0;
+    let mut result = Scan::More { line_start: None };
+    let mut stage = 0;
+    while stage < 2 {
+        let want = if stage == 0 { FIRST_READ } else { WINDOW };
+        stage += 1;
+        let next = if payload as usize > want {
+            want
+        } else {
+            payload as usize
+        };
+        if next <= take {
+            break;
+        }
+        take = next;
+        // The verifier wants the length provably 1..: (take - 1) masked,
+        // plus 1, and the offset masked; both stay far inside the buffer.
+        let len = ((take.wrapping_sub(1) & (WINDOW * 2 - 1)) + 1) as u32;
+        // SAFETY: at most 127 + 4096 bytes into a BUF-byte buffer.
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                payload_at,
+                buf.as_mut_ptr().add(carry & 0x7f).cast(),
+                len,
+            )
+        };
+        if r != 0 {
+            return Err(r);
+        }
+        // SAFETY: as above.
+        result = scan(unsafe { &mut *scratch }, carry + take, at_line);
+        if !matches!(result, Scan::More { .. }) {
+            break;
+        }
     }
     let n = carry + take;
-    // SAFETY: as above.
-    match scan(unsafe { &mut *scratch }, n, at_line) {
+    match result {
         Scan::Found(v) => {
             slot.open_dir = 0;
+            // The agent hears of a socket's trace once, not once per message
+            // of it (a response usually repeats its request's trace id).
+            let mut same = slot.cur.valid == 1 && slot.cur.stamp.present == 1;
+            let mut i = 3;
+            while i < 35 {
+                same = same && slot.cur.stamp.raw[i] == buf[(v + i) & MASK];
+                i += 1;
+            }
             if slot.cur.valid == 0 || slot.cur.boundary != boundary {
                 push(slot, boundary);
             }
@@ -436,7 +503,9 @@ fn scan_into(
             }
             slot.cur.stamp.present = 1;
             count(CaptureOutcome::Traced);
-            emit(ctx, sk, dir, kind, boundary, &slot.cur.stamp);
+            if !same {
+                emit(ctx, sk, dir, kind, boundary, &slot.cur.stamp);
+            }
         }
         Scan::End => {
             slot.open_dir = 0;

@@ -132,6 +132,16 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
             ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
         ],
     )?;
+
+    // The capture programs passed the verifier and are attached.
+    let metrics = agent.scrape()?;
+    for hook in ["cgroup_skb/ingress", "cgroup_skb/egress"] {
+        assert_eq!(
+            vigil_integration_tests::metric_sum(&metrics, "vigil_hook_active", &[("hook", hook)]),
+            1,
+            "{hook} attached:\n{metrics}"
+        );
+    }
     let mut scenario = Scenario::start(&tag("tc"), 80, false)?;
     let before = scenario.mib("Tcp", "RetransSegs")?;
     // Loss both ways: responses (and SYN-ACKs) are retransmitted by the

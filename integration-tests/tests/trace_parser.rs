@@ -266,6 +266,15 @@ fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()
     let log_arg = log.0.display().to_string();
     let agent = Agent::start(&["--event-log", &log_arg])?;
     let before = agent.scrape()?;
+    // The capture programs passed the verifier and are attached.
+    let metrics = agent.scrape()?;
+    for hook in ["cgroup_skb/ingress", "cgroup_skb/egress"] {
+        assert_eq!(
+            vigil_integration_tests::metric_sum(&metrics, "vigil_hook_active", &[("hook", hook)]),
+            1,
+            "{hook} attached:\n{metrics}"
+        );
+    }
 
     let mut results = Vec::new();
     for addr in ["127.0.0.1:0", "[::1]:0"] {
