@@ -347,13 +347,12 @@ impl Registry {
             }
         }
         let name = "vigil_http_capture_messages_total";
-        x.family(name, "counter", "HTTP/1.1 message headers the trace-context capture hooks read, by outcome: traced (a traceparent), untraced (none), repeated (a retransmitted header), out_of_turn (a second message start in one direction: ignored), abandoned (header too long or continued out of order).");
+        x.family(name, "counter", "HTTP/1.1 message headers the trace-context capture hooks read, by outcome: traced (a traceparent), untraced (none), repeated (a retransmitted header), abandoned (header too long or continued out of order).");
         if let Some(lost) = &self.lost {
             let outcomes = [
                 (CaptureOutcome::Traced, "traced"),
                 (CaptureOutcome::Untraced, "untraced"),
                 (CaptureOutcome::Repeated, "repeated"),
-                (CaptureOutcome::OutOfTurn, "out_of_turn"),
                 (CaptureOutcome::Abandoned, "abandoned"),
             ];
             for (outcome, label) in outcomes {

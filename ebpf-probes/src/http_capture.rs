@@ -12,9 +12,11 @@
 //! What is supported, and what is not:
 //! - A message start must begin a segment (true for HTTP/1.1 without
 //!   pipelining: each message follows the other side's). Messages must
-//!   alternate direction; a second message start in the same direction (a
-//!   request body that looks like a request, pipelining) is ignored and
-//!   counted, so payload cannot forge a new trace context mid-message.
+//!   alternate direction: once a socket carried a message, its segments in
+//!   the same direction are that message's (not even read) until the other
+//!   side speaks, so a request body that looks like a request cannot forge a
+//!   trace context, and body segments cost no copy. Pipelined requests
+//!   share the first one's context.
 //! - A header may span segments that arrive in order, up to `MAX_HEADER`
 //!   bytes, `WINDOW` bytes per segment; a `traceparent` line split across two
 //!   segments is joined (the partial line, up to `TRACE_CARRY` bytes, is
@@ -261,23 +263,36 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     if sk.is_null() {
         return Ok(());
     }
-    let start = if payload >= 8 {
-        message_start(ctx.load::<[u8; 8]>(payload_at as usize)?)
-    } else {
-        None
-    };
     let mut seg = Segment {
         seq,
         payload_at,
         payload,
         dir,
-        kind: start.unwrap_or(0),
+        kind: 0,
         boundary: 0,
         at_line: false,
     };
-    match start {
-        Some(_) => start_message(ctx, sk, &mut seg),
-        None => continue_header(ctx, sk, &mut seg),
+    if let Some(slot) = slot_of(sk, false) {
+        if slot.open_dir == dir {
+            return continue_header(ctx, sk, slot, &mut seg);
+        }
+        if slot.last_dir == dir {
+            // More of this side's current message (its body, or a look-alike
+            // in it, or pipelining): HTTP/1.1 messages alternate, so no new
+            // one starts here, and its bytes are not even read.
+            return Ok(());
+        }
+    }
+    // The other side spoke last, or nobody yet: this may start a message.
+    if payload < 8 {
+        return Ok(());
+    }
+    match message_start(ctx.load::<[u8; 8]>(payload_at as usize)?) {
+        Some(kind) => {
+            seg.kind = kind;
+            start_message(ctx, sk, &mut seg)
+        }
+        None => Ok(()),
     }
 }
 
@@ -314,10 +329,6 @@ fn start_message(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> R
         count(CaptureOutcome::Repeated);
         return Ok(());
     }
-    if slot.last_dir == dir {
-        count(CaptureOutcome::OutOfTurn);
-        return Ok(());
-    }
     if slot.open_dir != 0 {
         count(CaptureOutcome::Abandoned);
     }
@@ -348,14 +359,13 @@ fn start_message(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> R
 }
 
 #[inline(always)]
-fn continue_header(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
+fn continue_header(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    slot: &mut TraceSlot,
+    seg: &mut Segment,
+) -> Result<(), i64> {
     let seq = seg.seq;
-    let Some(slot) = slot_of(sk, false) else {
-        return Ok(());
-    };
-    if slot.open_dir != seg.dir {
-        return Ok(());
-    }
     if seq != slot.open_next_seq {
         // Before: a retransmission of what was read. After: a gap.
         if !seq_ge(seq, slot.open_next_seq) {

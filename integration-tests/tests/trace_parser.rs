@@ -341,10 +341,6 @@ fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()
         "oversized headers abandoned:\n{after}"
     );
     assert!(
-        delta("out_of_turn") >= 2,
-        "the look-alike body ignored:\n{after}"
-    );
-    assert!(
         metric_sum(&after, "vigil_trace_stamps_invalid_total", &[]) >= 4,
         "malformed values counted:\n{after}"
     );

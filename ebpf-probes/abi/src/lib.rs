@@ -231,14 +231,11 @@ pub enum CaptureOutcome {
     Untraced = 1,
     /// A message start seen again (retransmitted) or older than the last one.
     Repeated = 2,
-    /// A message start in the same direction as the previous message (a
-    /// request body that looks like a request, or pipelining): ignored.
-    OutOfTurn = 3,
     /// A header given up on: longer than the capture limit, or its next
     /// segment arrived out of order.
-    Abandoned = 4,
+    Abandoned = 3,
 }
-pub const CAPTURE_OUTCOMES: u32 = 5;
+pub const CAPTURE_OUTCOMES: u32 = 4;
 
 /// A message with trace context crossed a socket.
 #[repr(C)]
