@@ -9,10 +9,12 @@
 //! - The drop probe's filter: its cost per packet when packets are dropped for
 //!   reasons it does not report (UDP to a closed port), next to bpftrace
 //!   filtering the same tracepoint for the same reasons.
+//! - The HTTP trace-context capture hooks: see `bench_capture`.
 
 use std::{
     fmt::Write as _,
     net::SocketAddr,
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -68,10 +70,20 @@ pub struct BenchArgs {
     players: u32,
     /// Write the results into BENCHMARKS.md (default: print only).
     #[arg(long)]
-    write: bool,
+    pub write: bool,
     /// A quick run on the debug build that only checks the benchmark works (CI).
     #[arg(long, conflicts_with = "write")]
     pub smoke: bool,
+    /// Only the HTTP trace-context capture phase (cost and throughput on vs off).
+    #[arg(long)]
+    pub capture_only: bool,
+    /// Capture phase: rounds of throughput runs (capture on, off, and off
+    /// with empty programs on the hooks).
+    #[arg(long, default_value_t = 5)]
+    pub capture_rounds: u32,
+    /// Capture phase: seconds of each run.
+    #[arg(long, default_value_t = 5)]
+    pub capture_secs: u64,
 }
 
 impl BenchArgs {
@@ -83,18 +95,21 @@ impl BenchArgs {
             players: 8,
             write: false,
             smoke: true,
+            capture_only: false,
+            capture_rounds: 1,
+            capture_secs: 1,
         }
     }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-struct ProcUsage {
-    cpu_seconds: f64,
+pub(crate) struct ProcUsage {
+    pub(crate) cpu_seconds: f64,
     rss_kib: u64,
 }
 
 /// CPU time (user+system) and peak RSS of a process, from /proc.
-fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
+pub(crate) fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
     let rest = stat
@@ -123,14 +138,14 @@ fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
 }
 
 #[derive(Debug, Clone)]
-struct ProgCost {
-    name: String,
-    runs: u64,
-    run_time_ns: u64,
+pub(crate) struct ProgCost {
+    pub(crate) name: String,
+    pub(crate) runs: u64,
+    pub(crate) run_time_ns: u64,
 }
 
 /// Every loaded program with its bpf_stats, from bpftool, by id.
-fn all_programs() -> anyhow::Result<Vec<(u64, ProgCost)>> {
+pub(crate) fn all_programs() -> anyhow::Result<Vec<(u64, ProgCost)>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()?;
@@ -204,7 +219,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = crate::build(!args.smoke)?;
     let _stats = BpfStats::enable()?;
+    if !args.capture_only {
+        retransmit_phase(args, &bin)?;
+    }
+    crate::bench_capture::run(args, &bin)
+}
 
+fn retransmit_phase(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     let link = LinkPair::create("bench", BENCH_LINK_INDEX)?;
     let origin_addr = SocketAddr::new(link.server_addr(false), ORIGIN_PORT);
     let (_origin, _) = spawn_origin(
@@ -603,7 +624,7 @@ fn start_bpftrace(script: &str, existing: &[u64]) -> anyhow::Result<(ChildGuard,
     Ok((peer, ids))
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready() {
         if Instant::now() > deadline {
@@ -626,7 +647,7 @@ fn hook_of(program: &str) -> &'static str {
     }
 }
 
-fn uname() -> String {
+pub(crate) fn uname() -> String {
     Command::new("uname")
         .arg("-r")
         .output()
@@ -638,17 +659,23 @@ const SECTION: &str = "## Retransmit probe: vigil vs bpftrace";
 
 /// Replaces this benchmark's section of BENCHMARKS.md, keeping the others.
 fn write_benchmarks(report: &str) -> anyhow::Result<()> {
+    write_section(SECTION, report)
+}
+
+/// Replaces the section headed `heading` (a `## ` line) of BENCHMARKS.md
+/// with `report`, keeping the others; a new section goes at the end.
+pub(crate) fn write_section(heading: &str, report: &str) -> anyhow::Result<()> {
     let path = workspace_root().join("BENCHMARKS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\nEvery table below was written by the command above it; rerun it to refresh.\n".into());
-    let section = format!("{SECTION}\n\n{report}");
-    let new = match old.find(SECTION) {
+    let section = format!("{heading}\n\n{report}");
+    let new = match old.find(heading) {
         Some(start) => {
-            let end = old[start + SECTION.len()..]
+            let end = old[start + heading.len()..]
                 .find("\n## ")
-                .map_or(old.len(), |i| start + SECTION.len() + i + 1);
+                .map_or(old.len(), |i| start + heading.len() + i + 1);
             format!("{}{section}{}", &old[..start], &old[end..])
         }
-        None => format!("{}\n{section}", old.trim_end()),
+        None => format!("{}\n\n{section}", old.trim_end()),
     };
     std::fs::write(&path, new).context("writing BENCHMARKS.md")
 }

@@ -2,6 +2,7 @@
 //! (idempotent, seconds when already done); `demo` and `test` run it first.
 
 mod bench;
+mod bench_capture;
 mod demo;
 mod fuzz;
 mod setup;

@@ -1,0 +1,942 @@
+//! `cargo xtask bench`, capture phase: what the HTTP trace-context capture
+//! hooks (`vigil_http_in` on `cgroup_skb/ingress`, `vigil_http_out` on
+//! `cgroup_skb/egress`, on the cgroup v2 root) cost.
+//!
+//! - Kernel cost per run from bpf_stats (`kernel.bpf_stats_enabled`, turned
+//!   on by `bench::run`), next to an empty cgroup_skb program on the same
+//!   hooks at the same time (what bpf_stats reports for doing nothing):
+//!   (a) on non-HTTP traffic, a bulk TCP transfer of zeros between the two
+//!   namespaces of a link pair: every data packet is checked for a message
+//!   start and its socket for capture state, and left alone;
+//!   (b) on HTTP traffic, vigil-loadgen against vigil-origin with a
+//!   `traceparent` on every request: per run, and per HTTP request (both
+//!   programs' time over the requests completed).
+//! - Throughput of the same HTTP traffic with the agent running with capture
+//!   on, with `--disable-hook` for both hooks (off), and off with the empty
+//!   programs on both hooks (the hooks' own price), in rotating order.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use vigil_testbed::{
+    netns::{loadgen_command, spawn_origin, ChildGuard, LinkPair},
+    prom::{metric_sum, scrape},
+};
+
+use crate::bench::{all_programs, proc_usage, uname, wait_until, BenchArgs};
+
+pub const SECTION: &str = "## HTTP trace-context capture: cost and throughput";
+
+/// Link pair of this phase: 198.18.90.0/24.
+const LINK_INDEX: u8 = 90;
+const METRICS_ADDR: &str = "127.0.0.1:19040";
+/// In the server namespace: the bulk (non-HTTP) receiver.
+const BULK_PORT: u16 = 19082;
+/// Keep-alive connections of the load generator.
+const CONNECTIONS: u32 = 8;
+const HOOK_IN: &str = "cgroup_skb/ingress";
+const HOOK_OUT: &str = "cgroup_skb/egress";
+const PROG_IN: &str = "vigil_http_in";
+const PROG_OUT: &str = "vigil_http_out";
+
+/// HTTP traffic shapes, each served by its own origin in the server namespace.
+struct Workload {
+    label: &'static str,
+    segment_bytes: usize,
+    port: u16,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload {
+        label: "HLS, 1 MiB segments",
+        segment_bytes: 1024 * 1024,
+        port: 19080,
+    },
+    Workload {
+        label: "small responses, 16 KiB",
+        segment_bytes: 16 * 1024,
+        port: 19081,
+    },
+];
+
+/// How the node runs during a throughput run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// The agent with every hook.
+    On,
+    /// The agent with both capture hooks disabled.
+    Off,
+    /// As `Off`, plus the empty cgroup_skb programs: what the hooks cost
+    /// before the capture programs do anything.
+    Empty,
+}
+
+const MODES: [Capture; 3] = [Capture::On, Capture::Off, Capture::Empty];
+
+impl Capture {
+    fn label(self) -> &'static str {
+        match self {
+            Capture::On => "on",
+            Capture::Off => "off",
+            Capture::Empty => "off + empty programs",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A running agent; its stderr goes to `log`.
+struct Agent {
+    guard: ChildGuard,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, capture: Capture) -> anyhow::Result<Agent> {
+        let log = std::env::temp_dir().join("vigil-bench-capture-agent.log");
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(bin.join("vigil"));
+        cmd.args(["agent", "--metrics-addr", METRICS_ADDR])
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        if capture != Capture::On {
+            cmd.args(["--disable-hook", HOOK_IN, "--disable-hook", HOOK_OUT]);
+        }
+        // No OTLP export or span receiver: the agent under test only measures.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut agent = Agent {
+            guard: ChildGuard::spawn(&mut cmd)?,
+            log,
+        };
+        let metrics: SocketAddr = METRICS_ADDR.parse()?;
+        // The socket iterator is the last program the agent loads.
+        let wanted: &[&str] = match capture {
+            Capture::On => &[PROG_IN, PROG_OUT, "vigil_sock_iter"],
+            Capture::Off | Capture::Empty => &["vigil_sock_iter"],
+        };
+        let mut exited = None;
+        let ready = wait_until("the agent", || {
+            if let Ok(Some(status)) = agent.guard.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            let names: Vec<String> = agent
+                .programs()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect();
+            wanted.iter().all(|w| names.iter().any(|n| n == w)) && scrape(metrics).is_ok()
+        });
+        if let Some(status) = exited {
+            bail!(
+                "the agent exited ({status}) while starting; its log: {}",
+                agent.log.display()
+            );
+        }
+        ready.with_context(|| {
+            format!(
+                "agent with capture {} (expected programs {wanted:?}); its log: {}",
+                capture.label(),
+                agent.log.display()
+            )
+        })?;
+        let names: Vec<String> = agent.programs()?.into_iter().map(|p| p.1).collect();
+        if capture != Capture::On && names.iter().any(|n| n == PROG_IN || n == PROG_OUT) {
+            bail!("--disable-hook left a capture program loaded: {names:?}");
+        }
+        Ok(agent)
+    }
+
+    fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// The agent's own programs (id, name), found through its file
+    /// descriptors, so another agent on the node is never mistaken for it.
+    fn programs(&self) -> anyhow::Result<Vec<(u64, String)>> {
+        let ids = prog_ids_of(self.pid())?;
+        Ok(all_programs()?
+            .into_iter()
+            .filter(|(id, _)| ids.contains(id))
+            .map(|(id, p)| (id, p.name))
+            .collect())
+    }
+
+    fn program_id(&self, name: &str) -> anyhow::Result<u64> {
+        self.programs()?
+            .into_iter()
+            .find(|p| p.1 == name)
+            .map(|p| p.0)
+            .with_context(|| format!("the agent has no program {name}"))
+    }
+}
+
+/// Ids of the BPF programs process `pid` holds a file descriptor of.
+fn prog_ids_of(pid: u32) -> anyhow::Result<Vec<u64>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        // Descriptors close while we look; skip those.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.as_os_str() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(&info) else {
+            continue;
+        };
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Cost {
+    runs: u64,
+    ns: u64,
+}
+
+impl Cost {
+    fn since(self, earlier: Cost) -> Cost {
+        Cost {
+            runs: self.runs.saturating_sub(earlier.runs),
+            ns: self.ns.saturating_sub(earlier.ns),
+        }
+    }
+
+    fn per_run(self) -> f64 {
+        if self.runs == 0 {
+            0.0
+        } else {
+            self.ns as f64 / self.runs as f64
+        }
+    }
+}
+
+/// bpf_stats of the programs `ids`, in that order.
+fn costs(ids: &[u64]) -> anyhow::Result<Vec<Cost>> {
+    let all = all_programs()?;
+    ids.iter()
+        .map(|id| {
+            all.iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, p)| Cost {
+                    runs: p.runs,
+                    ns: p.run_time_ns,
+                })
+                .with_context(|| format!("BPF program {id} is gone"))
+        })
+        .collect()
+}
+
+/// The four programs measured side by side: capture in/out, empty in/out.
+struct Measured {
+    ids: [u64; 4],
+}
+
+impl Measured {
+    fn snapshot(&self) -> anyhow::Result<Vec<Cost>> {
+        costs(&self.ids)
+    }
+
+    fn delta(&self, before: &[Cost]) -> anyhow::Result<Vec<Cost>> {
+        Ok(self
+            .snapshot()?
+            .into_iter()
+            .zip(before)
+            .map(|(after, before)| after.since(*before))
+            .collect())
+    }
+}
+
+/// Mount point of the cgroup v2 hierarchy, as the agent finds it.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            (fs.split_whitespace().next()? == "cgroup2")
+                .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// Programs on the cgroup v2 root's inet hooks that are not ours (another
+/// agent's capture, say): they run on this traffic too.
+fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(root)
+        .output()
+        .context("cannot start bpftool")?;
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let list: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool cgroup show json")?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| !ours.contains(&id)))
+        .map(|p| {
+            format!(
+                "{} ({})",
+                p["name"].as_str().unwrap_or("?"),
+                p["attach_type"].as_str().unwrap_or("?")
+            )
+        })
+        .collect())
+}
+
+/// A cgroup_skb program that only passes the packet (`r0 = 1; exit`),
+/// linked to the cgroup v2 root: the floor bpf_stats reports on that hook.
+/// Dropping it closes both fds, which detaches and frees it.
+struct EmptyCgroupSkb {
+    _prog: std::os::fd::OwnedFd,
+    _link: std::os::fd::OwnedFd,
+    id: u64,
+}
+
+impl EmptyCgroupSkb {
+    fn attach(root: &Path, egress: bool) -> anyhow::Result<EmptyCgroupSkb> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        #[repr(C)]
+        #[derive(Default)]
+        struct ProgLoad {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+            prog_name: [u8; 16],
+            prog_ifindex: u32,
+            expected_attach_type: u32,
+        }
+        #[repr(C)]
+        struct LinkCreate {
+            prog_fd: u32,
+            target_fd: u32,
+            attach_type: u32,
+            flags: u32,
+        }
+        #[repr(C)]
+        struct InfoByFd {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        fn bpf<T>(cmd: i64, attr: &mut T) -> anyhow::Result<i32> {
+            // SAFETY: attr is a live bpf_attr prefix laid out for `cmd`.
+            let rc = unsafe {
+                libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>())
+            };
+            if rc < 0 {
+                bail!("bpf({cmd}): {}", std::io::Error::last_os_error());
+            }
+            i32::try_from(rc).context("bpf(2) returned an out-of-range fd")
+        }
+        // BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1.
+        let attach_type = u32::from(egress);
+        let name: &[u8] = if egress {
+            b"vigil_empty_out"
+        } else {
+            b"vigil_empty_in"
+        };
+        // BPF_MOV64_IMM(R0, 1) (pass); BPF_EXIT_INSN()
+        let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+        let license = c"GPL";
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len()].copy_from_slice(name);
+        let mut load = ProgLoad {
+            prog_type: 8, // BPF_PROG_TYPE_CGROUP_SKB
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name,
+            expected_attach_type: attach_type,
+            ..ProgLoad::default()
+        };
+        // SAFETY: the kernel returned a new fd (BPF_PROG_LOAD = 5).
+        let prog = unsafe { OwnedFd::from_raw_fd(bpf(5, &mut load)?) };
+        let cgroup = std::fs::File::open(root)
+            .with_context(|| format!("opening cgroup root {}", root.display()))?;
+        let mut create = LinkCreate {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type,
+            flags: 0,
+        };
+        // SAFETY: the kernel returned a new fd (BPF_LINK_CREATE = 28).
+        let link = unsafe { OwnedFd::from_raw_fd(bpf(28, &mut create)?) };
+        let mut info = [0u32; 2]; // bpf_prog_info starts with type, id
+        let mut get = InfoByFd {
+            bpf_fd: prog.as_raw_fd() as u32,
+            info_len: 8,
+            info: info.as_mut_ptr() as u64,
+        };
+        bpf(15, &mut get)?; // BPF_OBJ_GET_INFO_BY_FD
+        Ok(EmptyCgroupSkb {
+            _prog: prog,
+            _link: link,
+            id: u64::from(info[1]),
+        })
+    }
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns `kernel.bpf_stats_enabled` off (the production setting) until
+/// dropped, then on again (`bench::run` restores the setting it found).
+struct StatsPaused;
+
+impl StatsPaused {
+    fn pause() -> anyhow::Result<StatsPaused> {
+        std::fs::write(BPF_STATS, "0").context("disabling bpf_stats")?;
+        Ok(StatsPaused)
+    }
+}
+
+impl Drop for StatsPaused {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, "1");
+    }
+}
+
+fn join<T>(handle: JoinHandle<anyhow::Result<T>>, what: &str) -> anyhow::Result<T> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("{what} panicked"))?
+}
+
+/// Sends zeros from the client namespace to the server's for `secs` over one
+/// TCP connection; returns the bytes received. No segment starts with an
+/// HTTP method or status line.
+fn bulk_transfer(link: &LinkPair, secs: f64) -> anyhow::Result<u64> {
+    let addr = SocketAddr::new(link.server_addr(false), BULK_PORT);
+    // A socket belongs to the namespace it was created in, whichever thread uses it.
+    let listener = join(
+        link.server
+            .spawn_thread(move || Ok(TcpListener::bind(addr)?))?,
+        "bind",
+    )
+    .with_context(|| format!("listening on {addr} in the server namespace"))?;
+    let mut client = join(
+        link.client
+            .spawn_thread(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?))?,
+        "connect",
+    )
+    .with_context(|| format!("connecting to {addr} from the client namespace"))?;
+    let (mut server, _) = listener.accept().context("accepting the bulk connection")?;
+    server.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let reader = thread::spawn(move || -> anyhow::Result<u64> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match server.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    });
+    let chunk = vec![0u8; 64 * 1024];
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    client.set_write_timeout(Some(Duration::from_secs(10)))?;
+    while Instant::now() < until {
+        client.write_all(&chunk).context("bulk send")?;
+    }
+    client.shutdown(Shutdown::Write)?;
+    join(reader, "bulk receiver").context("bulk receive")
+}
+
+/// One vigil-loadgen run's summary.
+#[derive(Debug, Clone, Copy)]
+struct LoadRun {
+    ok: u64,
+    failed: u64,
+    bytes: u64,
+    secs: f64,
+}
+
+impl LoadRun {
+    fn requests_per_sec(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
+    fn mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.secs / (1024.0 * 1024.0)
+    }
+}
+
+fn run_loadgen(
+    link: &LinkPair,
+    bin: &Path,
+    workload: &Workload,
+    secs: f64,
+) -> anyhow::Result<LoadRun> {
+    let target = SocketAddr::new(link.server_addr(false), workload.port);
+    // Requests enough to outlast the time limit; traceparent on every one (the default).
+    let out = loadgen_command(
+        &link.client,
+        &bin.join("vigil-loadgen"),
+        target,
+        CONNECTIONS,
+        1_000_000,
+        secs,
+    )
+    .arg("--json")
+    .stderr(Stdio::inherit())
+    .output()
+    .context("cannot start vigil-loadgen")?;
+    if !out.status.success() {
+        bail!("vigil-loadgen against {target} failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("vigil-loadgen printed no JSON summary")?;
+    let s: serde_json::Value = serde_json::from_str(line).context("vigil-loadgen JSON")?;
+    let field = |name: &str| {
+        s[name]
+            .as_u64()
+            .with_context(|| format!("vigil-loadgen JSON has no {name}"))
+    };
+    let run = LoadRun {
+        ok: field("requests_ok")?,
+        failed: field("requests_failed")?,
+        bytes: field("bytes")?,
+        secs: field("elapsed_ms")? as f64 / 1000.0,
+    };
+    if run.ok == 0 || run.secs <= 0.0 {
+        bail!("vigil-loadgen completed no request against {target}");
+    }
+    Ok(run)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// The 1-minute load average (other work on the machine skews everything here).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Kernel cost of one kind of traffic: capture and empty programs, both hooks.
+struct CostRow {
+    traffic: String,
+    /// vigil_http_in, vigil_http_out, empty in, empty out.
+    costs: Vec<Cost>,
+}
+
+/// Runs the phase, prints its report and with `--write` puts it in BENCHMARKS.md.
+pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
+    let (rounds, secs) = if args.smoke {
+        (1, 1.0)
+    } else {
+        (args.capture_rounds.max(1), args.capture_secs.max(1) as f64)
+    };
+    let root = cgroup2_root()?;
+    let load_at_start = load_average();
+    let link = LinkPair::create("benchcap", LINK_INDEX)?;
+    let mut origins = Vec::new();
+    for w in &WORKLOADS {
+        let addr = SocketAddr::new(link.server_addr(false), w.port);
+        let (origin, _) = spawn_origin(
+            link.server
+                .command(bin.join("vigil-origin"))
+                .args(["--segment-bytes", &w.segment_bytes.to_string()]),
+            addr,
+            2,
+            3600,
+        )?;
+        origins.push(origin);
+    }
+    let mut foreign: Vec<String> = Vec::new();
+    let mut note_foreign = |ours: &[u64]| -> anyhow::Result<()> {
+        for p in foreign_cgroup_programs(&root, ours)? {
+            if !foreign.contains(&p) {
+                eprintln!("bench: another program on the cgroup root meanwhile: {p}");
+                foreign.push(p);
+            }
+        }
+        Ok(())
+    };
+
+    // Kernel cost, capture on, next to the empty programs.
+    let agent = Agent::start(bin, Capture::On)?;
+    let empty_in = EmptyCgroupSkb::attach(&root, false).context("empty ingress program")?;
+    let empty_out = EmptyCgroupSkb::attach(&root, true).context("empty egress program")?;
+    let measured = Measured {
+        ids: [
+            agent.program_id(PROG_IN)?,
+            agent.program_id(PROG_OUT)?,
+            empty_in.id,
+            empty_out.id,
+        ],
+    };
+    note_foreign(&measured.ids)?;
+    let metrics: SocketAddr = METRICS_ADDR.parse()?;
+    let mut rows = Vec::new();
+    let before = measured.snapshot()?;
+    let bulk_bytes = bulk_transfer(&link, secs)?;
+    let bulk = measured.delta(&before)?;
+    if bulk[0].runs == 0 || bulk[1].runs == 0 {
+        bail!("the capture programs never ran on the bulk transfer; the phase measured nothing");
+    }
+    rows.push(CostRow {
+        traffic: format!(
+            "non-HTTP bulk TCP, {:.0} MiB in {secs:.0} s",
+            bulk_bytes as f64 / (1024.0 * 1024.0)
+        ),
+        costs: bulk,
+    });
+    let mut per_request = Vec::new();
+    for w in &WORKLOADS {
+        let traced = |text: &str| {
+            metric_sum(
+                text,
+                "vigil_http_capture_messages_total",
+                &[("outcome", "traced")],
+            )
+        };
+        let traced_before = traced(&scrape(metrics)?);
+        let before = measured.snapshot()?;
+        let load = run_loadgen(&link, bin, w, secs)?;
+        let delta = measured.delta(&before)?;
+        // The counters are read from per-CPU maps when scraped.
+        let traced = traced(&scrape(metrics)?).saturating_sub(traced_before);
+        if traced == 0 {
+            bail!(
+                "the capture hooks saw no traceparent in {} requests ({}); capture is broken",
+                load.ok,
+                w.label
+            );
+        }
+        per_request.push((w.label, load, traced, delta.clone()));
+        rows.push(CostRow {
+            traffic: format!("HTTP, {}", w.label),
+            costs: delta,
+        });
+    }
+    drop(empty_in);
+    drop(empty_out);
+    drop(agent);
+
+    // Throughput in each mode, rotating which goes first; without bpf_stats,
+    // whose clock reads would add to every run of a program.
+    let stats_paused = StatsPaused::pause()?;
+    // runs[workload][mode] = (run, agent CPU seconds)
+    let mut runs: Vec<[Vec<(LoadRun, f64)>; 3]> = WORKLOADS
+        .iter()
+        .map(|_| [Vec::new(), Vec::new(), Vec::new()])
+        .collect();
+    for round in 0..rounds as usize {
+        for k in 0..MODES.len() {
+            let mode = MODES[(round + k) % MODES.len()];
+            let agent = Agent::start(bin, mode)?;
+            let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
+            let empty = match mode {
+                Capture::Empty => Some((
+                    EmptyCgroupSkb::attach(&root, false)?,
+                    EmptyCgroupSkb::attach(&root, true)?,
+                )),
+                Capture::On | Capture::Off => None,
+            };
+            if let Some((i, o)) = &empty {
+                ours.extend([i.id, o.id]);
+            }
+            note_foreign(&ours)?;
+            // Let the agent's first /proc scan and socket sample pass.
+            thread::sleep(Duration::from_secs(1));
+            for (i, w) in WORKLOADS.iter().enumerate() {
+                let cpu_before = proc_usage(agent.pid())?.cpu_seconds;
+                let load = run_loadgen(&link, bin, w, secs)?;
+                let cpu = proc_usage(agent.pid())?.cpu_seconds - cpu_before;
+                eprintln!(
+                    "bench: round {} capture {} {}: {:.0} req/s, {:.1} MiB/s, agent {:.1}% CPU",
+                    round + 1,
+                    mode.label(),
+                    w.label,
+                    load.requests_per_sec(),
+                    load.mib_per_sec(),
+                    100.0 * cpu / load.secs
+                );
+                runs[i][mode.index()].push((load, cpu));
+            }
+        }
+    }
+    drop(stats_paused);
+    drop(origins);
+    drop(link);
+    let load = [load_at_start, load_average()];
+
+    let report = render(
+        args,
+        rounds,
+        secs,
+        &rows,
+        &per_request,
+        &runs,
+        &foreign,
+        &root,
+        load,
+    );
+    println!("{SECTION}\n\n{report}");
+    if args.write {
+        crate::bench::write_section(SECTION, &report)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    args: &BenchArgs,
+    rounds: u32,
+    secs: f64,
+    rows: &[CostRow],
+    per_request: &[(&str, LoadRun, u64, Vec<Cost>)],
+    runs: &[[Vec<(LoadRun, f64)>; 3]],
+    foreign: &[String],
+    root: &Path,
+    load: [String; 2],
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "`vigil_http_in` ({HOOK_IN}) and `vigil_http_out` ({HOOK_OUT}) run on every packet of \
+         every socket of the node (attached to the cgroup v2 root, {}). A packet without \
+         payload leaves after the TCP header; one with payload that does not start an HTTP \
+         message (first 8 bytes) costs a lookup of its socket's capture state and leaves; one \
+         that starts a message (or continues a header being read) has up to 2 KiB copied and \
+         scanned for `traceparent`, and a traced one is sent to the agent. Both ends of the \
+         testbed run on this node, so each request is seen leaving the client and entering the \
+         origin, and each response leaving the origin and entering the client. `empty` is a \
+         cgroup_skb program that only passes the packet, on the same hooks at the same time: \
+         what bpf_stats reports for doing nothing, the floor under every number.\n",
+        root.display()
+    );
+    let _ = writeln!(
+        out,
+        "Command: `cargo xtask bench --capture-only --capture-rounds {} --capture-secs {} --write`{}",
+        args.capture_rounds,
+        args.capture_secs,
+        if args.smoke {
+             " (this was a --smoke run: 1 round of 1 s runs, debug build)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "Kernel: {}; {} CPUs ({}). Traffic crosses a veth pair between two network \
+         namespaces, no loss; vigil-loadgen, {CONNECTIONS} keep-alive connections, a \
+         `traceparent` on every request; vigil-origin answers with one. Load average \
+         (1 min) at start and end: {} and {}.\n",
+        uname(),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        load[0],
+        load[1]
+    );
+    if !foreign.is_empty() {
+        let _ = writeln!(
+            out,
+            "Other programs were attached to the cgroup root during the run and ran on the \
+             same packets: {}. Treat the throughput numbers with care.\n",
+            foreign.join(", ")
+        );
+    }
+
+    let _ = writeln!(out, "### Kernel cost per packet (bpf_stats, capture on)\n");
+    let _ = writeln!(
+        out,
+        "A run is one packet (skb) through one hook; with TSO/GSO on the veth a data skb \
+         holds up to 64 KB. Runs include pure ACKs and every other packet of the node \
+         meanwhile.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| traffic | program | hook | runs | ns per run | empty, ns per run | capture above empty, ns per run |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    for row in rows {
+        for (k, (prog, hook)) in [(PROG_IN, HOOK_IN), (PROG_OUT, HOOK_OUT)]
+            .into_iter()
+            .enumerate()
+        {
+            let (cap, empty) = (row.costs[k], row.costs[k + 2]);
+            let _ = writeln!(
+                out,
+                "| {} | {prog} | {hook} | {} | {:.0} | {:.0} | {:.0} |",
+                row.traffic,
+                cap.runs,
+                cap.per_run(),
+                empty.per_run(),
+                cap.per_run() - empty.per_run()
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n### Kernel cost per HTTP request (capture on)\n");
+    let _ = writeln!(
+        out,
+        "Both programs' run time over the requests completed meanwhile: the request and \
+         response headers scanned at both ends, plus every body packet and ACK of the \
+         exchange. Traced headers: what the hooks counted with a `traceparent` (4 per request: \
+         request and response, each seen sent and received).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| traffic | requests | traced headers | runs per request | capture ns per request | empty ns per request | capture above empty, ns per request |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (label, load, traced, c) in per_request {
+        let n = load.ok.max(1) as f64;
+        let cap_ns = (c[0].ns + c[1].ns) as f64;
+        let empty_ns = (c[2].ns + c[3].ns) as f64;
+        let _ = writeln!(
+            out,
+            "| HTTP, {label} | {} | {traced} | {:.1} | {:.0} | {:.0} | {:.0} |",
+            load.ok,
+            (c[0].runs + c[1].runs) as f64 / n,
+            cap_ns / n,
+            empty_ns / n,
+            (cap_ns - empty_ns) / n
+        );
+    }
+
+    let _ = writeln!(out, "\n### Throughput, capture on vs off\n");
+    let _ = writeln!(
+        out,
+        "{rounds} rounds of {secs:.0} s runs per workload and mode, rotating which mode goes \
+         first, with bpf_stats off (as in production). Capture on: the agent with every hook; \
+         off: the same agent with `--disable-hook {HOOK_IN} --disable-hook {HOOK_OUT}`; off + \
+         empty programs: that agent, and the empty programs on both hooks (the price of \
+         having any cgroup_skb program on the root, before it does anything). The agent is \
+         restarted between modes. Median (min–max) over the runs; agent CPU is the agent \
+         process's, in % of one core.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| workload | capture | requests/s | MiB/s | agent CPU % | failed requests |"
+    );
+    let _ = writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: |");
+    for (w, modes) in WORKLOADS.iter().zip(runs) {
+        for (mode, list) in MODES.into_iter().zip(modes) {
+            let rps: Vec<f64> = list.iter().map(|(r, _)| r.requests_per_sec()).collect();
+            let mib: Vec<f64> = list.iter().map(|(r, _)| r.mib_per_sec()).collect();
+            let cpu: Vec<f64> = list.iter().map(|(r, c)| 100.0 * c / r.secs).collect();
+            let failed: u64 = list.iter().map(|(r, _)| r.failed).sum();
+            let ((rlo, rhi), (mlo, mhi)) = (min_max(&rps), min_max(&mib));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} ({rlo:.0}–{rhi:.0}) | {:.1} ({mlo:.1}–{mhi:.1}) | {:.1} | {failed} |",
+                w.label,
+                mode.label(),
+                median(&rps),
+                median(&mib),
+                median(&cpu)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nDrop of requests/s against capture off: of the medians, and per round (median, \
+         min … max).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| workload | capture on: drop of medians | capture on: drop per round | empty programs: drop of medians | empty programs: drop per round |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let rate = |l: &[(LoadRun, f64)]| -> Vec<f64> {
+        l.iter().map(|(r, _)| r.requests_per_sec()).collect()
+    };
+    for (w, modes) in WORKLOADS.iter().zip(runs) {
+        let off = rate(&modes[Capture::Off.index()]);
+        let mut cells = Vec::new();
+        for mode in [Capture::On, Capture::Empty] {
+            let this = rate(&modes[mode.index()]);
+            let drop = 100.0 * (1.0 - median(&this) / median(&off));
+            let per_round: Vec<f64> = this
+                .iter()
+                .zip(&off)
+                .map(|(a, b)| 100.0 * (1.0 - a / b))
+                .collect();
+            let (lo, hi) = min_max(&per_round);
+            cells.push(format!(
+                "{drop:.1}% | {:.1}% ({lo:.1}% … {hi:.1}%)",
+                median(&per_round)
+            ));
+        }
+        let _ = writeln!(out, "| {} | {} |", w.label, cells.join(" | "));
+    }
+    let _ = writeln!(
+        out,
+        "\nTarget for capture on: under 3% drop. A negative drop means that mode's runs were \
+         faster: noise."
+    );
+    out
+}
