@@ -365,6 +365,16 @@ impl Drop for TempPath {
     }
 }
 
+/// Serialises the tests of one binary that create network namespaces. Every
+/// agent sees every namespace of the node and labels counts with the
+/// namespace's inode number, which the kernel reuses once a namespace is gone:
+/// a namespace a concurrent test creates could take the number an agent is
+/// already counting under, and mix another test's traffic into its totals.
+pub fn one_namespace_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Waits for a `vigil-loadgen --json` run to end and returns its summary.
 pub fn loadgen_summary(mut load: ChildGuard) -> anyhow::Result<Value> {
     let mut out = String::new();

@@ -99,17 +99,20 @@ fn each_loss_matches_kernel(test: &str, v6: bool, first_index: u8) -> anyhow::Re
 
 #[test]
 fn ipv4_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     each_loss_matches_kernel("ipv4_retransmits_equal_kernel_counter", false, 10)
 }
 
 #[test]
 fn ipv6_retransmits_equal_kernel_counter() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     each_loss_matches_kernel("ipv6_retransmits_equal_kernel_counter", true, 20)
 }
 
 /// `--kernel-debug-logs` carries the probes' aya-log messages into the agent's log.
 #[test]
 fn kernel_debug_logs_reach_the_agent_log() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("kernel_debug_logs_reach_the_agent_log") {
         return Ok(());
     }
@@ -142,6 +145,7 @@ fn assert_owned_by_origin(e: &serde_json::Value, origin_pid: u32) {
 /// origin's pid, process name, cgroup and network namespace, learnt in the kernel.
 #[test]
 fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("new_sockets_are_attributed_in_kernel") {
         return Ok(());
     }
@@ -212,6 +216,7 @@ fn new_sockets_are_attributed_in_kernel() -> anyhow::Result<()> {
 /// /proc bootstrap.
 #[test]
 fn preexisting_sockets_are_attributed_from_proc() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("preexisting_sockets_are_attributed_from_proc") {
         return Ok(());
     }

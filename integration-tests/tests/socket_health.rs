@@ -89,6 +89,7 @@ fn listener_row(sockets: &Value, netns: u64, port: u16) -> Option<&Value> {
 /// `ss -lnt` Recv-Q and Send-Q (both stable then: nothing is accepted).
 #[test]
 fn listen_overflows_equal_kernel_counter() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("listen_overflows_equal_kernel_counter") {
         return Ok(());
     }
@@ -231,6 +232,7 @@ fn listen_overflows_equal_kernel_counter() -> anyhow::Result<()> {
 /// what the kernel does (the window then closes), so there are 12 connections.
 #[test]
 fn receive_buffer_drops_equal_kernel_counter() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("receive_buffer_drops_equal_kernel_counter") {
         return Ok(());
     }
@@ -398,6 +400,7 @@ fn ss_rtts(ns: &Netns, port: u16) -> anyhow::Result<Vec<(String, String, f64, St
 /// interval old, and the queue oscillates).
 #[test]
 fn rtt_follows_tbf_queueing() -> anyhow::Result<()> {
+    let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
     if !bpf_available("rtt_follows_tbf_queueing") {
         return Ok(());
     }
