@@ -26,7 +26,10 @@ use vigil_testbed::{
     prom::{metric_sum, scrape},
 };
 
-use crate::workspace_root;
+use crate::{
+    empty_prog::{EmptyProgram, Hook},
+    workspace_root,
+};
 
 use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 /// Subnet index of the benchmark's link pair (198.18.202.0/24).
@@ -409,7 +412,7 @@ fn drop_filter_phase(
         predicate.join(" || ")
     );
     let (peer, mut peer_ids) = start_bpftrace(&script, not_peer)?;
-    let floor = EmptyProbe::attach("kfree_skb")?;
+    let floor = EmptyProgram::attach(EMPTY_PROBE, Hook::RawTracepoint("kfree_skb"))?;
     peer_ids.push(floor.id);
     let vigil_drop = |progs: Vec<ProgCost>| progs.into_iter().find(|p| p.name == "vigil_drop");
     let before = (
@@ -486,7 +489,7 @@ fn drop_filter_phase(
     );
     let mut floor_ns = None;
     for p in &after.1 {
-        let empty = p.name == EmptyProbe::NAME;
+        let empty = p.name == EMPTY_PROBE;
         let (tool, hook) = if empty {
             ("empty", "raw_tp/kfree_skb")
         } else {
@@ -514,93 +517,8 @@ fn drop_filter_phase(
     Ok(out)
 }
 
-/// A program that does nothing (`r0 = 0; exit`), attached as a raw tracepoint:
-/// the cost bpf_stats reports for an empty run on this machine. Loaded with
-/// bpf(2) directly; dropping it closes both fds, which detaches and frees it.
-struct EmptyProbe {
-    _prog: std::os::fd::OwnedFd,
-    _link: std::os::fd::OwnedFd,
-    id: u64,
-}
-
-impl EmptyProbe {
-    const NAME: &'static str = "vigil_empty";
-
-    fn attach(tracepoint: &str) -> anyhow::Result<EmptyProbe> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        #[repr(C)]
-        #[derive(Default)]
-        struct ProgLoad {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-        }
-        #[repr(C)]
-        struct RawTpOpen {
-            name: u64,
-            prog_fd: u32,
-            _pad: u32,
-        }
-        #[repr(C)]
-        struct InfoByFd {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        fn bpf<T>(cmd: i64, attr: &mut T) -> anyhow::Result<i64> {
-            // SAFETY: attr is a live bpf_attr prefix laid out for `cmd`.
-            let rc = unsafe {
-                libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>())
-            };
-            if rc < 0 {
-                bail!("bpf({cmd}): {}", std::io::Error::last_os_error());
-            }
-            Ok(rc)
-        }
-        // BPF_MOV64_IMM(R0, 0); BPF_EXIT_INSN()
-        let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-        let license = c"GPL";
-        let mut name = [0u8; 16];
-        name[..Self::NAME.len()].copy_from_slice(Self::NAME.as_bytes());
-        let mut load = ProgLoad {
-            prog_type: 17, // BPF_PROG_TYPE_RAW_TRACEPOINT
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name: name,
-            ..ProgLoad::default()
-        };
-        // SAFETY: the kernel returned a new fd (BPF_PROG_LOAD = 5).
-        let prog = unsafe { OwnedFd::from_raw_fd(bpf(5, &mut load)? as i32) };
-        let tp = std::ffi::CString::new(tracepoint)?;
-        let mut open = RawTpOpen {
-            name: tp.as_ptr() as u64,
-            prog_fd: prog.as_raw_fd() as u32,
-            _pad: 0,
-        };
-        // SAFETY: the kernel returned a new fd (BPF_RAW_TRACEPOINT_OPEN = 17).
-        let link = unsafe { OwnedFd::from_raw_fd(bpf(17, &mut open)? as i32) };
-        let mut info = [0u32; 2]; // bpf_prog_info starts with type, id
-        let mut get = InfoByFd {
-            bpf_fd: prog.as_raw_fd() as u32,
-            info_len: 8,
-            info: info.as_mut_ptr() as u64,
-        };
-        bpf(15, &mut get)?; // BPF_OBJ_GET_INFO_BY_FD
-        Ok(EmptyProbe {
-            _prog: prog,
-            _link: link,
-            id: u64::from(info[1]),
-        })
-    }
-}
+/// Name of the empty program the drop phase compares against.
+const EMPTY_PROBE: &str = "vigil_empty";
 
 /// Starts bpftrace with `script` and returns it with the ids of the programs
 /// it loaded (those not among `existing`), once they are attached.

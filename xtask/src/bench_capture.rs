@@ -31,7 +31,10 @@ use vigil_testbed::{
     prom::{metric_sum, scrape},
 };
 
-use crate::bench::{all_programs, proc_usage, uname, wait_until, BenchArgs};
+use crate::{
+    bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
+    empty_prog::{EmptyProgram, Hook},
+};
 
 pub const SECTION: &str = "## HTTP trace-context capture: cost and throughput";
 
@@ -315,103 +318,21 @@ fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<Stri
         .collect())
 }
 
-/// A cgroup_skb program that only passes the packet (`r0 = 1; exit`),
-/// linked to the cgroup v2 root: the floor bpf_stats reports on that hook.
-/// Dropping it closes both fds, which detaches and frees it.
-struct EmptyCgroupSkb {
-    _prog: std::os::fd::OwnedFd,
-    _link: std::os::fd::OwnedFd,
-    id: u64,
-}
-
-impl EmptyCgroupSkb {
-    fn attach(root: &Path, egress: bool) -> anyhow::Result<EmptyCgroupSkb> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        #[repr(C)]
-        #[derive(Default)]
-        struct ProgLoad {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-            prog_ifindex: u32,
-            expected_attach_type: u32,
-        }
-        #[repr(C)]
-        struct LinkCreate {
-            prog_fd: u32,
-            target_fd: u32,
-            attach_type: u32,
-            flags: u32,
-        }
-        #[repr(C)]
-        struct InfoByFd {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        fn bpf<T>(cmd: i64, attr: &mut T) -> anyhow::Result<i32> {
-            // SAFETY: attr is a live bpf_attr prefix laid out for `cmd`.
-            let rc = unsafe {
-                libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>())
-            };
-            if rc < 0 {
-                bail!("bpf({cmd}): {}", std::io::Error::last_os_error());
-            }
-            i32::try_from(rc).context("bpf(2) returned an out-of-range fd")
-        }
-        // BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1.
-        let attach_type = u32::from(egress);
-        let name: &[u8] = if egress {
-            b"vigil_empty_out"
-        } else {
-            b"vigil_empty_in"
-        };
-        // BPF_MOV64_IMM(R0, 1) (pass); BPF_EXIT_INSN()
-        let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-        let license = c"GPL";
-        let mut prog_name = [0u8; 16];
-        prog_name[..name.len()].copy_from_slice(name);
-        let mut load = ProgLoad {
-            prog_type: 8, // BPF_PROG_TYPE_CGROUP_SKB
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name,
-            expected_attach_type: attach_type,
-            ..ProgLoad::default()
-        };
-        // SAFETY: the kernel returned a new fd (BPF_PROG_LOAD = 5).
-        let prog = unsafe { OwnedFd::from_raw_fd(bpf(5, &mut load)?) };
-        let cgroup = std::fs::File::open(root)
-            .with_context(|| format!("opening cgroup root {}", root.display()))?;
-        let mut create = LinkCreate {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_fd: cgroup.as_raw_fd() as u32,
-            attach_type,
-            flags: 0,
-        };
-        // SAFETY: the kernel returned a new fd (BPF_LINK_CREATE = 28).
-        let link = unsafe { OwnedFd::from_raw_fd(bpf(28, &mut create)?) };
-        let mut info = [0u32; 2]; // bpf_prog_info starts with type, id
-        let mut get = InfoByFd {
-            bpf_fd: prog.as_raw_fd() as u32,
-            info_len: 8,
-            info: info.as_mut_ptr() as u64,
-        };
-        bpf(15, &mut get)?; // BPF_OBJ_GET_INFO_BY_FD
-        Ok(EmptyCgroupSkb {
-            _prog: prog,
-            _link: link,
-            id: u64::from(info[1]),
-        })
-    }
+/// A cgroup_skb program that only passes the packet, on the cgroup v2 root:
+/// the floor bpf_stats reports on that hook, and the hook's own price.
+fn empty_skb(root: &Path, egress: bool) -> anyhow::Result<EmptyProgram> {
+    let name = if egress {
+        "vigil_empty_out"
+    } else {
+        "vigil_empty_in"
+    };
+    EmptyProgram::attach(
+        name,
+        Hook::CgroupSkb {
+            cgroup: root,
+            egress,
+        },
+    )
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -626,8 +547,8 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
 
     // Kernel cost, capture on, next to the empty programs.
     let agent = Agent::start(bin, Capture::On)?;
-    let empty_in = EmptyCgroupSkb::attach(&root, false).context("empty ingress program")?;
-    let empty_out = EmptyCgroupSkb::attach(&root, true).context("empty egress program")?;
+    let empty_in = empty_skb(&root, false).context("empty ingress program")?;
+    let empty_out = empty_skb(&root, true).context("empty egress program")?;
     let measured = Measured {
         ids: [
             agent.program_id(PROG_IN)?,
@@ -698,10 +619,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             let agent = Agent::start(bin, mode)?;
             let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
             let empty = match mode {
-                Capture::Empty => Some((
-                    EmptyCgroupSkb::attach(&root, false)?,
-                    EmptyCgroupSkb::attach(&root, true)?,
-                )),
+                Capture::Empty => Some((empty_skb(&root, false)?, empty_skb(&root, true)?)),
                 Capture::On | Capture::Off => None,
             };
             if let Some((i, o)) = &empty {

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_capture;
 mod demo;
+mod empty_prog;
 mod fuzz;
 mod setup;
 

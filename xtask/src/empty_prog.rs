@@ -1,0 +1,148 @@
+//! Programs that do nothing, attached where Vigil's programs run: what
+//! bpf_stats reports for an empty run on this machine, the floor under every
+//! per-run cost the benchmarks print. Loaded with bpf(2) directly; dropping
+//! one closes both fds, which detaches and frees it.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{bail, Context};
+
+/// Where an empty program goes.
+pub enum Hook<'a> {
+    /// A BTF-less raw tracepoint, e.g. `kfree_skb` (`r0 = 0; exit`).
+    RawTracepoint(&'a str),
+    /// A cgroup_skb hook on a cgroup (`r0 = 1; exit`: pass the packet).
+    CgroupSkb { cgroup: &'a Path, egress: bool },
+}
+
+pub struct EmptyProgram {
+    _prog: OwnedFd,
+    _link: OwnedFd,
+    pub id: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+struct RawTpOpen {
+    name: u64,
+    prog_fd: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+#[repr(C)]
+struct InfoByFd {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+const BPF_PROG_LOAD: i64 = 5;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+
+/// bpf(2) with `attr`, a bpf_attr prefix laid out for `cmd`.
+fn bpf<T>(cmd: i64, attr: &mut T) -> anyhow::Result<i64> {
+    // SAFETY: attr is a live, correctly laid out bpf_attr prefix for `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        bail!("bpf({cmd}): {}", std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// bpf(2) for a command that returns a new fd.
+fn bpf_fd<T>(cmd: i64, attr: &mut T) -> anyhow::Result<OwnedFd> {
+    let fd = i32::try_from(bpf(cmd, attr)?).context("bpf(2) returned an out-of-range fd")?;
+    // SAFETY: the kernel just returned this new fd, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl EmptyProgram {
+    pub fn attach(name: &str, hook: Hook<'_>) -> anyhow::Result<EmptyProgram> {
+        let (prog_type, ret, attach_type) = match hook {
+            Hook::RawTracepoint(_) => (BPF_PROG_TYPE_RAW_TRACEPOINT, 0, 0),
+            // BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1.
+            Hook::CgroupSkb { egress, .. } => (BPF_PROG_TYPE_CGROUP_SKB, 1, u32::from(egress)),
+        };
+        // BPF_MOV64_IMM(R0, ret); BPF_EXIT_INSN()
+        let insns: [u8; 16] = [0xb7, 0, 0, 0, ret, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+        let license = c"GPL";
+        let mut prog_name = [0u8; 16];
+        let n = name.len().min(15);
+        prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let mut load = ProgLoad {
+            prog_type,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name,
+            expected_attach_type: attach_type,
+            ..ProgLoad::default()
+        };
+        let prog = bpf_fd(BPF_PROG_LOAD, &mut load)?;
+        let link = match hook {
+            Hook::RawTracepoint(tracepoint) => {
+                let tp = std::ffi::CString::new(tracepoint)?;
+                let mut open = RawTpOpen {
+                    name: tp.as_ptr() as u64,
+                    prog_fd: prog.as_raw_fd() as u32,
+                    _pad: 0,
+                };
+                bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut open)?
+            }
+            Hook::CgroupSkb { cgroup, .. } => {
+                let dir = std::fs::File::open(cgroup)
+                    .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                let mut create = LinkCreate {
+                    prog_fd: prog.as_raw_fd() as u32,
+                    target_fd: dir.as_raw_fd() as u32,
+                    attach_type,
+                    flags: 0,
+                };
+                bpf_fd(BPF_LINK_CREATE, &mut create)?
+            }
+        };
+        let mut info = [0u32; 2]; // bpf_prog_info starts with type, id
+        let mut get = InfoByFd {
+            bpf_fd: prog.as_raw_fd() as u32,
+            info_len: 8,
+            info: info.as_mut_ptr() as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+        Ok(EmptyProgram {
+            _prog: prog,
+            _link: link,
+            id: u64::from(info[1]),
+        })
+    }
+}
