@@ -685,10 +685,12 @@ fn render(
         out,
         "`vigil_http_in` ({HOOK_IN}) and `vigil_http_out` ({HOOK_OUT}) run on every packet of \
          every socket of the node (attached to the cgroup v2 root, {}). A packet without \
-         payload leaves after the TCP header; one with payload that does not start an HTTP \
-         message (first 8 bytes) costs a lookup of its socket's capture state and leaves; one \
-         that starts a message (or continues a header being read) has up to 2 KiB copied and \
-         scanned for `traceparent`, and a traced one is sent to the agent. Both ends of the \
+         payload leaves after the TCP header (read in place); one with payload costs a lookup \
+         of its socket's capture state: in the direction of the socket's last HTTP message it \
+         is that message's body and leaves unread; otherwise its first 8 bytes tell whether it \
+         starts a message. A message start (or a header being continued) has 512 bytes copied \
+         and scanned for `traceparent`, up to 2 KiB if the header goes on; the first message of \
+         a trace on a socket is sent to the agent. Both ends of the \
          testbed run on this node, so each request is seen leaving the client and entering the \
          origin, and each response leaving the origin and entering the client. `empty` is a \
          cgroup_skb program that only passes the packet, on the same hooks at the same time: \
