@@ -355,17 +355,15 @@ impl StateOwner {
                     self.enricher.attribute(&mut d.owner, key)
                 }
                 KernelEvent::Trace(t) => {
-                    let key = SocketKey::Connection {
-                        netns: t.netns,
-                        local: t.endpoints.local,
-                        remote: t.endpoints.remote,
-                    };
+                    let key = SocketKey::connection(t.netns, t.endpoints);
                     let who = self.enricher.attribute(&mut t.owner, key);
                     if t.owner.is_some() || !t.server_side() {
                         who
                     } else {
                         // A request that arrived before accept(): the socket
                         // has no owner yet; its listener's process takes it.
+                        // The kernel already does this for listeners it saw
+                        // open; this covers those older than the agent.
                         let key = SocketKey::Listener {
                             netns: t.netns,
                             port: t.endpoints.local.port(),
@@ -485,11 +483,7 @@ impl StateOwner {
         for e in batch {
             let (key, at, what) = match e {
                 KernelEvent::Retransmit(r) if r.counted_segments() > 0 => (
-                    ConnKey {
-                        netns: r.netns,
-                        local: r.endpoints.local,
-                        remote: r.endpoints.remote,
-                    },
+                    ConnKey::new(r.netns, r.endpoints),
                     r.ts_ns,
                     LedgerEvent::Retransmit {
                         segments: r.counted_segments(),
@@ -497,11 +491,7 @@ impl StateOwner {
                 ),
                 KernelEvent::Drop(d) => match d.endpoints {
                     Some(ep) if !d.at_listener() => (
-                        ConnKey {
-                            netns: d.netns,
-                            local: ep.local,
-                            remote: ep.remote,
-                        },
+                        ConnKey::new(d.netns, ep),
                         d.ts_ns,
                         LedgerEvent::Drop {
                             reason: health.reason_name(d.reason),
@@ -672,11 +662,7 @@ impl StateOwner {
                     listeners.push(who);
                 }
                 Sample::Connection(c) => {
-                    let key = SocketKey::Connection {
-                        netns: c.netns,
-                        local: c.endpoints.local,
-                        remote: c.endpoints.remote,
-                    };
+                    let key = SocketKey::connection(c.netns, c.endpoints);
                     let who = self.enricher.attribute(&mut c.owner, key);
                     connections.push(who);
                 }
@@ -723,15 +709,9 @@ impl StateOwner {
                         cap: l.queue_cap,
                     },
                 ),
-                Sample::Connection(c) => ledger.observe_connection(
-                    ConnKey {
-                        netns: c.netns,
-                        local: c.endpoints.local,
-                        remote: c.endpoints.remote,
-                    },
-                    now,
-                    c.srtt_us,
-                ),
+                Sample::Connection(c) => {
+                    ledger.observe_connection(ConnKey::new(c.netns, c.endpoints), now, c.srtt_us)
+                }
             }
         }
         ledger.expire(now);

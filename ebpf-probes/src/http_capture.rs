@@ -303,11 +303,19 @@ fn slot_of(sk: *mut bpf_sock, create: bool) -> Option<&'static mut TraceSlot> {
     } else {
         0
     };
-    // SAFETY: a full socket from bpf_sk_fullsock; the kernel zero-fills a new slot.
+    storage(sk.cast(), flags)
+}
+
+/// A socket's capture state. `sk`: a full socket the verifier knows as one
+/// (from bpf_sk_fullsock, or a tracepoint's typed argument); a created slot
+/// is zero-filled by the kernel.
+#[inline(always)]
+fn storage(sk: *mut c_void, flags: u64) -> Option<&'static mut TraceSlot> {
+    // SAFETY: as above; the helper returns NULL for anything else.
     let p = unsafe {
         bpf_sk_storage_get(
             ptr::addr_of!(VIGIL_TRACE_SLOTS).cast_mut().cast(),
-            sk.cast(),
+            sk,
             ptr::null_mut(),
             flags,
         )
@@ -768,27 +776,10 @@ fn emit(
     });
 }
 
-/// The capture state of a typed (BTF) socket pointer, if it has one.
-#[inline(always)]
-fn slot_of_traced(sk: *mut c_void) -> Option<&'static TraceSlot> {
-    // SAFETY: `sk` is a tracepoint's trusted socket argument; no creation.
-    let p = unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(VIGIL_TRACE_SLOTS).cast_mut().cast(),
-            sk,
-            ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<TraceSlot>();
-    // SAFETY: storage values live as long as the socket.
-    unsafe { p.as_ref() }
-}
-
 /// The trace context of the message `sk` is receiving or answering.
 #[inline(always)]
 pub fn current_stamp(sk: *mut c_void) -> TraceStamp {
-    match slot_of_traced(sk) {
+    match storage(sk, 0) {
         Some(slot) if slot.cur.valid == 1 => slot.cur.stamp,
         _ => TraceStamp::NONE,
     }
@@ -859,7 +850,7 @@ pub fn stamp_for(sk: *mut c_void, seq: u32, has_payload: bool) -> TraceStamp {
     if !has_payload {
         return TraceStamp::NONE;
     }
-    let Some(slot) = slot_of_traced(sk) else {
+    let Some(slot) = storage(sk, 0) else {
         return TraceStamp::NONE;
     };
     if slot.cur.valid == 1 && seq_ge(seq, slot.cur.boundary) {

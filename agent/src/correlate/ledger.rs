@@ -16,6 +16,16 @@ pub struct ConnKey {
     pub remote: SocketAddr,
 }
 
+impl ConnKey {
+    pub fn new(netns: u32, ep: crate::events::Endpoints) -> ConnKey {
+        ConnKey {
+            netns,
+            local: ep.local,
+            remote: ep.remote,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LedgerEvent {
     /// Segments the kernel counted in RetransSegs.

@@ -10,11 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    correlate::traceparent::TraceContext,
-    enrich::Identity,
-    events::{Message, TraceEvent},
-};
+use crate::{correlate::traceparent::TraceContext, enrich::Identity, events::TraceEvent};
 
 /// Connections and events kept per trace.
 const CONNECTIONS_PER_TRACE: usize = 64;
@@ -114,13 +110,12 @@ impl TraceIndex {
             t.omitted += 1;
             return;
         }
-        let server = e.sent == (e.message == Message::Response);
         t.connections.push(TraceConnection {
             cookie: e.cookie,
             netns: e.netns,
             local: e.endpoints.local,
             remote: e.endpoints.remote,
-            role: if server { "server" } else { "client" }.into(),
+            role: if e.server_side() { "server" } else { "client" }.into(),
             span_id: ctx.span_id_hex(),
             first_seen_unix_ns: at_unix_ns,
             pid: who.pid,
@@ -156,7 +151,7 @@ impl TraceIndex {
 mod tests {
     use super::*;
     use crate::correlate::traceparent::Stamp;
-    use crate::events::Endpoints;
+    use crate::events::{Endpoints, Message};
 
     fn ctx(n: u8) -> TraceContext {
         TraceContext {

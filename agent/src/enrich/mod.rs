@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use std::net::SocketAddr;
 
 use crate::{
-    events::{DropEvent, Owner, RetransmitEvent, RetransmitKind},
+    events::{DropEvent, Endpoints, Owner, RetransmitEvent, RetransmitKind},
     kube_pods::PodDirectory,
 };
 use cgroups::CgroupResolver;
@@ -54,13 +54,19 @@ pub enum SocketKey {
 }
 
 impl SocketKey {
+    pub fn connection(netns: u32, ep: Endpoints) -> SocketKey {
+        SocketKey::Connection {
+            netns,
+            local: ep.local,
+            remote: ep.remote,
+        }
+    }
+
     pub fn of_retransmit(e: &RetransmitEvent) -> SocketKey {
         match e.kind {
-            RetransmitKind::Segment | RetransmitKind::Unseen => SocketKey::Connection {
-                netns: e.netns,
-                local: e.endpoints.local,
-                remote: e.endpoints.remote,
-            },
+            RetransmitKind::Segment | RetransmitKind::Unseen => {
+                SocketKey::connection(e.netns, e.endpoints)
+            }
             // SYN-ACKs carry the request's tuple; the owner is the listener's.
             RetransmitKind::SynAck => SocketKey::Listener {
                 netns: e.netns,
@@ -75,11 +81,7 @@ impl SocketKey {
                 netns: e.netns,
                 port: ep.local.port(),
             },
-            Some(ep) => SocketKey::Connection {
-                netns: e.netns,
-                local: ep.local,
-                remote: ep.remote,
-            },
+            Some(ep) => SocketKey::connection(e.netns, ep),
             None => SocketKey::Unknown,
         }
     }
