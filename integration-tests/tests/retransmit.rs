@@ -16,8 +16,9 @@ use vigil_integration_tests::{
 /// agent reports deltas of the latter, plus a record at close for segments no
 /// tracepoint reported. Nothing else touches the fresh namespaces, and the
 /// test waits until their last live socket is gone before reading counters.
-/// Events lost on the way (ring full, read errors, recursion) would break
-/// equality, so they are asserted to be zero as well.
+/// Records lost to a full ring or a read error would make it unprovable, so
+/// they are asserted to be zero; probe runs the kernel skipped (recursion) are
+/// allowed, since their segments ride on the socket's next record.
 fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<()> {
     let name = format!(
         "{}{}{loss_percent}",
@@ -49,11 +50,29 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
     let server_ns = scenario.link.server.inode()?.to_string();
     let client_ns = scenario.link.client.inode()?.to_string();
     let text = wait_for_segments(&agent, &server_ns, server)?;
+    // A full ring or a failed read would mean this modest load outran the
+    // agent or a probe misreads the kernel: none allowed. A recursion miss is
+    // the kernel skipping the probe because a softirq retransmit interrupted
+    // it on the same CPU (rare, seen once in CI at 20% loss); the probe never
+    // ran, so the socket's baseline did not move and its next record or its
+    // close carries those segments: equality below must hold all the same.
+    let mut skipped = 0;
     for probe in ["retransmit", "synack_retransmit"] {
-        assert_eq!(
-            metric_sum(&text, "vigil_events_lost_total", &[("probe", probe)]),
-            0,
-            "no {probe} event lost (ring full, read error, recursion)"
+        for reason in ["ring_full", "read_error"] {
+            assert_eq!(
+                metric_sum(
+                    &text,
+                    "vigil_events_lost_total",
+                    &[("probe", probe), ("reason", reason)]
+                ),
+                0,
+                "no {probe} event lost ({reason})"
+            );
+        }
+        skipped += metric_sum(
+            &text,
+            "vigil_events_lost_total",
+            &[("probe", probe), ("reason", "recursion")],
         );
     }
     for (side, netns, kernel) in [
@@ -80,7 +99,7 @@ fn counts_match_kernel(v6: bool, loss_percent: u8, index: u8) -> anyhow::Result<
         events > 0 && events <= server,
         "events {events} <= segments {server}"
     );
-    eprintln!("v6={v6} loss={loss_percent}%: server {server} segments in {events} events, client {client}; equal to RetransSegs");
+    eprintln!("v6={v6} loss={loss_percent}%: server {server} segments in {events} events, client {client}; equal to RetransSegs ({skipped} probe runs skipped by the kernel)");
     Ok(())
 }
 
