@@ -65,6 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         kernel_debug_logs: config.probes.kernel_debug_logs,
         drop_reasons: config.probes.drop_reasons.clone(),
         cgroup_root: config.probes.cgroup_root.clone(),
+        capture_cgroups: config.correlate.capture_cgroups.clone(),
     })?;
     let maps = probes.take_maps()?;
     // After the ownership hooks are attached, so no socket falls between the two.
@@ -125,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stats: stats.clone(),
         batch_max_events: config.pipeline.batch_max_events,
         poll_interval: Duration::from_millis(config.pipeline.poll_interval_ms),
+        trace_sockets: config.probes.socket_table_entries as usize,
     };
     let source_task = tokio::spawn(source.run(stop_sources.clone()));
     if let Some(logger) = probes.kernel_logger.take() {

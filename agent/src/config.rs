@@ -62,8 +62,9 @@ pub struct ProbesConfig {
     /// `SKB_DROP_REASON_` prefix; a trailing `*` matches a prefix).
     pub drop_reasons: Vec<String>,
     /// Root of the node's cgroup v2 hierarchy, where the HTTP trace-context
-    /// capture attaches to see every socket. Unset: this process's cgroup2
-    /// mount (in a pod, mount the host's /sys/fs/cgroup).
+    /// capture attaches to see every socket (unless
+    /// `correlate.capture_cgroups` names other cgroups). Unset: this
+    /// process's cgroup2 mount (in a pod, mount the host's /sys/fs/cgroup).
     pub cgroup_root: Option<PathBuf>,
 }
 
@@ -186,6 +187,16 @@ pub struct CorrelateConfig {
     pub ledger_retention_secs: u64,
     /// Traces `vigil explain` can answer for (the least recently seen go first).
     pub trace_index_entries: usize,
+    /// cgroup v2 directories where the HTTP trace-context capture attaches,
+    /// each absolute (`/sys/fs/cgroup/kubepods.slice`) or relative to the
+    /// cgroup v2 root (`kubepods.slice/kubepods-burstable.slice`). A cgroup's
+    /// capture sees the sockets of every cgroup below it; sockets elsewhere
+    /// pay nothing for it, and their kernel events carry no trace ids. No
+    /// entry may be inside another (its packets would be captured twice);
+    /// one that is missing, outside the hierarchy or not a cgroup v2
+    /// directory stops the agent at start. Empty: the cgroup v2 root, every
+    /// socket of the node.
+    pub capture_cgroups: Vec<String>,
 }
 
 impl Default for CorrelateConfig {
@@ -195,6 +206,7 @@ impl Default for CorrelateConfig {
             ledger_events_per_connection: 256,
             ledger_retention_secs: 300,
             trace_index_entries: 4_096,
+            capture_cgroups: Vec::new(),
         }
     }
 }
@@ -373,6 +385,13 @@ impl Config {
                 return invalid(field, "must be at least 1".into());
             }
         }
+        if self.correlate.capture_cgroups.iter().any(String::is_empty) {
+            return invalid(
+                "correlate.capture_cgroups",
+                "an entry is empty; name a cgroup directory (the cgroup v2 root for every socket)"
+                    .into(),
+            );
+        }
         if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
             return invalid("sampler.interval_ms", "must be 10..=3600000".into());
         }
@@ -458,6 +477,13 @@ mod tests {
             .expect_err("zero interval")
             .to_string();
         assert!(err.contains("sampler.interval_ms"), "{err}");
+        let mut c = Config::default();
+        c.correlate.capture_cgroups = vec!["kubepods.slice".into(), String::new()];
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("empty capture cgroup")
+            .to_string();
+        assert!(err.contains("correlate.capture_cgroups"), "{err}");
     }
 
     #[test]

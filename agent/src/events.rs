@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use vigil_abi::{
-    DropRecord, EventKind, RetransmitRecord, SockOwner, SockTuple, TraceRecord, AF_INET, AF_INET6,
-    COUNT_UNKNOWN, DIR_SENT, MSG_REQUEST,
+    DropRecord, EventKind, RetransmitRecord, SockOwner, SockTuple, TraceRecord, TraceSocketRecord,
+    AF_INET, AF_INET6, COUNT_UNKNOWN, DIR_SENT, MSG_REQUEST,
 };
 
 use crate::correlate::traceparent::Stamp;
@@ -277,18 +277,56 @@ pub struct TraceEvent {
     pub owner: Option<Owner>,
 }
 
-impl TraceEvent {
-    pub fn decode(bytes: &[u8]) -> Result<TraceEvent, DecodeError> {
+/// A socket whose messages carry trace context: sent by the kernel once,
+/// ahead of its first `TraceMessage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceSocket {
+    pub cookie: u64,
+    pub sk_addr: u64,
+    pub netns: u32,
+    pub endpoints: Endpoints,
+    /// The socket's owner as the kernel recorded it.
+    pub owner: Option<Owner>,
+}
+
+impl TraceSocket {
+    pub fn decode(bytes: &[u8]) -> Result<TraceSocket, DecodeError> {
+        // SAFETY: TraceSocketRecord is plain old data, any bit pattern is valid.
+        let r: TraceSocketRecord = unsafe { record(bytes) }?;
+        if r.kind != EventKind::TraceSocket as u32 {
+            return Err(DecodeError::Kind(r.kind));
+        }
+        Ok(TraceSocket {
+            cookie: r.cookie,
+            sk_addr: r.sk_addr,
+            netns: r.netns,
+            endpoints: endpoints(&r.tuple)?,
+            owner: Owner::from_kernel(&r.owner),
+        })
+    }
+}
+
+/// A traced message as the kernel sends it: its socket only by cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceMessage {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub sent: bool,
+    pub message: Message,
+    pub boundary: u32,
+    pub trace: Stamp,
+}
+
+impl TraceMessage {
+    pub fn decode(bytes: &[u8]) -> Result<TraceMessage, DecodeError> {
         // SAFETY: TraceRecord is plain old data, any bit pattern is valid.
         let r: TraceRecord = unsafe { record(bytes) }?;
         if r.kind != EventKind::TraceContext as u32 {
             return Err(DecodeError::Kind(r.kind));
         }
-        Ok(TraceEvent {
+        Ok(TraceMessage {
             ts_ns: r.ts_ns,
             cookie: r.cookie,
-            sk_addr: r.sk_addr,
-            netns: r.netns,
             sent: (r.role & 0x0f) as u8 == DIR_SENT,
             message: if (r.role >> 4 & 0x0f) as u8 == MSG_REQUEST {
                 Message::Request
@@ -296,10 +334,26 @@ impl TraceEvent {
                 Message::Response
             },
             boundary: r.boundary,
-            endpoints: endpoints(&r.tuple)?,
             trace: Stamp::from_kernel(&r.stamp),
-            owner: Owner::from_kernel(&r.owner),
         })
+    }
+}
+
+impl TraceEvent {
+    /// A message with its socket.
+    pub fn join(m: TraceMessage, socket: &TraceSocket) -> TraceEvent {
+        TraceEvent {
+            ts_ns: m.ts_ns,
+            cookie: m.cookie,
+            sk_addr: socket.sk_addr,
+            netns: socket.netns,
+            sent: m.sent,
+            message: m.message,
+            boundary: m.boundary,
+            endpoints: socket.endpoints,
+            trace: m.trace,
+            owner: socket.owner.clone(),
+        }
     }
 
     /// The socket served the request (it received it, or sent the response).
@@ -316,9 +370,17 @@ pub enum KernelEvent {
     Trace(TraceEvent),
 }
 
-impl KernelEvent {
+/// Any record of the ring buffer, as decoded on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingRecord {
+    Event(KernelEvent),
+    TraceSocket(TraceSocket),
+    TraceMessage(TraceMessage),
+}
+
+impl RingRecord {
     /// Decodes a ring-buffer record by the kind at its start; never panics.
-    pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    pub fn decode(bytes: &[u8]) -> Result<RingRecord, DecodeError> {
         let kind = bytes
             .get(..4)
             .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
@@ -327,11 +389,60 @@ impl KernelEvent {
                 expected: 4,
             })?;
         if kind == EventKind::SocketDrop as u32 {
-            DropEvent::decode(bytes).map(KernelEvent::Drop)
+            DropEvent::decode(bytes).map(|e| RingRecord::Event(KernelEvent::Drop(e)))
         } else if kind == EventKind::TraceContext as u32 {
-            TraceEvent::decode(bytes).map(KernelEvent::Trace)
+            TraceMessage::decode(bytes).map(RingRecord::TraceMessage)
+        } else if kind == EventKind::TraceSocket as u32 {
+            TraceSocket::decode(bytes).map(RingRecord::TraceSocket)
         } else {
-            RetransmitEvent::decode(bytes).map(KernelEvent::Retransmit)
+            RetransmitEvent::decode(bytes).map(|e| RingRecord::Event(KernelEvent::Retransmit(e)))
+        }
+    }
+}
+
+/// Sockets announced by `TraceSocket` records, to join the `TraceMessage`s
+/// that follow with. Bounded without a clock: entries live in two
+/// generations, a hit moves an entry to the current one, and when the
+/// current one is full the previous one is forgotten. A socket that sent no
+/// traced message for two generations' worth of new sockets is gone; its
+/// next message cannot be placed (counted by the caller).
+pub struct TraceSockets {
+    current: std::collections::HashMap<u64, TraceSocket>,
+    previous: std::collections::HashMap<u64, TraceSocket>,
+    per_generation: usize,
+}
+
+impl TraceSockets {
+    /// Holds up to `capacity` sockets (at least 2).
+    pub fn new(capacity: usize) -> Self {
+        TraceSockets {
+            current: std::collections::HashMap::new(),
+            previous: std::collections::HashMap::new(),
+            per_generation: (capacity / 2).max(1),
+        }
+    }
+
+    pub fn insert(&mut self, socket: TraceSocket) {
+        self.previous.remove(&socket.cookie);
+        self.make_room();
+        self.current.insert(socket.cookie, socket);
+    }
+
+    /// The message with its socket, or None when the socket is unknown.
+    pub fn join(&mut self, m: TraceMessage) -> Option<TraceEvent> {
+        if let Some(s) = self.current.get(&m.cookie) {
+            return Some(TraceEvent::join(m, s));
+        }
+        let s = self.previous.remove(&m.cookie)?;
+        let e = TraceEvent::join(m, &s);
+        self.make_room();
+        self.current.insert(s.cookie, s);
+        Some(e)
+    }
+
+    fn make_room(&mut self) {
+        if self.current.len() >= self.per_generation {
+            self.previous = std::mem::take(&mut self.current);
         }
     }
 }
@@ -522,7 +633,9 @@ mod tests {
             )
             .to_vec()
         };
-        let KernelEvent::Drop(e) = KernelEvent::decode(&as_bytes(&d)).expect("decodes") else {
+        let RingRecord::Event(KernelEvent::Drop(e)) =
+            RingRecord::decode(&as_bytes(&d)).expect("decodes")
+        else {
             panic!("a drop record decodes as a drop");
         };
         assert!(e.at_listener());
@@ -537,17 +650,115 @@ mod tests {
         let e = DropEvent::decode(&as_bytes(&d)).expect("no socket still decodes");
         assert_eq!(e.endpoints, None);
         assert!(matches!(
-            KernelEvent::decode(&as_bytes(&d)[..50]),
+            RingRecord::decode(&as_bytes(&d)[..50]),
             Err(DecodeError::Size { .. })
         ));
         assert!(matches!(
-            KernelEvent::decode(&[4, 0]),
+            RingRecord::decode(&[4, 0]),
             Err(DecodeError::Size { .. })
         ));
         assert!(matches!(
-            KernelEvent::decode(&bytes(&record(1, AF_INET))),
-            Ok(KernelEvent::Retransmit(_))
+            RingRecord::decode(&bytes(&record(1, AF_INET))),
+            Ok(RingRecord::Event(KernelEvent::Retransmit(_)))
         ));
+    }
+
+    fn trace_records(cookie: u64) -> (Vec<u8>, Vec<u8>) {
+        let r = record(1, AF_INET);
+        let socket = TraceSocketRecord {
+            kind: EventKind::TraceSocket as u32,
+            netns: 7,
+            cookie,
+            sk_addr: 0xffff_2000,
+            tuple: r.tuple,
+            owner: r.owner,
+        };
+        let mut stamp = vigil_abi::TraceStamp::NONE;
+        stamp.present = 1;
+        let message = TraceRecord {
+            kind: EventKind::TraceContext as u32,
+            role: u32::from(vigil_abi::DIR_RECEIVED) | u32::from(MSG_REQUEST) << 4,
+            ts_ns: 11,
+            cookie,
+            boundary: 1234,
+            _pad: 0,
+            stamp,
+        };
+        // SAFETY: reading repr(C) POD values as bytes.
+        unsafe {
+            (
+                std::slice::from_raw_parts(
+                    (&socket as *const TraceSocketRecord).cast::<u8>(),
+                    std::mem::size_of_val(&socket),
+                )
+                .to_vec(),
+                std::slice::from_raw_parts(
+                    (&message as *const TraceRecord).cast::<u8>(),
+                    std::mem::size_of_val(&message),
+                )
+                .to_vec(),
+            )
+        }
+    }
+
+    #[test]
+    fn trace_messages_join_their_announced_socket() {
+        let (socket, message) = trace_records(42);
+        let Ok(RingRecord::TraceSocket(s)) = RingRecord::decode(&socket) else {
+            panic!("a socket record decodes as one");
+        };
+        let Ok(RingRecord::TraceMessage(m)) = RingRecord::decode(&message) else {
+            panic!("a message record decodes as one");
+        };
+        let mut sockets = TraceSockets::new(4);
+        assert_eq!(sockets.join(m.clone()), None, "unknown before its socket");
+        sockets.insert(s);
+        let e = sockets.join(m).expect("joined");
+        assert_eq!(
+            (e.cookie, e.sk_addr, e.netns, e.boundary),
+            (42, 0xffff_2000, 7, 1234)
+        );
+        assert_eq!(e.endpoints.local, "198.18.1.1:8080".parse().expect("addr"));
+        assert!(e.server_side(), "received a request");
+        assert_eq!(e.owner.expect("owner").comm, "origin");
+        assert!(matches!(
+            RingRecord::decode(&message[..40]),
+            Err(DecodeError::Size { .. })
+        ));
+    }
+
+    #[test]
+    fn trace_sockets_forget_the_least_recently_used_generation() {
+        let mut sockets = TraceSockets::new(4);
+        let socket = |cookie| {
+            let Ok(RingRecord::TraceSocket(s)) = RingRecord::decode(&trace_records(cookie).0)
+            else {
+                panic!("decodes");
+            };
+            s
+        };
+        let message = |cookie| {
+            let Ok(RingRecord::TraceMessage(m)) = RingRecord::decode(&trace_records(cookie).1)
+            else {
+                panic!("decodes");
+            };
+            m
+        };
+        for cookie in 1..=3 {
+            sockets.insert(socket(cookie));
+        }
+        // Generations of 2: {1, 2} went to the previous one when 3 came.
+        assert!(sockets.join(message(1)).is_some(), "promoted back");
+        for cookie in 4..=5 {
+            sockets.insert(socket(cookie));
+        }
+        assert!(
+            sockets.join(message(2)).is_none(),
+            "two generations without a message"
+        );
+        for cookie in [1, 4, 5] {
+            assert!(sockets.join(message(cookie)).is_some(), "socket {cookie}");
+        }
     }
 
     /// Found by the ring_record fuzz target: negating i32::MIN overflowed.

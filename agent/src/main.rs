@@ -95,6 +95,11 @@ struct AgentArgs {
     /// Do not attach this hook (repeatable); see `vigil hooks` for names.
     #[arg(long = "disable-hook", value_name = "HOOK")]
     disable_hooks: Vec<String>,
+    /// Attach the HTTP trace-context capture to this cgroup v2 directory
+    /// (repeatable; absolute, or relative to the cgroup v2 root) instead of
+    /// the root; added to correlate.capture_cgroups.
+    #[arg(long = "capture-cgroup", value_name = "PATH")]
+    capture_cgroups: Vec<String>,
     /// Let the kernel programs' debug messages through to the log (slow).
     #[arg(long)]
     kernel_debug_logs: bool,
@@ -154,6 +159,10 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
         .probes
         .disable_hooks
         .extend(args.disable_hooks.iter().cloned());
+    config
+        .correlate
+        .capture_cgroups
+        .extend(args.capture_cgroups.iter().cloned());
     config.probes.kernel_debug_logs |= args.kernel_debug_logs;
     if let Some(node) = &args.node_name {
         config.agent.node_name = Some(node.clone());

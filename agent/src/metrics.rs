@@ -38,6 +38,8 @@ pub struct PipelineStats {
     pub received_drop: AtomicU64,
     pub received_trace: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// Traced messages whose socket record the agent never got or forgot.
+    pub trace_unplaced: AtomicU64,
     pub channel_dropped: AtomicU64,
     pub sampler_passes: AtomicU64,
     pub sampler_errors: AtomicU64,
@@ -474,6 +476,13 @@ impl Registry {
             "Ring-buffer records that could not be decoded.",
         );
         x.sample(name, &[], stats.decode_errors.load(Ordering::Relaxed));
+        let name = "vigil_trace_messages_unplaced_total";
+        x.family(
+            name,
+            "counter",
+            "Traced messages dropped because the agent did not know their socket: its announcement was lost (ring full) or forgotten (more traced sockets than probes.socket_table_entries).",
+        );
+        x.sample(name, &[], stats.trace_unplaced.load(Ordering::Relaxed));
         let name = "vigil_event_attributions_total";
         x.family(
             name,

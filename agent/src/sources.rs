@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    events::{KernelEvent, RetransmitKind},
+    events::{KernelEvent, RetransmitKind, RingRecord, TraceSockets},
     metrics::PipelineStats,
 };
 
@@ -25,6 +25,8 @@ pub struct RingSource {
     /// Drain this often even without a wakeup (the kernel wakes the agent only
     /// for large backlogs).
     pub poll_interval: std::time::Duration,
+    /// Sockets of traced messages remembered for joining (see `TraceSockets`).
+    pub trace_sockets: usize,
 }
 
 impl RingSource {
@@ -36,7 +38,14 @@ impl RingSource {
             stats,
             batch_max_events,
             poll_interval,
+            trace_sockets,
         } = self;
+        let mut drain = Drain {
+            tx,
+            stats,
+            batch_max: batch_max_events,
+            sockets: TraceSockets::new(trace_sockets),
+        };
         let mut tick = tokio::time::interval(poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fd = readable(ring)?;
@@ -45,71 +54,84 @@ impl RingSource {
                 () = stop.cancelled() => break,
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
+                    drain.run(guard.get_inner_mut());
                     // A wakeup that raced the drain above is erased by clear_ready;
                     // drain once more after it so those records do not wait a tick.
                     guard.clear_ready();
-                    drain(guard.get_inner_mut(), &tx, &stats, batch_max_events);
+                    drain.run(guard.get_inner_mut());
                 }
-                _ = tick.tick() => drain(fd.get_mut(), &tx, &stats, batch_max_events),
+                _ = tick.tick() => drain.run(fd.get_mut()),
             }
         }
-        drain(fd.get_mut(), &tx, &stats, batch_max_events);
+        drain.run(fd.get_mut());
         debug!("ring source stopped");
         Ok(())
     }
 }
 
-fn send(tx: &mpsc::Sender<Batch>, stats: &PipelineStats, batch: Batch) {
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len() as u64;
-    if let Err(e) = tx.try_send(batch) {
-        stats.channel_dropped.fetch_add(n, Ordering::Relaxed);
-        if matches!(e, mpsc::error::TrySendError::Full(_)) {
-            warn!(events = n, "state owner is behind; dropped a batch of events (counted in vigil_events_dropped_total)");
-        }
-    }
+/// Decodes the ring's records into batches for the state owner.
+struct Drain {
+    tx: mpsc::Sender<Batch>,
+    stats: Arc<PipelineStats>,
+    batch_max: usize,
+    sockets: TraceSockets,
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<Batch>,
-    stats: &PipelineStats,
-    batch_max: usize,
-) {
-    let mut batch = Vec::with_capacity(batch_max);
-    while let Some(item) = ring.next() {
-        match KernelEvent::decode(&item) {
-            Ok(e) => {
-                let counter = match &e {
-                    KernelEvent::Retransmit(r) => match r.kind {
-                        RetransmitKind::Segment | RetransmitKind::Unseen => {
-                            &stats.received_retransmit
-                        }
-                        RetransmitKind::SynAck => &stats.received_synack,
-                    },
-                    KernelEvent::Drop(_) => &stats.received_drop,
-                    KernelEvent::Trace(_) => &stats.received_trace,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                batch.push(e);
-            }
-            Err(err) => {
-                stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                debug!(error = %err, "undecodable ring record");
-            }
+impl Drain {
+    fn send(&self, batch: Batch) {
+        if batch.is_empty() {
+            return;
         }
-        if batch.len() >= batch_max {
-            send(
-                tx,
-                stats,
-                std::mem::replace(&mut batch, Vec::with_capacity(batch_max)),
-            );
+        let n = batch.len() as u64;
+        if let Err(e) = self.tx.try_send(batch) {
+            self.stats.channel_dropped.fetch_add(n, Ordering::Relaxed);
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                warn!(events = n, "state owner is behind; dropped a batch of events (counted in vigil_events_dropped_total)");
+            }
         }
     }
-    send(tx, stats, batch);
+
+    fn run(&mut self, ring: &mut RingBuf<MapData>) {
+        let stats = Arc::clone(&self.stats);
+        let mut batch = Vec::with_capacity(self.batch_max);
+        while let Some(item) = ring.next() {
+            let event = match RingRecord::decode(&item) {
+                Ok(RingRecord::Event(e)) => Some(e),
+                Ok(RingRecord::TraceSocket(s)) => {
+                    self.sockets.insert(s);
+                    None
+                }
+                Ok(RingRecord::TraceMessage(m)) => {
+                    let joined = self.sockets.join(m).map(KernelEvent::Trace);
+                    if joined.is_none() {
+                        stats.trace_unplaced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    joined
+                }
+                Err(err) => {
+                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %err, "undecodable ring record");
+                    None
+                }
+            };
+            let Some(e) = event else { continue };
+            let counter = match &e {
+                KernelEvent::Retransmit(r) => match r.kind {
+                    RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
+                    RetransmitKind::SynAck => &stats.received_synack,
+                },
+                KernelEvent::Drop(_) => &stats.received_drop,
+                KernelEvent::Trace(_) => &stats.received_trace,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            batch.push(e);
+            if batch.len() >= self.batch_max {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_max));
+                self.send(full);
+            }
+        }
+        self.send(batch);
+    }
 }
 
 /// Registers a ring buffer (or what wraps one) with the runtime for readiness.

@@ -47,9 +47,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use vigil_abi::{
-    CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSpan, TraceStamp,
-    CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE, TRACEPARENT_LEN,
-    TRACE_CARRY,
+    CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSocketRecord,
+    TraceSpan, TraceStamp, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE,
+    SOCKET_ANNOUNCED, TRACEPARENT_LEN, TRACE_CARRY,
 };
 
 use crate::{
@@ -66,8 +66,6 @@ const FIRST_READ: usize = 512;
 /// can be masked into bounds (what the verifier checks).
 const BUF: usize = 8192;
 const MASK: usize = BUF - 1;
-/// Words of 8 bytes covering a carried line and a segment window.
-const WORDS: usize = (TRACE_CARRY + WINDOW) / 8 + 1;
 /// Masks a word's offset so its 8 bytes stay in the buffer.
 const WORD_MASK: usize = BUF / 2 - 1;
 /// Header bytes read per message before giving up on it.
@@ -454,12 +452,20 @@ fn scan_into(
     } else {
         0
     };
-    // Fixed-length copies: a data-dependent loop end would split the
-    // verifier's walk into one path per length.
-    let mut k = 0;
-    while k < TRACE_CARRY {
-        buf[k] = slot.carry[k];
-        k += 1;
+    // Fixed-length copies, a word at a time: a data-dependent loop end
+    // would split the verifier's walk into one path per length.
+    if carry > 0 {
+        let mut k = 0;
+        while k < TRACE_CARRY {
+            // SAFETY: k + 8 <= TRACE_CARRY: inside both arrays.
+            unsafe {
+                ptr::write_unaligned(
+                    buf.as_mut_ptr().add(k).cast::<u64>(),
+                    ptr::read_unaligned(slot.carry.as_ptr().add(k).cast::<u64>()),
+                )
+            };
+            k += 8;
+        }
     }
     // Most headers fit in the first FIRST_READ bytes: read those, and the
     // rest of the window only when the header goes on (copying is the cost).
@@ -522,7 +528,7 @@ fn scan_into(
             slot.cur.stamp.present = 1;
             count(CaptureOutcome::Traced);
             if !same {
-                emit(ctx, sk, dir, kind, boundary, &slot.cur.stamp);
+                emit(ctx, sk, slot, dir, kind, boundary);
             }
         }
         Scan::End => {
@@ -584,6 +590,8 @@ enum Line {
 #[repr(C)]
 struct ScanState {
     n: u64,
+    /// Where the search for the next newline resumes.
+    at: u64,
     outcome: u64,
     value_at: u64,
     /// 1 + start of a line that ended with the data, unfinished (0: none).
@@ -593,56 +601,82 @@ const STEP_MORE: u64 = 0;
 const STEP_FOUND: u64 = 1;
 const STEP_END: u64 = 2;
 
-/// One 8-byte word of the scan: each newline in it starts a line to check.
-/// Returns 1 to stop the loop.
-extern "C" fn scan_step(index: u64, ctx: *mut c_void) -> i64 {
+/// 8-byte words a scan step searches for the next newline: a typical
+/// header line fits, so a step is about a line.
+const STEP_WORDS: usize = 8;
+/// Steps that surely cover `TRACE_CARRY + WINDOW` bytes: a step either
+/// passes a newline that ends a line of at least two bytes (a shorter one
+/// is the blank line that ends the scan) or searches `STEP_WORDS` words.
+const SCAN_STEPS: u32 = ((TRACE_CARRY + WINDOW) / 2 + 2) as u32;
+
+/// One header line of the scan: finds the next newline from `at`, a word
+/// at a time, and checks the line after it. Returns 1 to stop the loop.
+extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `scan` gave it: the scratch
     // value this program holds for the whole loop.
     let scratch = unsafe { &mut **ctx.cast::<*mut Scratch>() };
     let (state, buf) = (&mut scratch.scan, &scratch.buf);
-    let n = state.n as usize;
-    if n > TRACE_CARRY + WINDOW {
+    let (n, at) = (state.n as usize, state.at as usize);
+    if n > TRACE_CARRY + WINDOW || at >= n {
         return 1;
     }
-    let base = index as usize * 8;
-    if index as usize >= WORDS || base >= n {
-        return 1;
+    let mut newline = BUF;
+    let mut w = 0;
+    while w < STEP_WORDS {
+        let base = at + w * 8;
+        // SAFETY: `base & WORD_MASK` + 8 stays inside the BUF-byte buffer
+        // (`base` stays below BUF / 2 anyway: n is at most 2144).
+        let x = unsafe { ptr::read_unaligned(buf.as_ptr().add(base & WORD_MASK).cast::<u64>()) };
+        let m = newline_mask(x);
+        if m != 0 {
+            newline = base + first_flagged(m);
+            break;
+        }
+        w += 1;
     }
-    // SAFETY: `base & WORD_MASK` + 8 stays inside the BUF-byte buffer.
-    let x = unsafe { ptr::read_unaligned(buf.as_ptr().add(base & WORD_MASK).cast::<u64>()) };
-    if !has_newline(x) {
+    if newline == BUF {
+        state.at = (at + STEP_WORDS * 8) as u64;
         return 0;
     }
-    let mut j = 0;
-    while j < 8 {
-        let i = base + j;
-        if i < n && buf[i & MASK] == b'\n' {
-            match check_line(buf, i + 1, n) {
-                Line::Found(v) => {
-                    state.outcome = STEP_FOUND;
-                    state.value_at = v as u64;
-                    return 1;
-                }
-                Line::End => {
-                    state.outcome = STEP_END;
-                    return 1;
-                }
-                Line::Open => state.open_line = (i + 2) as u64,
-                Line::Other => {}
-            }
-        }
-        j += 1;
+    // Bytes from `n` on are stale: a newline there is past the data.
+    if newline >= n {
+        state.at = n as u64;
+        return 1;
     }
-    0
+    state.at = (newline + 1) as u64;
+    match check_line(buf, newline + 1, n) {
+        Line::Found(v) => {
+            state.outcome = STEP_FOUND;
+            state.value_at = v as u64;
+            1
+        }
+        Line::End => {
+            state.outcome = STEP_END;
+            1
+        }
+        Line::Open => {
+            state.open_line = (newline + 2) as u64;
+            0
+        }
+        Line::Other => 0,
+    }
 }
 
-/// Whether any byte of `x` is `\n` (may also flag a byte after a real one,
-/// never misses one; the bytes are checked one by one after).
+/// High bit of each byte of `x` that is `\n`, and possibly of bytes above
+/// one that is (a borrow runs upwards): the lowest flagged byte is exact.
 #[inline(always)]
-fn has_newline(x: u64) -> bool {
+fn newline_mask(x: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     let v = x ^ (ONES * u64::from(b'\n'));
-    v.wrapping_sub(ONES) & !v & (ONES << 7) != 0
+    v.wrapping_sub(ONES) & !v & (ONES << 7)
+}
+
+/// Index (0..8, lowest address first) of the lowest byte flagged in `m`:
+/// its bit is 8k + 7; shifting a byte ladder by 8k brings k to the top.
+#[inline(always)]
+fn first_flagged(m: u64) -> usize {
+    let low = m & m.wrapping_neg();
+    ((low >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
 }
 
 /// Looks at the header line starting at `s` (just after a newline).
@@ -699,10 +733,10 @@ fn scan(scratch: &mut Scratch, n: usize, at_line: bool) -> Scan {
             Line::Other => {}
         }
     }
-    // Eight bytes per step: only words holding a newline are looked into.
-    // bpf_loop has the verifier check one step, not every iteration.
+    // A step per line: the verifier checks one step, not every iteration.
     scratch.scan = ScanState {
         n: n as u64,
+        at: 0,
         outcome: STEP_MORE,
         value_at: 0,
         open_line: first_open,
@@ -711,7 +745,7 @@ fn scan(scratch: &mut Scratch, n: usize, at_line: bool) -> Scan {
     // SAFETY: `scan_step` is a BPF function; `handle` outlives the call.
     unsafe {
         bpf_loop(
-            WORDS as u32,
+            SCAN_STEPS,
             scan_step as *mut c_void,
             ptr::addr_of_mut!(handle).cast(),
             0,
@@ -732,48 +766,74 @@ fn scan(scratch: &mut Scratch, n: usize, at_line: bool) -> Scan {
     }
 }
 
-/// Tells the agent which trace a socket's message belonged to.
+/// Tells the agent which trace a socket's message belonged to; the first
+/// time, who and where the socket is.
 #[inline(always)]
 fn emit(
     ctx: &SkBuffContext,
     sk: *mut bpf_sock,
+    slot: &mut TraceSlot,
     dir: u8,
     kind: u8,
     boundary: u32,
-    stamp: &TraceStamp,
 ) {
-    let Some(l) = layout() else { return };
-    // The verifier forbids arithmetic on a socket pointer but allows field
-    // reads through the same socket as a BTF-typed `tcp_sock`.
-    // SAFETY: helper on a full socket; NULL when it is not TCP.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-    if tp.is_null() {
-        return;
+    // SAFETY: the skb context, whose socket the helper reads.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if slot.msg_seen & SOCKET_ANNOUNCED == 0 {
+        // A request can arrive before accept(), while the connection has no
+        // owner yet: its listener's process is about to take it.
+        let at_listener = dir == DIR_RECEIVED && kind == MSG_REQUEST;
+        if !matches!(announce(ctx, sk, cookie, at_listener), Ok(true)) {
+            // The agent could not place the message without its socket.
+            return;
+        }
+        slot.msg_seen |= SOCKET_ANNOUNCED;
     }
-    let addr = tp as u64;
+    let stamp = &slot.cur.stamp;
     let _ = submit_in_place(LossSlot::TraceContext, |r: &mut TraceRecord| {
         r.kind = EventKind::TraceContext as u32;
         r.role = u32::from(dir) | u32::from(kind) << 4;
         // SAFETY: plain helper call without arguments.
         r.ts_ns = unsafe { bpf_ktime_get_ns() };
-        // SAFETY: the skb context, whose socket the helper reads.
-        r.cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        r.cookie = cookie;
+        r.boundary = boundary;
+        r.stamp = *stamp;
+        Ok(())
+    });
+}
+
+/// The socket's endpoints and owner, once per socket.
+#[inline(always)]
+fn announce(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    cookie: u64,
+    at_listener: bool,
+) -> Result<bool, i64> {
+    let Some(l) = layout() else { return Ok(false) };
+    // The verifier forbids arithmetic on a socket pointer but allows field
+    // reads through the same socket as a BTF-typed `tcp_sock`.
+    // SAFETY: helper on a full socket; NULL when it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return Ok(false);
+    }
+    let addr = tp as u64;
+    submit_in_place(LossSlot::TraceContext, |r: &mut TraceSocketRecord| {
+        r.kind = EventKind::TraceSocket as u32;
+        r.cookie = cookie;
         r.sk_addr = addr;
         r.netns = netns_inode(&l, addr)?;
-        r.boundary = boundary;
         r.tuple = tuple(&l, addr)?;
         // Recorded in process context at connect/listen/accept.
         // SAFETY: the value is copied out before the map can change it.
         match unsafe { VIGIL_SOCKS.get(addr) } {
             Some(state) => r.owner = state.owner,
-            // A request can arrive before accept(), while the connection has
-            // no owner yet: its listener's process is about to take it.
-            None if dir == DIR_RECEIVED && kind == MSG_REQUEST => r.owner = listener_owner(ctx),
+            None if at_listener => r.owner = listener_owner(ctx),
             None => {}
         }
-        r.stamp = *stamp;
         Ok(())
-    });
+    })
 }
 
 /// The trace context of the message `sk` is receiving or answering.

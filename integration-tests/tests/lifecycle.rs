@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use vigil_integration_tests::{bpf_available, wait_for, Agent};
+use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, TestCgroup};
 
 /// Whether bpftool still finds the object the agent logged as `kind`.
 fn bpftool_shows(kind: &str, id: u64) -> bool {
@@ -147,6 +147,35 @@ fn two_signals_in_a_row_still_exit_cleanly() -> anyhow::Result<()> {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid())?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+    assert_clean_exit(&mut agent)?;
+    assert_all_gone(&objects)
+}
+
+/// Capture on two cgroups (`correlate.capture_cgroups`, one entry relative,
+/// one absolute): one link per capture program and cgroup, each reported,
+/// and every one gone after exit.
+#[test]
+fn capture_links_on_every_listed_cgroup_are_released() -> anyhow::Result<()> {
+    if !bpf_available("capture_links_on_every_listed_cgroup_are_released") {
+        return Ok(());
+    }
+    let base = format!("vigil-it-{}", tag("lccap"));
+    let a = TestCgroup::create(&format!("{base}/a"))?;
+    let b = TestCgroup::create(&format!("{base}/b"))?;
+    let config = format!(
+        "[correlate]\ncapture_cgroups = [{:?}, {:?}]\n",
+        a.rel.trim_start_matches('/'),
+        b.dir.display().to_string()
+    );
+    let (mut agent, _config) = Agent::start_with_config("lifecycle-capture.toml", &config, &[])?;
+    let objects = objects_of(&agent)?;
+    for program in ["vigil_http_in", "vigil_http_out"] {
+        let links = objects
+            .iter()
+            .filter(|(kind, _, name)| kind == "link" && name == program)
+            .count();
+        assert_eq!(links, 2, "{program}: a link per listed cgroup: {objects:?}");
+    }
     assert_clean_exit(&mut agent)?;
     assert_all_gone(&objects)
 }

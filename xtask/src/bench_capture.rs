@@ -12,8 +12,14 @@
 //!   `traceparent` on every request: per run, and per HTTP request (both
 //!   programs' time over the requests completed).
 //! - Throughput of the same HTTP traffic with the agent running with capture
-//!   on, with `--disable-hook` for both hooks (off), and off with the empty
-//!   programs on both hooks (the hooks' own price), in rotating order.
+//!   on, with capture on the origin's cgroup only (`--capture-cgroup`: the
+//!   load generator's sockets are not captured), with `--disable-hook` for
+//!   both hooks (off), and off with the empty programs on both hooks (the
+//!   hooks' own price), in rotating order.
+//!
+//! The origins run in a cgroup of their own below the cgroup v2 root in
+//! every mode (created here, removed at the end); the load generator stays in
+//! this process's cgroup.
 
 use std::{
     fmt::Write as _,
@@ -45,6 +51,8 @@ const METRICS_ADDR: &str = "127.0.0.1:19040";
 const BULK_PORT: u16 = 19082;
 /// Keep-alive connections of the load generator.
 const CONNECTIONS: u32 = 8;
+/// The origins' cgroup, below the cgroup v2 root.
+const ORIGIN_CGROUP: &str = "vigil-bench-origin";
 const HOOK_IN: &str = "cgroup_skb/ingress";
 const HOOK_OUT: &str = "cgroup_skb/egress";
 const PROG_IN: &str = "vigil_http_in";
@@ -70,11 +78,14 @@ const WORKLOADS: [Workload; 2] = [
     },
 ];
 
-/// How the node runs during a throughput run.
+/// How the node runs during a throughput run (in `MODES` order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Capture {
     /// The agent with every hook.
     On,
+    /// The agent with every hook, capture attached to the origins' cgroup
+    /// only: each request is read where it is served, not where it is sent.
+    OriginOnly,
     /// The agent with both capture hooks disabled.
     Off,
     /// As `Off`, plus the empty cgroup_skb programs: what the hooks cost
@@ -82,12 +93,18 @@ enum Capture {
     Empty,
 }
 
-const MODES: [Capture; 3] = [Capture::On, Capture::Off, Capture::Empty];
+const MODES: [Capture; 4] = [
+    Capture::On,
+    Capture::OriginOnly,
+    Capture::Off,
+    Capture::Empty,
+];
 
 impl Capture {
     fn label(self) -> &'static str {
         match self {
             Capture::On => "on",
+            Capture::OriginOnly => "on, origin's cgroup only",
             Capture::Off => "off",
             Capture::Empty => "off + empty programs",
         }
@@ -95,6 +112,56 @@ impl Capture {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    fn captures(self) -> bool {
+        matches!(self, Capture::On | Capture::OriginOnly)
+    }
+}
+
+/// A cgroup below the cgroup v2 root for the origins, removed on drop (once
+/// its processes are gone).
+struct OriginCgroup {
+    dir: PathBuf,
+}
+
+impl OriginCgroup {
+    fn create(root: &Path) -> anyhow::Result<OriginCgroup> {
+        let dir = root.join(ORIGIN_CGROUP);
+        match std::fs::create_dir(&dir) {
+            // Left by an interrupted run: empty, or its origins would still run.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.with_context(|| format!("creating cgroup {}", dir.display()))?,
+        }
+        Ok(OriginCgroup { dir })
+    }
+
+    /// `cmd` behind a shell that first moves itself into this cgroup; `exec`
+    /// keeps the pid, so every socket the program opens belongs to it.
+    fn command(&self, cmd: &Command) -> Command {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec \"$@\"",
+                self.dir.join("cgroup.procs").display()
+            ))
+            .arg("sh")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        sh
+    }
+}
+
+impl Drop for OriginCgroup {
+    fn drop(&mut self) {
+        // The kernel empties a cgroup a moment after its last process exits.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("bench: cannot remove cgroup {}", self.dir.display());
     }
 }
 
@@ -105,7 +172,8 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path, capture: Capture) -> anyhow::Result<Agent> {
+    /// `origin_cgroup`: where capture attaches in `Capture::OriginOnly`.
+    fn start(bin: &Path, capture: Capture, origin_cgroup: &Path) -> anyhow::Result<Agent> {
         let log = std::env::temp_dir().join("vigil-bench-capture-agent.log");
         let stderr =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -113,8 +181,14 @@ impl Agent {
         cmd.args(["agent", "--metrics-addr", METRICS_ADDR])
             .stdout(Stdio::null())
             .stderr(stderr);
-        if capture != Capture::On {
-            cmd.args(["--disable-hook", HOOK_IN, "--disable-hook", HOOK_OUT]);
+        match capture {
+            Capture::On => {}
+            Capture::OriginOnly => {
+                cmd.arg("--capture-cgroup").arg(origin_cgroup);
+            }
+            Capture::Off | Capture::Empty => {
+                cmd.args(["--disable-hook", HOOK_IN, "--disable-hook", HOOK_OUT]);
+            }
         }
         // No OTLP export or span receiver: the agent under test only measures.
         for (key, _) in std::env::vars_os() {
@@ -128,9 +202,10 @@ impl Agent {
         };
         let metrics: SocketAddr = METRICS_ADDR.parse()?;
         // The socket iterator is the last program the agent loads.
-        let wanted: &[&str] = match capture {
-            Capture::On => &[PROG_IN, PROG_OUT, "vigil_sock_iter"],
-            Capture::Off | Capture::Empty => &["vigil_sock_iter"],
+        let wanted: &[&str] = if capture.captures() {
+            &[PROG_IN, PROG_OUT, "vigil_sock_iter"]
+        } else {
+            &["vigil_sock_iter"]
         };
         let mut exited = None;
         let ready = wait_until("the agent", || {
@@ -160,7 +235,7 @@ impl Agent {
             )
         })?;
         let names: Vec<String> = agent.programs()?.into_iter().map(|p| p.1).collect();
-        if capture != Capture::On && names.iter().any(|n| n == PROG_IN || n == PROG_OUT) {
+        if !capture.captures() && names.iter().any(|n| n == PROG_IN || n == PROG_OUT) {
             bail!("--disable-hook left a capture program loaded: {names:?}");
         }
         Ok(agent)
@@ -504,6 +579,19 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// Message headers the agent's capture read with a `traceparent` so far.
+fn traced(metrics: &str) -> u64 {
+    metric_sum(
+        metrics,
+        "vigil_http_capture_messages_total",
+        &[("outcome", "traced")],
+    )
+}
+
+/// Throughput runs of one workload, per mode (in `MODES` order): each with
+/// the agent's CPU seconds.
+type ModeRuns = [Vec<(LoadRun, f64)>; MODES.len()];
+
 /// Kernel cost of one kind of traffic: capture and empty programs, both hooks.
 struct CostRow {
     traffic: String,
@@ -520,18 +608,14 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     };
     let root = cgroup2_root()?;
     let load_at_start = load_average();
+    let origin_cgroup = OriginCgroup::create(&root)?;
     let link = LinkPair::create("benchcap", LINK_INDEX)?;
     let mut origins = Vec::new();
     for w in &WORKLOADS {
         let addr = SocketAddr::new(link.server_addr(false), w.port);
-        let (origin, _) = spawn_origin(
-            link.server
-                .command(bin.join("vigil-origin"))
-                .args(["--segment-bytes", &w.segment_bytes.to_string()]),
-            addr,
-            2,
-            3600,
-        )?;
+        let mut origin = link.server.command(bin.join("vigil-origin"));
+        origin.args(["--segment-bytes", &w.segment_bytes.to_string()]);
+        let (origin, _) = spawn_origin(&mut origin_cgroup.command(&origin), addr, 2, 3600)?;
         origins.push(origin);
     }
     let mut foreign: Vec<String> = Vec::new();
@@ -546,7 +630,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     };
 
     // Kernel cost, capture on, next to the empty programs.
-    let agent = Agent::start(bin, Capture::On)?;
+    let agent = Agent::start(bin, Capture::On, &origin_cgroup.dir)?;
     let empty_in = empty_skb(&root, false).context("empty ingress program")?;
     let empty_out = empty_skb(&root, true).context("empty egress program")?;
     let measured = Measured {
@@ -575,13 +659,6 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     });
     let mut per_request = Vec::new();
     for w in &WORKLOADS {
-        let traced = |text: &str| {
-            metric_sum(
-                text,
-                "vigil_http_capture_messages_total",
-                &[("outcome", "traced")],
-            )
-        };
         let traced_before = traced(&scrape(metrics)?);
         let before = measured.snapshot()?;
         let load = run_loadgen(&link, bin, w, secs)?;
@@ -609,18 +686,18 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     // whose clock reads would add to every run of a program.
     let stats_paused = StatsPaused::pause()?;
     // runs[workload][mode] = (run, agent CPU seconds)
-    let mut runs: Vec<[Vec<(LoadRun, f64)>; 3]> = WORKLOADS
+    let mut runs: Vec<ModeRuns> = WORKLOADS
         .iter()
-        .map(|_| [Vec::new(), Vec::new(), Vec::new()])
+        .map(|_| std::array::from_fn(|_| Vec::new()))
         .collect();
     for round in 0..rounds as usize {
         for k in 0..MODES.len() {
             let mode = MODES[(round + k) % MODES.len()];
-            let agent = Agent::start(bin, mode)?;
+            let agent = Agent::start(bin, mode, &origin_cgroup.dir)?;
             let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
             let empty = match mode {
                 Capture::Empty => Some((empty_skb(&root, false)?, empty_skb(&root, true)?)),
-                Capture::On | Capture::Off => None,
+                Capture::On | Capture::OriginOnly | Capture::Off => None,
             };
             if let Some((i, o)) = &empty {
                 ours.extend([i.id, o.id]);
@@ -629,9 +706,24 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             // Let the agent's first /proc scan and socket sample pass.
             thread::sleep(Duration::from_secs(1));
             for (i, w) in WORKLOADS.iter().enumerate() {
+                let traced_before = traced(&scrape(metrics)?);
                 let cpu_before = proc_usage(agent.pid())?.cpu_seconds;
                 let load = run_loadgen(&link, bin, w, secs)?;
                 let cpu = proc_usage(agent.pid())?.cpu_seconds - cpu_before;
+                if mode == Capture::OriginOnly {
+                    // Request received and response sent at the origin; none
+                    // of the client's. In flight at the time limit: one per connection.
+                    let traced = traced(&scrape(metrics)?).saturating_sub(traced_before);
+                    let most = 2 * (load.ok + load.failed + u64::from(CONNECTIONS));
+                    if traced == 0 || traced > most {
+                        bail!(
+                            "capture on the origin's cgroup read {traced} traced headers for {} \
+                             requests ({}): expected 2 per request",
+                            load.ok,
+                            w.label
+                        );
+                    }
+                }
                 eprintln!(
                     "bench: round {} capture {} {}: {:.0} req/s, {:.1} MiB/s, agent {:.1}% CPU",
                     round + 1,
@@ -648,6 +740,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     drop(stats_paused);
     drop(origins);
     drop(link);
+    drop(origin_cgroup);
     let load = [load_at_start, load_average()];
 
     let report = render(
@@ -675,7 +768,7 @@ fn render(
     secs: f64,
     rows: &[CostRow],
     per_request: &[(&str, LoadRun, u64, Vec<Cost>)],
-    runs: &[[Vec<(LoadRun, f64)>; 3]],
+    runs: &[ModeRuns],
     foreign: &[String],
     root: &Path,
     load: [String; 2],
@@ -792,6 +885,10 @@ fn render(
         out,
         "{rounds} rounds of {secs:.0} s runs per workload and mode, rotating which mode goes \
          first, with bpf_stats off (as in production). Capture on: the agent with every hook; \
+         on, origin's cgroup only: the same agent with capture attached only to the cgroup \
+         the origin runs in (`--capture-cgroup`, `correlate.capture_cgroups`), so the load \
+         generator's sockets are not captured and each request is read at the origin only, \
+         as when capture is limited to the workloads that serve HTTP; \
          off: the same agent with `--disable-hook {HOOK_IN} --disable-hook {HOOK_OUT}`; off + \
          empty programs: that agent, and the empty programs on both hooks (the price of \
          having any cgroup_skb program on the root, before it does anything). The agent is \
@@ -828,16 +925,16 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "| workload | capture on: drop of medians | capture on: drop per round | empty programs: drop of medians | empty programs: drop per round |"
+        "| workload | capture on: drop of medians | capture on: drop per round | origin's cgroup only: drop of medians | origin's cgroup only: drop per round | empty programs: drop of medians | empty programs: drop per round |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     let rate = |l: &[(LoadRun, f64)]| -> Vec<f64> {
         l.iter().map(|(r, _)| r.requests_per_sec()).collect()
     };
     for (w, modes) in WORKLOADS.iter().zip(runs) {
         let off = rate(&modes[Capture::Off.index()]);
         let mut cells = Vec::new();
-        for mode in [Capture::On, Capture::Empty] {
+        for mode in [Capture::On, Capture::OriginOnly, Capture::Empty] {
             let this = rate(&modes[mode.index()]);
             let drop = 100.0 * (1.0 - median(&this) / median(&off));
             let per_round: Vec<f64> = this

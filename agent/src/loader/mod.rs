@@ -5,19 +5,20 @@
 //! all of them; `Probes::detach` does it explicitly and logs what went away.
 
 pub mod btf;
+pub mod capture_cgroups;
 pub mod drop_reasons;
 pub mod kernel_layout;
 pub mod prog_stats;
 pub mod sys;
 pub mod tracefs;
 
-use std::fmt;
+use std::{fmt, path::PathBuf};
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        links::CgroupAttachMode, BtfTracePoint, CgroupSkb, CgroupSkbAttachType, Iter, ProgramFd,
-        TracePoint,
+        links::{CgroupAttachMode, FdLink},
+        BtfTracePoint, CgroupSkb, CgroupSkbAttachType, Iter, ProgramFd, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -65,7 +66,8 @@ enum Attach {
     },
     /// BPF iterator; loaded here, read once per sample by the sampler.
     Iter { target: &'static str },
-    /// cgroup_skb program on the cgroup v2 root (every socket of the node).
+    /// cgroup_skb program on each capture cgroup (`correlate.capture_cgroups`,
+    /// default the cgroup v2 root: every socket of the node); one link each.
     CgroupSkb { attach_type: CgroupSkbAttachType },
 }
 
@@ -212,6 +214,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("correlate.capture_cgroups")]
+    CaptureCgroups(#[from] capture_cgroups::CaptureCgroupError),
     #[error("no hook for signal `{signal}` could be attached: {}", .reasons.join("; "))]
     SignalUnavailable {
         signal: Signal,
@@ -229,9 +233,12 @@ pub struct LoadOptions {
     pub kernel_debug_logs: bool,
     /// Drop-reason patterns (`probes.drop_reasons`).
     pub drop_reasons: Vec<String>,
-    /// The cgroup v2 hierarchy's root directory, where the trace-context
-    /// capture attaches (None: the cgroup2 mount of this process).
-    pub cgroup_root: Option<std::path::PathBuf>,
+    /// The cgroup v2 hierarchy's root directory (None: the cgroup2 mount of
+    /// this process).
+    pub cgroup_root: Option<PathBuf>,
+    /// Where the trace-context capture attaches, absolute or relative to the
+    /// root (`correlate.capture_cgroups`); empty: the root.
+    pub capture_cgroups: Vec<String>,
 }
 
 /// The loaded, attached programs. Dropping detaches everything.
@@ -242,6 +249,11 @@ pub struct Probes {
     pub kernel_logger: Option<KernelLogger>,
     /// The drop reasons the drop probe reports, with their names on this kernel.
     pub drop_reasons: drop_reasons::DropReasons,
+    /// The capture hooks' links, one per hook and cgroup, owned here (not by
+    /// aya) so each is counted, logged by id and released with the agent.
+    cgroup_links: Vec<FdLink>,
+    /// Links of the active hooks: one per hook, one per cgroup for capture.
+    links: usize,
 }
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -267,6 +279,20 @@ impl Probes {
         if PROBES_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        // Before any kernel object exists: a wrong entry fails the start. No
+        // entries: the root, as far as it can be found (else capture is
+        // unavailable, and the agent runs without it).
+        let capture_at: Result<Vec<PathBuf>, String> = if opts.capture_cgroups.is_empty() {
+            capture_cgroups::hierarchy_root(opts.cgroup_root.as_deref())
+                .map(|root| vec![root])
+                .map_err(|e| e.to_string())
+        } else {
+            let root = capture_cgroups::hierarchy_root(opts.cgroup_root.as_deref())?;
+            Ok(capture_cgroups::resolve(&root, &opts.capture_cgroups)?
+                .into_iter()
+                .map(|c| c.dir)
+                .collect())
+        };
         let btf_data = btf::Btf::from_sys_fs()
             .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::NoBtf(e)))?;
         let vigil_btf = btf::Btf::parse(&btf_data)
@@ -301,12 +327,18 @@ impl Probes {
         };
 
         let mut hooks = Vec::with_capacity(HOOKS.len());
+        let mut cgroup_links = Vec::new();
+        let mut links = 0;
         for spec in HOOKS {
             let status = if opts.disable_hooks.iter().any(|d| d == spec.name) {
                 HookStatus::Disabled
             } else {
-                match attach(&mut ebpf, spec, &kernel_btf, opts.cgroup_root.as_deref()) {
-                    Ok(()) => HookStatus::Active,
+                match attach(&mut ebpf, spec, &kernel_btf, &capture_at) {
+                    Ok(made) => {
+                        links += made.len().max(1);
+                        cgroup_links.extend(made);
+                        HookStatus::Active
+                    }
                     Err(reason) => HookStatus::Unavailable(reason),
                 }
             };
@@ -332,6 +364,8 @@ impl Probes {
             hooks,
             kernel_logger,
             drop_reasons,
+            cgroup_links,
+            links,
         };
         probes.require(Signal::Retransmit)?;
         if !probes.signal_active(Signal::SynAckRetransmit) {
@@ -345,6 +379,12 @@ impl Probes {
         }
         if !probes.signal_active(Signal::TraceContext) {
             warn!("trace-context capture hooks missing: kernel events carry no trace ids (spans received over OTLP are still joined)");
+        } else if let Ok(dirs) = &capture_at {
+            let cgroups: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            info!(
+                cgroups = %cgroups.join(", "),
+                "trace-context capture attached to these cgroups (and every cgroup below them)"
+            );
         }
         if !probes.signal_active(Signal::SocketOwnership) {
             warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
@@ -471,25 +511,26 @@ impl Probes {
 
     /// Detaches every hook and releases every program and map.
     pub fn detach(self) {
-        let attached = self
-            .hooks
-            .iter()
-            .filter(|h| h.status == HookStatus::Active)
-            .count();
-        drop(self.ebpf);
-        info!(
-            links = attached,
-            "detached all hooks and released programs and maps"
-        );
+        let Probes {
+            ebpf,
+            cgroup_links,
+            links,
+            ..
+        } = self;
+        drop(cgroup_links);
+        drop(ebpf);
+        info!(links, "detached all hooks and released programs and maps");
     }
 }
 
+/// Attaches one hook; returns the capture links it made (none for other hooks,
+/// whose links aya keeps with their program).
 fn attach(
     ebpf: &mut Ebpf,
     spec: &HookSpec,
     btf: &Btf,
-    cgroup_root: Option<&std::path::Path>,
-) -> Result<(), String> {
+    capture_at: &Result<Vec<PathBuf>, String>,
+) -> Result<Vec<FdLink>, String> {
     let program = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
@@ -515,24 +556,47 @@ fn attach(
             p.load(target, btf).map_err(|e| describe("load", &e))?;
         }
         Attach::CgroupSkb { attach_type } => {
-            let root = match cgroup_root {
-                Some(root) => root.to_owned(),
-                None => std::fs::read_to_string("/proc/self/mountinfo")
-                    .ok()
-                    .and_then(|m| crate::enrich::cgroups::cgroup2_mount(&m))
-                    .ok_or("no cgroup v2 hierarchy is mounted")?,
-            };
-            let dir = std::fs::File::open(&root)
-                .map_err(|e| format!("cannot open cgroup root {}: {e}", root.display()))?;
-            let p: &mut CgroupSkb = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load().map_err(|e| describe("load", &e))?;
-            // A link (fd-bound, gone with the agent). Links always run next
-            // to other programs on the cgroup; the kernel wants no mode flag.
-            p.attach(&dir, attach_type, CgroupAttachMode::Single)
-                .map_err(|e| describe("attach", &e))?;
+            let dirs = capture_at.as_ref().map_err(Clone::clone)?;
+            return attach_cgroup_skb(program, spec.program, attach_type, dirs);
         }
     }
-    Ok(())
+    Ok(Vec::new())
+}
+
+/// Loads a capture program once and links it to every cgroup of `dirs`, all
+/// or nothing (the links made before a failure are dropped: detached).
+fn attach_cgroup_skb(
+    program: &mut aya::programs::Program,
+    name: &str,
+    attach_type: CgroupSkbAttachType,
+    dirs: &[PathBuf],
+) -> Result<Vec<FdLink>, String> {
+    let p: &mut CgroupSkb = program.try_into().map_err(|e| format!("{e}"))?;
+    p.load().map_err(|e| describe("load", &e))?;
+    let mut links = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let cgroup = std::fs::File::open(dir)
+            .map_err(|e| format!("cannot open cgroup {}: {e}", dir.display()))?;
+        // A link (fd-bound, gone with the agent). Links always run next
+        // to other programs on the cgroup; the kernel wants no mode flag.
+        let id = p
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+            .map_err(|e| describe(&format!("attach to {}", dir.display()), &e))?;
+        let link = p
+            .take_link(id)
+            .map_err(|e| describe("take link", &e))
+            .and_then(|l| FdLink::try_from(l).map_err(|e| describe("take link", &e)))?;
+        let id = link.info().map_err(|e| describe("link info", &e))?.id();
+        info!(
+            kind = "link",
+            id,
+            name,
+            cgroup = %dir.display(),
+            "kernel object created"
+        );
+        links.push(link);
+    }
+    Ok(links)
 }
 
 /// An error with its whole source chain (aya nests the errno several levels deep).

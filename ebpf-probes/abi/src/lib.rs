@@ -32,6 +32,8 @@ pub enum EventKind {
     SocketDrop = 4,
     /// An HTTP/1.1 message carrying a `traceparent` header crossed a socket.
     TraceContext = 5,
+    /// The socket of the `TraceContext` records with its cookie that follow.
+    TraceSocket = 6,
 }
 
 /// `RetransmitRecord::counted` when the kernel side had no baseline for the socket.
@@ -207,7 +209,8 @@ pub struct TraceSlot {
     pub open_boundary: u32,
     /// Header bytes read so far of the open message.
     pub open_scanned: u16,
-    /// Bit `dir - 1` set once a message start was accepted in that direction.
+    /// Bit `dir - 1` set once a message start was accepted in that direction;
+    /// `SOCKET_ANNOUNCED` once the agent was told of the socket.
     pub msg_seen: u8,
     /// Direction of the last accepted message start (0: none yet).
     pub last_dir: u8,
@@ -237,7 +240,10 @@ pub enum CaptureOutcome {
 }
 pub const CAPTURE_OUTCOMES: u32 = 4;
 
-/// A message with trace context crossed a socket.
+/// A message with trace context crossed a socket. Kept small (one
+/// record per traced message, each a fresh stretch of ring memory to write):
+/// the socket's endpoints and owner come once, in a `TraceSocketRecord`
+/// ahead of its first `TraceRecord`, and the agent joins them by cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TraceRecord {
@@ -248,15 +254,28 @@ pub struct TraceRecord {
     /// CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     pub cookie: u64,
-    /// Kernel address of the socket.
-    pub sk_addr: u64,
-    pub netns: u32,
     /// `TraceSpan::boundary` of the message.
     pub boundary: u32,
-    pub tuple: SockTuple,
-    pub owner: SockOwner,
+    pub _pad: u32,
     pub stamp: TraceStamp,
 }
+
+/// A socket's first message with trace context: who and where it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceSocketRecord {
+    /// `EventKind::TraceSocket` as u32.
+    pub kind: u32,
+    pub netns: u32,
+    pub cookie: u64,
+    /// Kernel address of the socket.
+    pub sk_addr: u64,
+    pub tuple: SockTuple,
+    pub owner: SockOwner,
+}
+
+/// `TraceSlot::msg_seen` bit: the socket's `TraceSocketRecord` reached the ring.
+pub const SOCKET_ANNOUNCED: u8 = 1 << 2;
 
 /// Drop reasons are `enum skb_drop_reason` values of the running kernel (the
 /// agent maps them to names from BTF); the probe keeps those whose bit is set.
@@ -497,12 +516,11 @@ mod tests {
         assert_eq!(size_of::<TraceSlot>(), 2 * 64 + 4 * 4 + 8 + TRACE_CARRY);
         assert_eq!(
             size_of::<TraceRecord>(),
-            4 * 2
-                + 8 * 3
-                + 4 * 2
-                + size_of::<SockTuple>()
-                + size_of::<SockOwner>()
-                + size_of::<TraceStamp>()
+            4 * 2 + 8 * 2 + 4 * 2 + size_of::<TraceStamp>()
+        );
+        assert_eq!(
+            size_of::<TraceSocketRecord>(),
+            4 * 2 + 8 * 2 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
         assert_eq!(size_of::<KernelLayout>(), 4 * 40);
