@@ -1,7 +1,8 @@
 //! W3C trace context of plaintext HTTP/1.1, captured per socket.
 //!
-//! Two cgroup_skb programs on the cgroup v2 root see every TCP segment of the
-//! node, both directions, every network namespace. A segment whose payload
+//! Two cgroup_skb programs on the cgroup v2 root (or on the cgroups the agent
+//! is told to capture) see every TCP segment of their sockets, both
+//! directions, every network namespace. A segment whose payload
 //! starts a request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) has its
 //! header lines scanned for `traceparent:`; the 55-character value is copied
 //! (never interpreted: the agent validates it) into the socket's local storage

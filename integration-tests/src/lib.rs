@@ -59,6 +59,32 @@ impl Agent {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let mut cmd = Command::new(bin_path("vigil")?);
         cmd.envs(env.iter().copied());
+        Agent::spawn(cmd, args)
+    }
+
+    /// Like `start`, with exactly `capabilities` (names as in a pod's
+    /// securityContext, e.g. "NET_ADMIN") left in the capability bounding set
+    /// through setpriv(1). For uid 0 without file capabilities the permitted
+    /// and effective sets after execve equal the bounding set, as in a
+    /// container that drops ALL and adds `capabilities`.
+    pub fn start_with_capabilities(capabilities: &[&str], args: &[&str]) -> anyhow::Result<Agent> {
+        let bounding: String = std::iter::once("-all".to_owned())
+            .chain(capabilities.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let setpriv = Command::new("setpriv").arg("--version").output();
+        if !setpriv.is_ok_and(|o| o.status.success()) {
+            bail!("setpriv not found on PATH: install util-linux (`cargo xtask setup` does)");
+        }
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--bounding-set", &bounding, "--"])
+            .arg(bin_path("vigil")?);
+        Agent::spawn(cmd, args)
+    }
+
+    /// Runs `cmd` (the agent binary, or a wrapper that execs it) with the
+    /// agent's arguments and waits until it reports it is running.
+    fn spawn(mut cmd: Command, args: &[&str]) -> anyhow::Result<Agent> {
         cmd.args([
             "agent",
             "--log-format",
@@ -167,6 +193,29 @@ impl Agent {
 
     pub fn scrape(&self) -> anyhow::Result<String> {
         scrape(self.metrics_addr)
+    }
+
+    /// `vigil explain TRACE_ID --json` against this agent: Some(explanation),
+    /// or None when the agent has no record of the trace (404).
+    pub fn explain(&self, trace_id: &str) -> anyhow::Result<Option<Value>> {
+        let out = Command::new(bin_path("vigil")?)
+            .args([
+                "explain",
+                trace_id,
+                "--json",
+                "--agent",
+                &self.metrics_addr.to_string(),
+            ])
+            .output()
+            .context("running vigil explain")?;
+        if out.status.success() {
+            return Ok(Some(
+                serde_json::from_slice(&out.stdout).context("vigil explain --json output")?,
+            ));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(stderr.contains("404"), "vigil explain {trace_id}: {stderr}");
+        Ok(None)
     }
 
     /// The agent's latest socket sample, through the CLI (`vigil sockets --json`).

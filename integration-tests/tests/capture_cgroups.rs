@@ -87,26 +87,6 @@ fn trace_ids(summary: &Value) -> Vec<String> {
         .collect()
 }
 
-/// `vigil explain TRACE_ID --json`: Some(explanation), or None when the
-/// agent has no record of the trace (404).
-fn explain(agent: &Agent, trace_id: &str) -> anyhow::Result<Option<Value>> {
-    let out = Command::new(bin_path("vigil")?)
-        .args([
-            "explain",
-            trace_id,
-            "--json",
-            "--agent",
-            &agent.metrics_addr.to_string(),
-        ])
-        .output()?;
-    if out.status.success() {
-        return Ok(Some(serde_json::from_slice(&out.stdout)?));
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    anyhow::ensure!(stderr.contains("404"), "vigil explain {trace_id}: {stderr}");
-    Ok(None)
-}
-
 #[test]
 fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
     if !bpf_available("capture_sees_only_the_listed_cgroup") {
@@ -190,7 +170,7 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
         || {
             for id in &inside_ids {
                 if !known.contains_key(id.as_str()) {
-                    if let Some(e) = explain(&agent, id)? {
+                    if let Some(e) = agent.explain(id)? {
                         known.insert(id, e);
                     }
                 }
@@ -214,7 +194,7 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
     assert_eq!(outside_ids.len() as u64, messages / 2, "{outside}");
     for id in &outside_ids {
         assert!(
-            explain(&agent, id)?.is_none(),
+            agent.explain(id)?.is_none(),
             "trace {id} of the uncaptured client is unknown to the agent"
         );
     }

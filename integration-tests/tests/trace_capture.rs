@@ -329,21 +329,9 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     // `vigil explain` lists a stamped retransmit of one trace.
     let sample = stamped_events[0];
     let trace_id = sample["trace_id"].as_str().unwrap_or_default();
-    let out = Command::new(bin_path("vigil")?)
-        .args([
-            "explain",
-            trace_id,
-            "--json",
-            "--agent",
-            &agent.metrics_addr.to_string(),
-        ])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "vigil explain: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let explained: Value = serde_json::from_slice(&out.stdout)?;
+    let explained = agent
+        .explain(trace_id)?
+        .ok_or_else(|| anyhow::anyhow!("the agent has no record of trace {trace_id}"))?;
     let retransmits: u64 = explained["trace"]["events"]
         .as_array()
         .map(|v| {

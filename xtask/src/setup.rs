@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "prometheus",
     "curl",
+    // setpriv, for the least-privilege test (present on most systems; listed to be explicit).
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -59,9 +59,61 @@ pub struct TraceRecordOut {
     pub omitted: u64,
 }
 
+/// A trace as kept: fixed-size ids and flags, made into strings only when
+/// asked for (one trace is indexed per HTTP request: this runs at request
+/// rate).
+#[derive(Debug)]
+struct Trace {
+    first_seen_unix_ns: u64,
+    connections: Vec<Connection>,
+    events: Vec<TraceKernelEvent>,
+    omitted: u64,
+}
+
+#[derive(Debug)]
+struct Connection {
+    cookie: u64,
+    netns: u32,
+    local: SocketAddr,
+    remote: SocketAddr,
+    server: bool,
+    span_id: [u8; 8],
+    first_seen_unix_ns: u64,
+    pid: Option<u32>,
+    process: Option<String>,
+    pod_uid: Option<String>,
+}
+
+impl Trace {
+    fn out(&self, id: &[u8; 16]) -> TraceRecordOut {
+        TraceRecordOut {
+            trace_id: hex::encode(id),
+            first_seen_unix_ns: self.first_seen_unix_ns,
+            connections: self
+                .connections
+                .iter()
+                .map(|c| TraceConnection {
+                    cookie: c.cookie,
+                    netns: c.netns,
+                    local: c.local,
+                    remote: c.remote,
+                    role: if c.server { "server" } else { "client" }.into(),
+                    span_id: hex::encode(c.span_id),
+                    first_seen_unix_ns: c.first_seen_unix_ns,
+                    pid: c.pid,
+                    process: c.process.clone(),
+                    pod_uid: c.pod_uid.clone(),
+                })
+                .collect(),
+            events: self.events.clone(),
+            omitted: self.omitted,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct TraceIndex {
-    traces: HashMap<[u8; 16], TraceRecordOut>,
+    traces: HashMap<[u8; 16], Trace>,
     order: VecDeque<[u8; 16]>,
     capacity: usize,
     /// Traces forgotten to make room.
@@ -81,7 +133,7 @@ impl TraceIndex {
         }
     }
 
-    fn entry(&mut self, id: [u8; 16], at_unix_ns: u64) -> &mut TraceRecordOut {
+    fn entry(&mut self, id: [u8; 16], at_unix_ns: u64) -> &mut Trace {
         if !self.traces.contains_key(&id) {
             while self.traces.len() >= self.capacity {
                 let Some(oldest) = self.order.pop_front() else {
@@ -92,10 +144,11 @@ impl TraceIndex {
             }
             self.order.push_back(id);
         }
-        self.traces.entry(id).or_insert_with(|| TraceRecordOut {
-            trace_id: hex::encode(id),
+        self.traces.entry(id).or_insert_with(|| Trace {
             first_seen_unix_ns: at_unix_ns,
-            ..TraceRecordOut::default()
+            connections: Vec::new(),
+            events: Vec::new(),
+            omitted: 0,
         })
     }
 
@@ -110,13 +163,13 @@ impl TraceIndex {
             t.omitted += 1;
             return;
         }
-        t.connections.push(TraceConnection {
+        t.connections.push(Connection {
             cookie: e.cookie,
             netns: e.netns,
             local: e.endpoints.local,
             remote: e.endpoints.remote,
-            role: if e.server_side() { "server" } else { "client" }.into(),
-            span_id: ctx.span_id_hex(),
+            server: e.server_side(),
+            span_id: ctx.span_id,
             first_seen_unix_ns: at_unix_ns,
             pid: who.pid,
             process: who.comm.clone(),
@@ -134,8 +187,9 @@ impl TraceIndex {
         t.events.push(event);
     }
 
-    pub fn get(&self, trace_id: &[u8; 16]) -> Option<&TraceRecordOut> {
-        self.traces.get(trace_id)
+    /// What the index holds of a trace, for `vigil explain`.
+    pub fn get(&self, trace_id: &[u8; 16]) -> Option<TraceRecordOut> {
+        self.traces.get(trace_id).map(|t| t.out(trace_id))
     }
 
     pub fn len(&self) -> usize {

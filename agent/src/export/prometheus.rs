@@ -102,7 +102,7 @@ fn explanation(source: &MetricsSource, id: &str) -> Result<String, (&'static str
             "state unavailable\n".to_owned(),
         )
     })?;
-    let trace = r.traces.get(&trace_id).cloned().ok_or((
+    let trace = r.traces.get(&trace_id).ok_or((
         "404 Not Found",
         format!(
             "no kernel record of trace {}: no HTTP/1.1 message carried it on this node, or it was evicted\n",

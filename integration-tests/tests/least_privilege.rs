@@ -1,0 +1,222 @@
+//! The Helm chart's capabilities are enough, and each is there for a reason:
+//! the agent runs with exactly the set helm/vigil/values.yaml adds (read from
+//! the chart, so the two cannot drift) and attaches every hook; without
+//! NET_ADMIN the kernel refuses to attach the trace-context capture.
+
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context};
+use vigil_integration_tests::{bpf_available, metric_sum, Agent};
+use vigil_testbed::netns::bin_path;
+
+const VALUES_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/vigil/values.yaml");
+
+/// The cgroup_skb programs of the HTTP trace-context capture.
+const CAPTURE_HOOKS: [&str; 2] = ["cgroup_skb/ingress", "cgroup_skb/egress"];
+
+/// The one-line `add: [...]` list under `capabilities:` in the top-level
+/// `securityContext:` of a values file.
+fn security_context_capabilities(values: &str) -> anyhow::Result<Vec<String>> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_content = |l: &&str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    let mut block = values
+        .lines()
+        .skip_while(|l| !l.starts_with("securityContext:"))
+        .skip(1)
+        .filter(is_content)
+        .take_while(|l| indent(l) > 0);
+    let capabilities = block
+        .find(|l| l.trim_start().starts_with("capabilities:"))
+        .context("no `capabilities:` under the top-level `securityContext:`")?;
+    let depth = indent(capabilities);
+    let add = block
+        .take_while(|l| indent(l) > depth)
+        .find_map(|l| l.trim_start().strip_prefix("add:"))
+        .context("no `add:` under `securityContext.capabilities`")?;
+    let list = add
+        .trim()
+        .strip_prefix('[')
+        .and_then(|l| l.strip_suffix(']'))
+        .with_context(|| format!("`add:{add}` is not a one-line [\"A\", \"B\"] list"))?;
+    let capabilities: Vec<String> = list
+        .split(',')
+        .map(|c| c.trim().trim_matches(|q| q == '"' || q == '\'').to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    ensure!(
+        !capabilities.is_empty(),
+        "securityContext.capabilities.add is empty"
+    );
+    Ok(capabilities)
+}
+
+fn chart_capabilities() -> anyhow::Result<Vec<String>> {
+    let values =
+        std::fs::read_to_string(VALUES_YAML).with_context(|| format!("reading {VALUES_YAML}"))?;
+    security_context_capabilities(&values).with_context(|| format!("parsing {VALUES_YAML}"))
+}
+
+/// Every hook the agent knows, as `vigil hooks` lists them.
+fn agent_hooks() -> anyhow::Result<Vec<String>> {
+    let out = Command::new(bin_path("vigil")?)
+        .arg("hooks")
+        .output()
+        .context("running vigil hooks")?;
+    if !out.status.success() {
+        bail!(
+            "vigil hooks failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let hooks: Vec<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for hook in CAPTURE_HOOKS {
+        ensure!(
+            hooks.iter().any(|h| h == hook),
+            "`vigil hooks` no longer lists {hook}: {hooks:?}"
+        );
+    }
+    Ok(hooks)
+}
+
+/// The `hook` field of every log line with `message` ("hook attached", ...).
+fn hooks_logged(agent: &Agent, message: &str) -> Vec<String> {
+    agent
+        .logs()
+        .iter()
+        .filter(|v| v["message"].as_str() == Some(message))
+        .filter_map(|v| v["hook"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn hook_active(metrics: &str, hook: &str) -> u64 {
+    metric_sum(metrics, "vigil_hook_active", &[("hook", hook)])
+}
+
+#[test]
+fn capability_list_is_read_from_the_security_context() -> anyhow::Result<()> {
+    let values = "\
+podSecurityContext:
+  capabilities:
+    add: [\"DECOY\"]
+securityContext:
+  runAsUser: 0
+  capabilities:
+    # comment
+    drop: [\"ALL\"]
+    add: [\"BPF\", 'PERFMON']
+  seccompProfile:
+    type: RuntimeDefault
+";
+    assert_eq!(security_context_capabilities(values)?, ["BPF", "PERFMON"]);
+    let block_list = "securityContext:\n  capabilities:\n    add:\n      - BPF\n";
+    let err = security_context_capabilities(block_list).expect_err("block list");
+    assert!(format!("{err:#}").contains("one-line"), "{err:#}");
+    let missing = "securityContext:\n  runAsUser: 0\nresources: {}\n";
+    let err = security_context_capabilities(missing).expect_err("no capabilities");
+    assert!(format!("{err:#}").contains("no `capabilities:`"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn chart_capabilities_attach_every_hook() -> anyhow::Result<()> {
+    if !bpf_available("chart_capabilities_attach_every_hook") {
+        return Ok(());
+    }
+    let capabilities = chart_capabilities()?;
+    let hooks = agent_hooks()?;
+    let granted: Vec<&str> = capabilities.iter().map(String::as_str).collect();
+    let mut agent = Agent::start_with_capabilities(&granted, &[])?;
+    let log = agent.log_text();
+
+    let unavailable = hooks_logged(&agent, "hook unavailable");
+    assert!(
+        unavailable.is_empty(),
+        "with the chart's capabilities {granted:?}, unavailable: {unavailable:?}\n{log}"
+    );
+    let attached = hooks_logged(&agent, "hook attached");
+    let metrics = agent.scrape()?;
+    for hook in &hooks {
+        assert!(
+            attached.contains(hook),
+            "{hook} not attached with {granted:?}\n{log}"
+        );
+        assert_eq!(
+            hook_active(&metrics, hook),
+            1,
+            "vigil_hook_active of {hook}"
+        );
+    }
+
+    let status = agent.terminate()?;
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+/// Why the chart adds NET_ADMIN: CAP_BPF loads a cgroup_skb program, but the
+/// kernel checks CAP_NET_ADMIN when one is attached.
+#[test]
+fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
+    if !bpf_available("without_net_admin_the_capture_is_unavailable") {
+        return Ok(());
+    }
+    let capabilities = chart_capabilities()?;
+    assert!(
+        capabilities.iter().any(|c| c == "NET_ADMIN"),
+        "the chart must add NET_ADMIN (the capture hooks need it): {capabilities:?}"
+    );
+    let hooks = agent_hooks()?;
+    let granted: Vec<&str> = capabilities
+        .iter()
+        .map(String::as_str)
+        .filter(|c| *c != "NET_ADMIN")
+        .collect();
+    let mut agent = Agent::start_with_capabilities(&granted, &[])?;
+    let log = agent.log_text();
+
+    let mut unavailable = hooks_logged(&agent, "hook unavailable");
+    unavailable.sort();
+    let mut capture = CAPTURE_HOOKS.map(str::to_owned).to_vec();
+    capture.sort();
+    assert_eq!(
+        unavailable, capture,
+        "without NET_ADMIN ({granted:?}) exactly the capture hooks fail\n{log}"
+    );
+    let refused = agent
+        .logs()
+        .iter()
+        .filter(|v| v["message"].as_str() == Some("hook unavailable"))
+        .all(|v| {
+            v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("Operation not permitted"))
+        });
+    assert!(refused, "the kernel refused them with EPERM\n{log}");
+    let attached = hooks_logged(&agent, "hook attached");
+    let metrics = agent.scrape()?;
+    for hook in &hooks {
+        let capture = CAPTURE_HOOKS.contains(&hook.as_str());
+        assert_eq!(attached.contains(hook), !capture, "{hook} attached?\n{log}");
+        assert_eq!(
+            hook_active(&metrics, hook),
+            u64::from(!capture),
+            "vigil_hook_active of {hook}"
+        );
+    }
+
+    let status = agent.terminate()?;
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.log_text()
+    );
+    Ok(())
+}
