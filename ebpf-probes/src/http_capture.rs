@@ -271,7 +271,8 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
         boundary: 0,
         at_line: false,
     };
-    if let Some(slot) = slot_of(sk, false) {
+    let mut found = slot_of(sk, false);
+    if let Some(slot) = found.as_deref_mut() {
         if slot.open_dir == dir {
             return continue_header(ctx, sk, slot, &mut seg);
         }
@@ -289,7 +290,7 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     match message_start(ctx.load::<[u8; 8]>(payload_at as usize)?) {
         Some(kind) => {
             seg.kind = kind;
-            start_message(ctx, sk, &mut seg)
+            start_message(ctx, sk, found, &mut seg)
         }
         None => Ok(()),
     }
@@ -325,9 +326,14 @@ fn storage(sk: *mut c_void, flags: u64) -> Option<&'static mut TraceSlot> {
 }
 
 #[inline(never)]
-fn start_message(ctx: &SkBuffContext, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
+fn start_message(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    found: Option<&'static mut TraceSlot>,
+    seg: &mut Segment,
+) -> Result<(), i64> {
     let (dir, seq) = (seg.dir, seg.seq);
-    let Some(slot) = slot_of(sk, true) else {
+    let Some(slot) = found.or_else(|| slot_of(sk, true)) else {
         return Ok(());
     };
     let d = usize::from(dir - 1) & 1;
@@ -512,19 +518,31 @@ fn scan_into(
             slot.open_dir = 0;
             // The agent hears of a socket's trace once, not once per message
             // of it (a response usually repeats its request's trace id).
-            let mut same = slot.cur.valid == 1 && slot.cur.stamp.present == 1;
-            let mut i = 3;
-            while i < 35 {
-                same = same && slot.cur.stamp.raw[i] == buf[(v + i) & MASK];
-                i += 1;
-            }
+            // A word at a time: `v` is below n <= 2144, so the masked offset
+            // is `v` itself and 56 bytes from it stay inside the buffer.
+            // SAFETY: as just said; the stamp is 56 bytes (raw, present).
+            let value = unsafe { buf.as_ptr().add(v & WORD_MASK) };
+            let stamp = ptr::addr_of_mut!(slot.cur.stamp).cast::<u8>();
+            // SAFETY: every caller below reads at most 56 bytes from the
+            // value or the stamp.
+            let word =
+                |p: *const u8, at: usize| unsafe { ptr::read_unaligned(p.add(at).cast::<u64>()) };
+            // The trace id: bytes 3..35 of the value.
+            let same = slot.cur.valid == 1
+                && slot.cur.stamp.present == 1
+                && word(stamp, 3) == word(value, 3)
+                && word(stamp, 11) == word(value, 11)
+                && word(stamp, 19) == word(value, 19)
+                && word(stamp, 27) == word(value, 27);
             if slot.cur.valid == 0 || slot.cur.boundary != boundary {
                 push(slot, boundary);
             }
-            let mut i = 0;
-            while i < TRACEPARENT_LEN {
-                slot.cur.stamp.raw[i] = buf[(v + i) & MASK];
-                i += 1;
+            let stamp = ptr::addr_of_mut!(slot.cur.stamp).cast::<u8>();
+            let mut k = 0;
+            while k < TRACEPARENT_LEN + 1 {
+                // SAFETY: k + 8 <= 56, inside the stamp and the buffer.
+                unsafe { ptr::write_unaligned(stamp.add(k).cast::<u64>(), word(value, k)) };
+                k += 8;
             }
             slot.cur.stamp.present = 1;
             count(CaptureOutcome::Traced);
