@@ -782,8 +782,9 @@ fn render(
          of its socket's capture state: in the direction of the socket's last HTTP message it \
          is that message's body and leaves unread; otherwise its first 8 bytes tell whether it \
          starts a message. A message start (or a header being continued) has 512 bytes copied \
-         and scanned for `traceparent`, up to 2 KiB if the header goes on; the first message of \
-         a trace on a socket is sent to the agent. Both ends of the \
+         and scanned for `traceparent` (a `bpf_loop` step per header line), up to 2 KiB if \
+         the header goes on; the first message of a trace on a socket is sent to the agent \
+         (88 bytes; the socket's endpoints and owner go once per socket). Both ends of the \
          testbed run on this node, so each request is seen leaving the client and entering the \
          origin, and each response leaving the origin and entering the client. `empty` is a \
          cgroup_skb program that only passes the packet, on the same hooks at the same time: \
@@ -893,7 +894,10 @@ fn render(
          empty programs: that agent, and the empty programs on both hooks (the price of \
          having any cgroup_skb program on the root, before it does anything). The agent is \
          restarted between modes. Median (min–max) over the runs; agent CPU is the agent \
-         process's, in % of one core.\n"
+         process's, in % of one core. This kernel has no IRQ time accounting, so softirq \
+         time (the testbed's packet processing) is charged to whichever task it interrupts: \
+         an agent that is often running is charged some of it, and the same goes for the \
+         bpf_stats run times above (a program interrupted by an interrupt counts that time too).\n"
     );
     let _ = writeln!(
         out,
