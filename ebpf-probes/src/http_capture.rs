@@ -802,11 +802,14 @@ fn emit(
         // A request can arrive before accept(), while the connection has no
         // owner yet: its listener's process is about to take it.
         let at_listener = dir == DIR_RECEIVED && kind == MSG_REQUEST;
-        if !matches!(announce(ctx, sk, cookie, at_listener), Ok(true)) {
+        match announce(ctx, sk, cookie, at_listener) {
+            Ok(Announced::WithOwner) => slot.msg_seen |= SOCKET_ANNOUNCED,
+            // Announced again with the next trace: by then accept() has
+            // usually recorded the owner (the agent keeps the newest).
+            Ok(Announced::WithoutOwner) => {}
             // The agent could not place the message without its socket.
-            return;
+            Ok(Announced::Lost) | Err(_) => return,
         }
-        slot.msg_seen |= SOCKET_ANNOUNCED;
     }
     let stamp = &slot.cur.stamp;
     let _ = submit_in_place(LossSlot::TraceContext, |r: &mut TraceRecord| {
@@ -821,24 +824,33 @@ fn emit(
     });
 }
 
-/// The socket's endpoints and owner, once per socket.
+enum Announced {
+    WithOwner,
+    WithoutOwner,
+    Lost,
+}
+
+/// The socket's endpoints and owner, once per socket (until its owner is known).
 #[inline(always)]
 fn announce(
     ctx: &SkBuffContext,
     sk: *mut bpf_sock,
     cookie: u64,
     at_listener: bool,
-) -> Result<bool, i64> {
-    let Some(l) = layout() else { return Ok(false) };
+) -> Result<Announced, i64> {
+    let Some(l) = layout() else {
+        return Ok(Announced::Lost);
+    };
     // The verifier forbids arithmetic on a socket pointer but allows field
     // reads through the same socket as a BTF-typed `tcp_sock`.
     // SAFETY: helper on a full socket; NULL when it is not TCP.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
     if tp.is_null() {
-        return Ok(false);
+        return Ok(Announced::Lost);
     }
     let addr = tp as u64;
-    submit_in_place(LossSlot::TraceContext, |r: &mut TraceSocketRecord| {
+    let mut known = false;
+    let delivered = submit_in_place(LossSlot::TraceContext, |r: &mut TraceSocketRecord| {
         r.kind = EventKind::TraceSocket as u32;
         r.cookie = cookie;
         r.sk_addr = addr;
@@ -851,7 +863,13 @@ fn announce(
             None if at_listener => r.owner = listener_owner(ctx),
             None => {}
         }
+        known = r.owner.known != 0;
         Ok(())
+    })?;
+    Ok(match (delivered, known) {
+        (false, _) => Announced::Lost,
+        (true, true) => Announced::WithOwner,
+        (true, false) => Announced::WithoutOwner,
     })
 }
 

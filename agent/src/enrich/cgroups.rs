@@ -68,6 +68,10 @@ pub struct CgroupResolver {
     /// The cgroup2 mount, opened once, for `open_by_handle_at`.
     mount: Option<std::fs::File>,
     cache: HashMap<u64, String>,
+    /// The reverse, for paths read from /proc: a stat of a cgroupfs path is
+    /// a path walk, and events of a socket attributed from /proc ask again
+    /// for the same path at event rate.
+    ids: HashMap<String, u64>,
     capacity: usize,
     last_walk: Option<Instant>,
     min_walk_interval: Duration,
@@ -83,6 +87,7 @@ impl CgroupResolver {
             root,
             mount,
             cache: HashMap::new(),
+            ids: HashMap::new(),
             capacity,
             last_walk: None,
             min_walk_interval,
@@ -99,11 +104,15 @@ impl CgroupResolver {
 
     /// The id of a cgroup path as /proc/PID/cgroup prints it ("/a/b"), and caches the pair.
     pub fn id_of(&mut self, path: &str) -> Option<u64> {
+        if let Some(id) = self.ids.get(path) {
+            return Some(*id);
+        }
         let root = self.root.as_ref()?;
         let id = std::fs::metadata(root.join(path.trim_start_matches('/')))
             .ok()?
             .ino();
         self.remember(id, path.to_owned());
+        self.ids.insert(path.to_owned(), id);
         Some(id)
     }
 
@@ -152,6 +161,7 @@ impl CgroupResolver {
         if self.cache.len() >= self.capacity && !self.cache.contains_key(&id) {
             // Bounded: forget everything rather than track recency; refills are cheap.
             self.cache.clear();
+            self.ids.clear();
         }
         self.cache.insert(id, path);
     }

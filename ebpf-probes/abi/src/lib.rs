@@ -260,7 +260,8 @@ pub struct TraceRecord {
     pub stamp: TraceStamp,
 }
 
-/// A socket's first message with trace context: who and where it is.
+/// A socket's first message with trace context: who and where it is (sent
+/// again with later traces while its owner is unknown).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TraceSocketRecord {
@@ -274,7 +275,8 @@ pub struct TraceSocketRecord {
     pub owner: SockOwner,
 }
 
-/// `TraceSlot::msg_seen` bit: the socket's `TraceSocketRecord` reached the ring.
+/// `TraceSlot::msg_seen` bit: the socket's `TraceSocketRecord` reached the
+/// ring with its owner (until then each new trace announces it again).
 pub const SOCKET_ANNOUNCED: u8 = 1 << 2;
 
 /// Drop reasons are `enum skb_drop_reason` values of the running kernel (the
