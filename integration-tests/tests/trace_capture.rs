@@ -300,6 +300,21 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         }
     }
 
+    // Both ends opened their sockets after the agent started, so the kernel
+    // recorded their owners (connect, listen, accept) and the trace records
+    // carry them: no message needs the agent's /proc fallback.
+    let from_proc: Vec<&&Value> = messages
+        .iter()
+        .filter(|m| m["owner_source"] != "kernel")
+        .collect();
+    assert!(
+        from_proc.is_empty(),
+        "{} of {} trace records without the kernel's owner, e.g. {:?}",
+        from_proc.len(),
+        messages.len(),
+        from_proc.first()
+    );
+
     // The same stamps reach OTLP: log records carry trace_id/span_id fields.
     let stamped_events: Vec<&Value> = events
         .iter()

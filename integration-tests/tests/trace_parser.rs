@@ -347,3 +347,65 @@ fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()
     assert!(agent.sockets().is_ok(), "the agent still answers");
     Ok(())
 }
+
+/// A server that listened before the agent started: the kernel never saw
+/// its listener open, so the first request, which arrives before accept(),
+/// is announced without an owner (the agent falls back to /proc). accept()
+/// records the owner, and the socket is announced again with its next
+/// trace: every later record carries the kernel's owner, so the agent does
+/// no /proc lookup per message.
+#[test]
+fn a_server_older_than_the_agent_gets_its_owner_from_the_kernel() -> anyhow::Result<()> {
+    if !bpf_available("a_server_older_than_the_agent_gets_its_owner_from_the_kernel") {
+        return Ok(());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let log = TempPath::new("trace-parser-old-server.jsonl");
+    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    const REQUESTS: u32 = 5;
+    let mut client = TcpStream::connect(server)?;
+    let port = client.local_addr()?.port();
+    let request = |n: u32| {
+        format!(
+            "GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
+            tp(100 + n)
+        )
+    };
+    // In the accept queue: nobody has called accept() yet.
+    client.write_all(request(0).as_bytes())?;
+    thread::sleep(Duration::from_millis(100));
+    thread::spawn(move || serve(listener));
+    let mut response = [0u8; 64];
+    for n in 0..REQUESTS {
+        if n > 0 {
+            client.write_all(request(n).as_bytes())?;
+        }
+        let got = client.read(&mut response)?;
+        anyhow::ensure!(got > 0, "response to request {n}");
+    }
+    let records = wait_for(Duration::from_secs(10), "every request's record", || {
+        let lines: Vec<Value> = read_event_log(&log.0)?
+            .into_iter()
+            .filter(|e| e["kind"] == "trace_context" && e["direction"] == "received")
+            .filter(|e| e["local"] == server.to_string())
+            .filter(|e| e["remote"] == format!("127.0.0.1:{port}"))
+            .collect();
+        Ok((lines.len() >= REQUESTS as usize).then_some(lines))
+    })?;
+    let sources: Vec<&str> = records
+        .iter()
+        .map(|r| r["owner_source"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(
+        sources[1..],
+        ["kernel"; REQUESTS as usize - 1],
+        "after accept(), every record carries the kernel's owner: {sources:?}"
+    );
+    assert!(
+        records.iter().all(|r| r["comm"] == records[0]["comm"]),
+        "one owner throughout: {records:?}"
+    );
+    drop(agent);
+    Ok(())
+}
