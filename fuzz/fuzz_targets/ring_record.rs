@@ -17,7 +17,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
         Ok(RingRecord::TraceSocket(s)) => sockets.insert(s),
         Ok(RingRecord::TraceMessage(m)) => {
-            let _ = (m.trace.context(), sockets.join(m));
+            let _ = m.trace.context();
+            let _ = sockets.join(m);
         }
         Err(_) => {}
     }
