@@ -93,6 +93,17 @@ fn hooks_logged(agent: &Agent, message: &str) -> Vec<String> {
         .collect()
 }
 
+/// SIGTERM ends the agent with exit status 0 (every hook released).
+fn stops_cleanly(agent: &mut Agent) -> anyhow::Result<()> {
+    let status = agent.terminate()?;
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
 fn hook_active(metrics: &str, hook: &str) -> u64 {
     metric_sum(metrics, "vigil_hook_active", &[("hook", hook)])
 }
@@ -152,13 +163,7 @@ fn chart_capabilities_attach_every_hook() -> anyhow::Result<()> {
         );
     }
 
-    let status = agent.terminate()?;
-    assert!(
-        status.success(),
-        "exit status {status}\n{}",
-        agent.log_text()
-    );
-    Ok(())
+    stops_cleanly(&mut agent)
 }
 
 /// Why the chart adds NET_ADMIN: CAP_BPF loads a cgroup_skb program, but the
@@ -212,11 +217,5 @@ fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
         );
     }
 
-    let status = agent.terminate()?;
-    assert!(
-        status.success(),
-        "exit status {status}\n{}",
-        agent.log_text()
-    );
-    Ok(())
+    stops_cleanly(&mut agent)
 }
