@@ -80,8 +80,8 @@ pub struct BenchArgs {
     /// Only the HTTP trace-context capture phase (cost and throughput on vs off).
     #[arg(long)]
     pub capture_only: bool,
-    /// Capture phase: rounds of throughput runs (capture on, off, and off
-    /// with empty programs on the hooks).
+    /// Capture phase: rounds of throughput runs (capture on, on for the
+    /// origin's cgroup only, off, and off with empty programs on the hooks).
     #[arg(long, default_value_t = 5)]
     pub capture_rounds: u32,
     /// Capture phase: seconds of each run.
