@@ -467,21 +467,10 @@ impl Scenario {
         let link = vigil_testbed::netns::LinkPair::create(tag, index)?;
         let listen = SocketAddr::new(link.server_addr(v6), ORIGIN_PORT);
         let origin_bin = bin_path("vigil-origin")?;
+        let in_netns = link.server.command(&origin_bin);
         let mut cmd = match cgroup_procs {
-            // The shell joins the cgroup, then execs (same pid) into the namespace and the origin.
-            Some(procs) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!(
-                        "echo $$ > {} && exec ip netns exec {} \"$@\"",
-                        procs.display(),
-                        link.server.name()
-                    ))
-                    .arg("sh")
-                    .arg(&origin_bin);
-                c
-            }
-            None => link.server.command(&origin_bin),
+            Some(procs) => vigil_testbed::netns::in_cgroup(procs, &in_netns),
+            None => in_netns,
         };
         cmd.args(origin_args).stderr(Stdio::inherit());
         let (origin, origin_pid) = spawn_origin(&mut cmd, listen, 2, 300)?;

@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     process::{Command, ExitStatus, Stdio},
     time::Duration,
 };
@@ -16,7 +15,7 @@ use vigil_integration_tests::{
     bpf_available, loadgen_summary, metric_sum, one_namespace_test_at_a_time, tag, wait_for, Agent,
     Scenario, TempPath, TestCgroup,
 };
-use vigil_testbed::netns::{bin_path, loadgen_command, ChildGuard};
+use vigil_testbed::netns::{bin_path, in_cgroup, loadgen_command, ChildGuard};
 
 /// Link pair of this file (198.18.95.0/24).
 const LINK_INDEX: u8 = 95;
@@ -36,19 +35,6 @@ fn outcomes(agent: &Agent) -> anyhow::Result<[u64; 4]> {
     }))
 }
 
-/// `cmd` behind a shell that first moves itself into the cgroup whose
-/// `cgroup.procs` is `procs`; `exec` keeps the pid, so every socket the
-/// program opens belongs to that cgroup.
-fn joining(procs: &Path, cmd: &Command) -> Command {
-    let mut sh = Command::new("sh");
-    sh.arg("-c")
-        .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
-        .arg("sh")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    sh
-}
-
 /// Traced keep-alive requests from the client namespace, sent by a process
 /// in `cgroup`; returns the load generator's summary once every one is done.
 fn load_from(scenario: &Scenario, cgroup: &TestCgroup) -> anyhow::Result<Value> {
@@ -61,7 +47,7 @@ fn load_from(scenario: &Scenario, cgroup: &TestCgroup) -> anyhow::Result<Value> 
         REQUESTS_PER_CONNECTION,
         60.0,
     );
-    let mut cmd = joining(&cgroup.procs(), &load);
+    let mut cmd = in_cgroup(&cgroup.procs(), &load);
     cmd.arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

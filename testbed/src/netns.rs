@@ -706,6 +706,20 @@ pub fn spawn_origin(
     Ok((origin, pid))
 }
 
+/// `cmd` behind a shell that first moves itself into the cgroup whose
+/// `cgroup.procs` file is `procs`, then execs `cmd` (same pid), so every
+/// socket the program opens belongs to that cgroup. Only the program and
+/// its arguments are carried over: set environment and stdio on the result.
+pub fn in_cgroup(procs: &Path, cmd: &Command) -> Command {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    sh
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,19 +136,9 @@ impl OriginCgroup {
         Ok(OriginCgroup { dir })
     }
 
-    /// `cmd` behind a shell that first moves itself into this cgroup; `exec`
-    /// keeps the pid, so every socket the program opens belongs to it.
+    /// `cmd`, run in this cgroup.
     fn command(&self, cmd: &Command) -> Command {
-        let mut sh = Command::new("sh");
-        sh.arg("-c")
-            .arg(format!(
-                "echo $$ > {} && exec \"$@\"",
-                self.dir.join("cgroup.procs").display()
-            ))
-            .arg("sh")
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        sh
+        vigil_testbed::netns::in_cgroup(&self.dir.join("cgroup.procs"), cmd)
     }
 }
 
