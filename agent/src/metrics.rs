@@ -349,13 +349,14 @@ impl Registry {
             }
         }
         let name = "vigil_http_capture_messages_total";
-        x.family(name, "counter", "HTTP/1.1 message headers the trace-context capture hooks read, by outcome: traced (a traceparent), untraced (none), repeated (a retransmitted header), abandoned (header too long or continued out of order).");
+        x.family(name, "counter", "HTTP/1.1 message headers the trace-context capture hooks read, by outcome: traced (a traceparent), untraced (none), repeated (a retransmitted header), abandoned (header too long or continued out of order), answered (a response to a request with a traceparent: not read, the request's context governs the exchange).");
         if let Some(lost) = &self.lost {
             let outcomes = [
                 (CaptureOutcome::Traced, "traced"),
                 (CaptureOutcome::Untraced, "untraced"),
                 (CaptureOutcome::Repeated, "repeated"),
                 (CaptureOutcome::Abandoned, "abandoned"),
+                (CaptureOutcome::Answered, "answered"),
             ];
             for (outcome, label) in outcomes {
                 let n: u64 = lost

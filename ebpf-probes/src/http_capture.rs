@@ -6,7 +6,9 @@
 //! starts a request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) has its
 //! header lines scanned for `traceparent:`; the 55-character value is copied
 //! (never interpreted: the agent validates it) into the socket's local storage
-//! with the first sequence number of this side's send stream it governs. The
+//! with the first sequence number of this side's send stream it governs. A
+//! response to a request that carried one is not read (its start is still
+//! noted, so its body is skipped): the request's context governs both. The
 //! retransmit probe reads that storage, so a retransmitted segment carries
 //! the trace context of the request whose bytes it holds.
 //!
@@ -351,6 +353,14 @@ fn start_message(
     slot.open_dir = 0;
     slot.open_scanned = 0;
     slot.carry_len = 0;
+    // A response to a request with trace context is not read: the exchange
+    // already has its context, and a response rarely carries one (reading a
+    // header that has none means scanning all of it). A response to a
+    // request without one is read: it may be where the trace starts.
+    if seg.kind == MSG_RESPONSE && slot.cur.valid == 1 && slot.cur.stamp.present == 1 {
+        count(CaptureOutcome::Answered);
+        return Ok(());
+    }
     // What this side sends from here on belongs to this message: a message
     // sent starts at its own first byte; one received is answered by
     // whatever this side sends next.

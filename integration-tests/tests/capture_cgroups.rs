@@ -21,10 +21,10 @@ use vigil_testbed::netns::{bin_path, in_cgroup, loadgen_command, ChildGuard};
 const LINK_INDEX: u8 = 95;
 const CONNECTIONS: u32 = 2;
 const REQUESTS_PER_CONNECTION: u32 = 25;
-const OUTCOMES: [&str; 4] = ["traced", "untraced", "repeated", "abandoned"];
+const OUTCOMES: [&str; 5] = ["traced", "untraced", "repeated", "abandoned", "answered"];
 
 /// The capture's counters, by outcome, in `OUTCOMES` order.
-fn outcomes(agent: &Agent) -> anyhow::Result<[u64; 4]> {
+fn outcomes(agent: &Agent) -> anyhow::Result<[u64; 5]> {
     let text = agent.scrape()?;
     Ok(OUTCOMES.map(|outcome| {
         metric_sum(
@@ -113,7 +113,7 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
     let after_inside = outcomes(&agent)?;
     let outside = load_from(&scenario, &other)?;
     let after_outside = outcomes(&agent)?;
-    let delta = |a: [u64; 4], b: [u64; 4]| -> [u64; 4] { [0, 1, 2, 3].map(|i| b[i] - a[i]) };
+    let delta = |a: [u64; 5], b: [u64; 5]| -> [u64; 5] { [0, 1, 2, 3, 4].map(|i| b[i] - a[i]) };
     let (d_in, d_out) = (
         delta(before, after_inside),
         delta(after_inside, after_outside),
@@ -121,31 +121,37 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
     eprintln!("capture outcomes {OUTCOMES:?}: inside {d_in:?}, outside {d_out:?}");
 
     // Inside: each request's header seen leaving the client, and the
-    // origin's answer (which carries the trace on) seen arriving: two
-    // traced headers per request, each read exactly once. Tolerance: one
-    // message in a hundred may be abandoned instead (the per-CPU scratch
-    // buffer is busy when a softirq's ingress run interrupts an egress run
-    // on the same CPU), as in trace_capture.rs; none may go missing.
-    let messages = 2 * u64::from(CONNECTIONS * REQUESTS_PER_CONNECTION);
-    let [traced, untraced, _repeated, abandoned] = d_in;
+    // origin's answer seen arriving: the request read (traced), the response
+    // answered unread (its request carried the context), or read when the
+    // request's header was abandoned. Tolerance: one message in a hundred may
+    // be abandoned instead (the per-CPU scratch buffer is busy when a
+    // softirq's ingress run interrupts an egress run on the same CPU), as in
+    // trace_capture.rs; none may go missing.
+    let requests = u64::from(CONNECTIONS * REQUESTS_PER_CONNECTION);
+    let messages = 2 * requests;
+    let [traced, untraced, _repeated, abandoned, answered] = d_in;
     assert_eq!(
-        traced + abandoned,
+        traced + abandoned + answered,
         messages,
-        "every header of the captured client read once: {d_in:?}"
+        "every header of the captured client accounted for once: {d_in:?}"
     );
     assert!(
         abandoned * 100 <= messages,
         "at most 1% abandoned: {d_in:?}"
     );
+    assert!(
+        answered <= requests && answered + abandoned >= requests,
+        "the response of every traced request answered unread: {d_in:?}"
+    );
     assert_eq!(untraced, 0, "every header carried a traceparent: {d_in:?}");
     // Outside: no capture program runs for that cgroup's sockets at all,
     // so every counter stays exactly where it was (tolerance 0).
-    assert_eq!(d_out, [0; 4], "nothing captured outside the cgroup");
+    assert_eq!(d_out, [0; 5], "nothing captured outside the cgroup");
 
     // The agent answers for the captured client's traces, client side only
     // (the origin is outside the cgroup), and knows none of the others.
     let inside_ids = trace_ids(&inside);
-    assert_eq!(inside_ids.len() as u64, messages / 2, "{inside}");
+    assert_eq!(inside_ids.len() as u64, requests, "{inside}");
     // Events reach the index within a poll interval. A trace whose request
     // and response headers were both abandoned would be unknown: allowed
     // up to the abandoned count.
@@ -161,7 +167,7 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
                     }
                 }
             }
-            Ok((known.len() as u64 + abandoned >= messages / 2).then_some(()))
+            Ok((known.len() as u64 + abandoned >= requests).then_some(()))
         },
     )?;
     for e in known.values() {
@@ -177,7 +183,7 @@ fn capture_sees_only_the_listed_cgroup() -> anyhow::Result<()> {
         );
     }
     let outside_ids = trace_ids(&outside);
-    assert_eq!(outside_ids.len() as u64, messages / 2, "{outside}");
+    assert_eq!(outside_ids.len() as u64, requests, "{outside}");
     for id in &outside_ids {
         assert!(
             agent.explain(id)?.is_none(),

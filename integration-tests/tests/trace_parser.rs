@@ -409,3 +409,116 @@ fn a_server_older_than_the_agent_gets_its_owner_from_the_kernel() -> anyhow::Res
     drop(agent);
     Ok(())
 }
+
+/// Responses: one to a request that carried trace context is not read (the
+/// request's context governs the exchange, even if the response names
+/// another trace); one to a request without it is read, and its
+/// `traceparent` is where the trace starts, at both ends.
+#[test]
+fn a_response_is_read_only_when_its_request_had_no_trace() -> anyhow::Result<()> {
+    if !bpf_available("a_response_is_read_only_when_its_request_had_no_trace") {
+        return Ok(());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let log = TempPath::new("trace-parser-responses.jsonl");
+    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    let before = agent.scrape()?;
+    // Each response names its own trace: 201 answers the traced request,
+    // 202 the untraced one.
+    thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        for n in [201, 202] {
+            let mut got = Vec::new();
+            let mut b = [0u8; 512];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let k = s.read(&mut b)?;
+                if k == 0 {
+                    return Ok(());
+                }
+                got.extend_from_slice(&b[..k]);
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\ntraceparent: {}\r\n\r\n",
+                tp(n)
+            );
+            s.write_all(answer.as_bytes())?;
+        }
+        Ok(())
+    });
+    let mut client = TcpStream::connect(server)?;
+    let local = client.local_addr()?;
+    let traced = format!(
+        "GET /a HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
+        tp(200)
+    );
+    for request in [traced.as_str(), "GET /b HTTP/1.1\r\nHost: vigil\r\n\r\n"] {
+        client.write_all(request.as_bytes())?;
+        let mut got = Vec::new();
+        let mut b = [0u8; 512];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let k = client.read(&mut b)?;
+            anyhow::ensure!(k > 0, "server closed");
+            got.extend_from_slice(&b[..k]);
+        }
+    }
+    // (local end, direction, message, trace id) of this connection's records.
+    let ours = |events: &[Value]| -> Vec<(String, String, String, String)> {
+        let field = |e: &Value, k: &str| e[k].as_str().unwrap_or("none").to_owned();
+        events
+            .iter()
+            .filter(|e| e["kind"] == "trace_context")
+            .filter(|e| {
+                (e["local"] == server.to_string() && e["remote"] == local.to_string())
+                    || (e["local"] == local.to_string() && e["remote"] == server.to_string())
+            })
+            .map(|e| {
+                let end = if e["local"] == server.to_string() {
+                    "server"
+                } else {
+                    "client"
+                };
+                (
+                    end.into(),
+                    field(e, "direction"),
+                    field(e, "message"),
+                    field(e, "trace_id"),
+                )
+            })
+            .collect()
+    };
+    let records = wait_for(Duration::from_secs(10), "the connection's records", || {
+        let r = ours(&read_event_log(&log.0)?);
+        Ok((r.len() >= 4).then_some(r))
+    })?;
+    let mut records = records;
+    records.sort();
+    let rec = |end: &str, dir: &str, msg: &str, n: u32| {
+        (end.to_owned(), dir.to_owned(), msg.to_owned(), trace(n))
+    };
+    let mut want = vec![
+        rec("client", "sent", "request", 200),
+        rec("server", "received", "request", 200),
+        rec("client", "received", "response", 202),
+        rec("server", "sent", "response", 202),
+    ];
+    want.sort();
+    assert_eq!(
+        records, want,
+        "trace 201 (the traced request's answer) is never read"
+    );
+    let answered = metric_sum(
+        &agent.scrape()?,
+        "vigil_http_capture_messages_total",
+        &[("outcome", "answered")],
+    ) - metric_sum(
+        &before,
+        "vigil_http_capture_messages_total",
+        &[("outcome", "answered")],
+    );
+    assert!(
+        answered >= 2,
+        "the traced request's response answered at both ends: {answered}"
+    );
+    Ok(())
+}

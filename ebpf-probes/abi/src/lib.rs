@@ -237,8 +237,11 @@ pub enum CaptureOutcome {
     /// A header given up on: longer than the capture limit, or its next
     /// segment arrived out of order.
     Abandoned = 3,
+    /// A response to a request that carried trace context: not read, the
+    /// request's context governs the exchange.
+    Answered = 4,
 }
-pub const CAPTURE_OUTCOMES: u32 = 4;
+pub const CAPTURE_OUTCOMES: u32 = 5;
 
 /// A message with trace context crossed a socket. Kept small (one
 /// record per traced message, each a fresh stretch of ring memory to write):
