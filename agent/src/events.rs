@@ -7,7 +7,7 @@ use vigil_abi::{
     AF_INET, AF_INET6, COUNT_UNKNOWN, DIR_SENT, MSG_REQUEST,
 };
 
-use crate::correlate::traceparent::Stamp;
+use crate::{cookie_map::CookieMap, correlate::traceparent::Stamp};
 
 /// A connection's endpoints, `local` being this node's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,7 +20,8 @@ pub struct Endpoints {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    /// Shared: a traced socket's owner is copied into each of its messages.
+    pub comm: std::sync::Arc<str>,
     /// cgroup v2 id (inode of the cgroup directory); 0 when unknown.
     pub cgroup_id: u64,
     /// How the owner was learnt; for diagnostics and tests.
@@ -154,9 +155,9 @@ fn addr(family: u16, bytes: [u8; 16], port: u16) -> Result<SocketAddr, DecodeErr
     Ok(SocketAddr::new(ip, port))
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn comm(raw: &[u8; 16]) -> std::sync::Arc<str> {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    String::from_utf8_lossy(&raw[..end]).into()
 }
 
 impl Owner {
@@ -401,49 +402,29 @@ impl RingRecord {
 }
 
 /// Sockets announced by `TraceSocket` records, to join the `TraceMessage`s
-/// that follow with. Bounded without a clock: entries live in two
-/// generations, a hit moves an entry to the current one, and when the
-/// current one is full the previous one is forgotten. A socket that sent no
+/// that follow with. Bounded like every `CookieMap`: a socket that sent no
 /// traced message for two generations' worth of new sockets is gone; its
 /// next message cannot be placed (counted by the caller).
 pub struct TraceSockets {
-    current: std::collections::HashMap<u64, TraceSocket>,
-    previous: std::collections::HashMap<u64, TraceSocket>,
-    per_generation: usize,
+    sockets: CookieMap<TraceSocket>,
 }
 
 impl TraceSockets {
     /// Holds up to `capacity` sockets (at least 2).
     pub fn new(capacity: usize) -> Self {
         TraceSockets {
-            current: std::collections::HashMap::new(),
-            previous: std::collections::HashMap::new(),
-            per_generation: (capacity / 2).max(1),
+            sockets: CookieMap::new(capacity),
         }
     }
 
     pub fn insert(&mut self, socket: TraceSocket) {
-        self.previous.remove(&socket.cookie);
-        self.make_room();
-        self.current.insert(socket.cookie, socket);
+        self.sockets.insert(socket.cookie, socket);
     }
 
     /// The message with its socket, or None when the socket is unknown.
     pub fn join(&mut self, m: TraceMessage) -> Option<TraceEvent> {
-        if let Some(s) = self.current.get(&m.cookie) {
-            return Some(TraceEvent::join(m, s));
-        }
-        let s = self.previous.remove(&m.cookie)?;
-        let e = TraceEvent::join(m, &s);
-        self.make_room();
-        self.current.insert(s.cookie, s);
-        Some(e)
-    }
-
-    fn make_room(&mut self) {
-        if self.current.len() >= self.per_generation {
-            self.previous = std::mem::take(&mut self.current);
-        }
+        let s = self.sockets.get(m.cookie)?;
+        Some(TraceEvent::join(m, s))
     }
 }
 
@@ -568,7 +549,7 @@ mod tests {
         );
         let owner = e.owner.clone().expect("owner known");
         assert_eq!(
-            (owner.pid, owner.comm.as_str(), owner.cgroup_id),
+            (owner.pid, &*owner.comm, owner.cgroup_id),
             (99, "origin", 5)
         );
         assert_eq!(e.counted_segments(), 3);
@@ -640,7 +621,7 @@ mod tests {
         };
         assert!(e.at_listener());
         assert_eq!(e.reason, 40);
-        assert_eq!(e.owner.expect("owner").comm, "origin");
+        assert_eq!(&*e.owner.expect("owner").comm, "origin");
         assert_eq!(
             e.endpoints.expect("socket").local,
             "198.18.1.1:8080".parse().expect("addr")
@@ -720,7 +701,7 @@ mod tests {
         );
         assert_eq!(e.endpoints.local, "198.18.1.1:8080".parse().expect("addr"));
         assert!(e.server_side(), "received a request");
-        assert_eq!(e.owner.expect("owner").comm, "origin");
+        assert_eq!(&*e.owner.expect("owner").comm, "origin");
         assert!(matches!(
             RingRecord::decode(&message[..40]),
             Err(DecodeError::Size { .. })

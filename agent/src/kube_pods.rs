@@ -113,6 +113,8 @@ pub struct PodDirectory {
     pods: HashMap<String, PodMeta>,
     by_ip: HashMap<IpAddr, String>,
     refused: u64,
+    /// Bumped on every change, so what was looked up here can be cached.
+    generation: u64,
 }
 
 impl Default for PodDirectory {
@@ -128,6 +130,7 @@ impl PodDirectory {
             pods: HashMap::new(),
             by_ip: HashMap::new(),
             refused: 0,
+            generation: 0,
         }
     }
 
@@ -154,6 +157,12 @@ impl PodDirectory {
         self.pods.is_empty()
     }
 
+    /// Changes whenever the directory does: answers read from it at the same
+    /// generation are still its answers.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Pods turned away because the directory was full, since it was made.
     pub fn refused(&self) -> u64 {
         self.refused
@@ -170,6 +179,7 @@ impl PodDirectory {
         }
         self.map_ips(&pod);
         self.pods.insert(pod.uid.clone(), pod);
+        self.generation += 1;
         true
     }
 
@@ -178,6 +188,7 @@ impl PodDirectory {
         match self.pods.remove(uid) {
             Some(old) => {
                 self.unmap_ips(&old);
+                self.generation += 1;
                 true
             }
             None => false,
@@ -189,6 +200,7 @@ impl PodDirectory {
     pub fn replace_all(&mut self, pods: impl IntoIterator<Item = PodMeta>) {
         self.pods.clear();
         self.by_ip.clear();
+        self.generation += 1;
         for pod in pods {
             self.apply(pod);
         }

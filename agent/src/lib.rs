@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cardinality;
 pub mod clock;
 pub mod config;
+pub mod cookie_map;
 pub mod correlate;
 pub mod enrich;
 pub mod events;

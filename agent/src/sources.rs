@@ -42,9 +42,9 @@ impl RingSource {
         } = self;
         let mut drain = Drain {
             tx,
+            records: RecordDecoder::new(Arc::clone(&stats), trace_sockets),
             stats,
             batch_max: batch_max_events,
-            sockets: TraceSockets::new(trace_sockets),
         };
         let mut tick = tokio::time::interval(poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -69,12 +69,64 @@ impl RingSource {
     }
 }
 
-/// Decodes the ring's records into batches for the state owner.
+/// Drains the ring into batches for the state owner.
 struct Drain {
     tx: mpsc::Sender<Batch>,
     stats: Arc<PipelineStats>,
     batch_max: usize,
+    records: RecordDecoder,
+}
+
+/// Turns ring records into events: decodes each, joins traced messages with
+/// their announced sockets, and counts what it received and could not place.
+pub struct RecordDecoder {
+    stats: Arc<PipelineStats>,
     sockets: TraceSockets,
+}
+
+impl RecordDecoder {
+    /// `trace_sockets`: sockets of traced messages remembered for joining.
+    pub fn new(stats: Arc<PipelineStats>, trace_sockets: usize) -> RecordDecoder {
+        RecordDecoder {
+            stats,
+            sockets: TraceSockets::new(trace_sockets),
+        }
+    }
+
+    /// The event a record makes, if any (socket announcements and records
+    /// that do not decode make none).
+    pub fn decode(&mut self, bytes: &[u8]) -> Option<KernelEvent> {
+        let stats = &self.stats;
+        let event = match RingRecord::decode(bytes) {
+            Ok(RingRecord::Event(e)) => e,
+            Ok(RingRecord::TraceSocket(s)) => {
+                self.sockets.insert(s);
+                return None;
+            }
+            Ok(RingRecord::TraceMessage(m)) => {
+                let Some(joined) = self.sockets.join(m) else {
+                    stats.trace_unplaced.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                KernelEvent::Trace(joined)
+            }
+            Err(err) => {
+                stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %err, "undecodable ring record");
+                return None;
+            }
+        };
+        let counter = match &event {
+            KernelEvent::Retransmit(r) => match r.kind {
+                RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
+                RetransmitKind::SynAck => &stats.received_synack,
+            },
+            KernelEvent::Drop(_) => &stats.received_drop,
+            KernelEvent::Trace(_) => &stats.received_trace,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Some(event)
+    }
 }
 
 impl Drain {
@@ -92,38 +144,11 @@ impl Drain {
     }
 
     fn run(&mut self, ring: &mut RingBuf<MapData>) {
-        let stats = Arc::clone(&self.stats);
         let mut batch = Vec::with_capacity(self.batch_max);
         while let Some(item) = ring.next() {
-            let event = match RingRecord::decode(&item) {
-                Ok(RingRecord::Event(e)) => Some(e),
-                Ok(RingRecord::TraceSocket(s)) => {
-                    self.sockets.insert(s);
-                    None
-                }
-                Ok(RingRecord::TraceMessage(m)) => {
-                    let joined = self.sockets.join(m).map(KernelEvent::Trace);
-                    if joined.is_none() {
-                        stats.trace_unplaced.fetch_add(1, Ordering::Relaxed);
-                    }
-                    joined
-                }
-                Err(err) => {
-                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!(error = %err, "undecodable ring record");
-                    None
-                }
+            let Some(e) = self.records.decode(&item) else {
+                continue;
             };
-            let Some(e) = event else { continue };
-            let counter = match &e {
-                KernelEvent::Retransmit(r) => match r.kind {
-                    RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
-                    RetransmitKind::SynAck => &stats.received_synack,
-                },
-                KernelEvent::Drop(_) => &stats.received_drop,
-                KernelEvent::Trace(_) => &stats.received_trace,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
             batch.push(e);
             if batch.len() >= self.batch_max {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_max));

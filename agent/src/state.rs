@@ -342,24 +342,23 @@ impl StateOwner {
         info!(events = processed, "state owner drained all events");
     }
 
-    fn apply_events(&mut self, mut batch: Batch) {
-        let identities: Vec<Identity> = batch
+    /// Attributes, aggregates and logs one batch of kernel events.
+    pub fn apply_events(&mut self, mut batch: Batch) {
+        let identities: Vec<Arc<Identity>> = batch
             .iter_mut()
             .map(|e| match e {
                 KernelEvent::Retransmit(r) => {
                     let key = SocketKey::of_retransmit(r);
-                    self.enricher.attribute(&mut r.owner, key)
+                    Arc::new(self.enricher.attribute(&mut r.owner, key))
                 }
                 KernelEvent::Drop(d) => {
                     let key = SocketKey::of_drop(d);
-                    self.enricher.attribute(&mut d.owner, key)
+                    Arc::new(self.enricher.attribute(&mut d.owner, key))
                 }
                 KernelEvent::Trace(t) => {
                     let key = SocketKey::connection(t.netns, t.endpoints);
-                    let who = self.enricher.attribute(&mut t.owner, key);
-                    if t.owner.is_some() || !t.server_side() {
-                        who
-                    } else {
+                    self.enricher.find_owner(&mut t.owner, key);
+                    if t.owner.is_none() && t.server_side() {
                         // A request that arrived before accept(): the socket
                         // has no owner yet; its listener's process takes it.
                         // The kernel already does this for listeners it saw
@@ -368,7 +367,12 @@ impl StateOwner {
                             netns: t.netns,
                             port: t.endpoints.local.port(),
                         };
-                        self.enricher.attribute(&mut t.owner, key)
+                        self.enricher.find_owner(&mut t.owner, key);
+                    }
+                    match &t.owner {
+                        // One message per request: the identity is the socket's.
+                        Some(o) => self.enricher.identify_socket(t.cookie, o),
+                        None => Arc::default(),
                     }
                 }
             })
@@ -427,7 +431,7 @@ impl StateOwner {
 
     /// Which connections carried each trace, and the kernel events stamped
     /// with it, for `vigil explain`.
-    fn index_traces(&self, batch: &Batch, identities: &[Identity], registry: &mut Registry) {
+    fn index_traces(&self, batch: &Batch, identities: &[Arc<Identity>], registry: &mut Registry) {
         for (e, who) in batch.iter().zip(identities) {
             let (stamp, event) = match e {
                 KernelEvent::Trace(t) => {
@@ -580,7 +584,7 @@ impl StateOwner {
 
     /// One OTLP log record per retransmit that the kernel counted and per
     /// drop; a full queue drops the record and counts it.
-    fn export_logs(&self, batch: &Batch, identities: &[Identity], health: &SocketHealth) {
+    fn export_logs(&self, batch: &Batch, identities: &[Arc<Identity>], health: &SocketHealth) {
         let Some(tx) = &self.otlp_logs else { return };
         for (e, who) in batch.iter().zip(identities) {
             let record = match e {

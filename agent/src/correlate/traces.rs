@@ -3,10 +3,7 @@
 //! drops stamped with it. Bounded in traces (the oldest go first) and in
 //! connections and events per trace.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,9 +76,8 @@ struct Connection {
     server: bool,
     span_id: [u8; 8],
     first_seen_unix_ns: u64,
-    pid: Option<u32>,
-    process: Option<String>,
-    pod_uid: Option<String>,
+    /// Shared with every other message of the socket.
+    who: Arc<Identity>,
 }
 
 impl Trace {
@@ -100,9 +96,9 @@ impl Trace {
                     role: if c.server { "server" } else { "client" }.into(),
                     span_id: hex::encode(c.span_id),
                     first_seen_unix_ns: c.first_seen_unix_ns,
-                    pid: c.pid,
-                    process: c.process.clone(),
-                    pod_uid: c.pod_uid.clone(),
+                    pid: c.who.pid,
+                    process: c.who.comm.clone(),
+                    pod_uid: c.who.pod.as_ref().map(|p| p.uid.clone()),
                 })
                 .collect(),
             events: self.events.clone(),
@@ -113,8 +109,13 @@ impl Trace {
 
 #[derive(Debug)]
 pub struct TraceIndex {
-    traces: HashMap<[u8; 16], Trace>,
-    order: VecDeque<[u8; 16]>,
+    /// Trace id -> its slot in `slots`.
+    traces: HashMap<[u8; 16], usize>,
+    /// Up to `capacity` traces in the order they were first seen, a ring:
+    /// the oldest's slot (and its allocations) goes to the next new trace.
+    slots: Vec<([u8; 16], Trace)>,
+    /// The slot of the oldest trace once `slots` is full.
+    oldest: usize,
     capacity: usize,
     /// Traces forgotten to make room.
     pub evicted: u64,
@@ -126,7 +127,8 @@ impl TraceIndex {
     pub fn new(capacity: usize) -> TraceIndex {
         TraceIndex {
             traces: HashMap::new(),
-            order: VecDeque::new(),
+            slots: Vec::new(),
+            oldest: 0,
             capacity: capacity.max(1),
             evicted: 0,
             invalid_stamps: 0,
@@ -134,26 +136,47 @@ impl TraceIndex {
     }
 
     fn entry(&mut self, id: [u8; 16], at_unix_ns: u64) -> &mut Trace {
-        if !self.traces.contains_key(&id) {
-            while self.traces.len() >= self.capacity {
-                let Some(oldest) = self.order.pop_front() else {
-                    break;
-                };
-                self.traces.remove(&oldest);
-                self.evicted += 1;
+        let slot = match self.traces.entry(id) {
+            std::collections::hash_map::Entry::Occupied(o) => *o.get(),
+            std::collections::hash_map::Entry::Vacant(v) if self.slots.len() < self.capacity => {
+                v.insert(self.slots.len());
+                self.slots.push((
+                    id,
+                    Trace {
+                        first_seen_unix_ns: at_unix_ns,
+                        connections: Vec::new(),
+                        events: Vec::new(),
+                        omitted: 0,
+                    },
+                ));
+                self.slots.len() - 1
             }
-            self.order.push_back(id);
-        }
-        self.traces.entry(id).or_insert_with(|| Trace {
-            first_seen_unix_ns: at_unix_ns,
-            connections: Vec::new(),
-            events: Vec::new(),
-            omitted: 0,
-        })
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let slot = self.oldest;
+                v.insert(slot);
+                self.oldest = (slot + 1) % self.capacity;
+                let (old_id, t) = &mut self.slots[slot];
+                self.traces.remove(old_id);
+                self.evicted += 1;
+                *old_id = id;
+                t.first_seen_unix_ns = at_unix_ns;
+                t.connections.clear();
+                t.events.clear();
+                t.omitted = 0;
+                slot
+            }
+        };
+        &mut self.slots[slot].1
     }
 
     /// A message of a trace crossed a connection.
-    pub fn message(&mut self, e: &TraceEvent, ctx: &TraceContext, at_unix_ns: u64, who: &Identity) {
+    pub fn message(
+        &mut self,
+        e: &TraceEvent,
+        ctx: &TraceContext,
+        at_unix_ns: u64,
+        who: &Arc<Identity>,
+    ) {
         let t = self.entry(ctx.trace_id, at_unix_ns);
         t.first_seen_unix_ns = t.first_seen_unix_ns.min(at_unix_ns);
         if t.connections.iter().any(|c| c.cookie == e.cookie) {
@@ -171,9 +194,7 @@ impl TraceIndex {
             server: e.server_side(),
             span_id: ctx.span_id,
             first_seen_unix_ns: at_unix_ns,
-            pid: who.pid,
-            process: who.comm.clone(),
-            pod_uid: who.pod.as_ref().map(|p| p.uid.clone()),
+            who: Arc::clone(who),
         });
     }
 
@@ -189,7 +210,9 @@ impl TraceIndex {
 
     /// What the index holds of a trace, for `vigil explain`.
     pub fn get(&self, trace_id: &[u8; 16]) -> Option<TraceRecordOut> {
-        self.traces.get(trace_id).map(|t| t.out(trace_id))
+        self.traces
+            .get(trace_id)
+            .map(|&slot| self.slots[slot].1.out(trace_id))
     }
 
     pub fn len(&self) -> usize {
@@ -237,7 +260,7 @@ mod tests {
     fn bounded_and_oldest_first() {
         let mut ix = TraceIndex::new(2);
         for n in 1..=3 {
-            ix.message(&message(u64::from(n), n), &ctx(n), 10, &Identity::default());
+            ix.message(&message(u64::from(n), n), &ctx(n), 10, &Arc::default());
         }
         assert_eq!(ix.len(), 2);
         assert_eq!(ix.evicted, 1);
@@ -246,8 +269,45 @@ mod tests {
         assert_eq!(t.connections.len(), 1);
         assert_eq!(t.connections[0].role, "server");
         // The same connection again is not a second connection.
-        ix.message(&message(3, 3), &ctx(3), 20, &Identity::default());
+        ix.message(&message(3, 3), &ctx(3), 20, &Arc::default());
         assert_eq!(ix.get(&[3; 16]).map(|t| t.connections.len()), Some(1));
+    }
+
+    /// A slot handed from the oldest trace to a new one keeps nothing of it.
+    #[test]
+    fn reused_slots_start_empty() {
+        let mut ix = TraceIndex::new(2);
+        ix.message(&message(1, 1), &ctx(1), 10, &Arc::default());
+        ix.event(
+            &ctx(1),
+            TraceKernelEvent {
+                at_unix_ns: 11,
+                kind: "drop".into(),
+                cookie: 1,
+                local: None,
+                remote: None,
+                span_id: String::new(),
+                segments: 0,
+                reason: Some("x".into()),
+            },
+        );
+        for n in 2..=5 {
+            ix.message(
+                &message(u64::from(n), n),
+                &ctx(n),
+                u64::from(n) * 100,
+                &Arc::default(),
+            );
+        }
+        assert_eq!((ix.len(), ix.evicted), (2, 3));
+        for n in [4u8, 5] {
+            let t = ix.get(&[n; 16]).expect("kept");
+            assert_eq!(t.first_seen_unix_ns, u64::from(n) * 100);
+            assert_eq!(t.connections.len(), 1);
+            assert_eq!(t.connections[0].cookie, u64::from(n));
+            assert!(t.events.is_empty());
+        }
+        assert!(ix.get(&[1; 16]).is_none() && ix.get(&[3; 16]).is_none());
     }
 
     #[test]

@@ -157,6 +157,11 @@ impl CgroupResolver {
         found
     }
 
+    /// A pair learnt elsewhere: by a benchmark or test whose cgroups do not exist.
+    pub fn learn(&mut self, id: u64, path: String) {
+        self.remember(id, path);
+    }
+
     fn remember(&mut self, id: u64, path: String) {
         if self.cache.len() >= self.capacity && !self.cache.contains_key(&id) {
             // Bounded: forget everything rather than track recency; refills are cheap.

@@ -6,6 +6,7 @@
 
 pub mod cgroups;
 pub mod proc_sockets;
+pub mod socket_identities;
 pub mod workload;
 
 use std::{
@@ -24,6 +25,7 @@ use crate::{
 };
 use cgroups::CgroupResolver;
 use proc_sockets::ProcSocketTable;
+use socket_identities::{SocketIdentities, SOCKET_IDENTITY_ENTRIES};
 
 /// Scans /proc without stalling the async runtime: a node with thousands of
 /// processes takes a while, and the other tasks move to another worker meanwhile.
@@ -105,6 +107,7 @@ pub struct Enricher {
     last_scan: Instant,
     rescan_interval: Duration,
     pub cgroups: CgroupResolver,
+    identities: SocketIdentities,
 }
 
 impl Enricher {
@@ -131,6 +134,7 @@ impl Enricher {
             last_scan: Instant::now(),
             rescan_interval,
             cgroups,
+            identities: SocketIdentities::new(SOCKET_IDENTITY_ENTRIES),
         }
     }
 
@@ -206,27 +210,59 @@ impl Enricher {
 
     /// Fills `owner` when the kernel did not know it, and resolves the identity.
     pub fn attribute(&mut self, owner: &mut Option<Owner>, key: SocketKey) -> Identity {
+        self.find_owner(owner, key);
+        owner
+            .as_ref()
+            .map_or_else(Identity::default, |o| self.identify(o))
+    }
+
+    /// Fills `owner` from /proc when the kernel did not know it.
+    pub fn find_owner(&mut self, owner: &mut Option<Owner>, key: SocketKey) {
         if owner.is_none() && key != SocketKey::Unknown {
             *owner = self.owner_from_proc(key);
             if owner.is_none() && self.rescan_if_due() {
                 *owner = self.owner_from_proc(key);
             }
         }
-        match owner {
-            Some(o) => {
-                let cgroup = self.cgroups.path_of(o.cgroup_id);
-                let pod = cgroup
-                    .as_deref()
-                    .and_then(workload::parse)
-                    .map(|p| self.name_pod(p));
-                Identity {
-                    pid: Some(o.pid),
-                    comm: Some(o.comm.clone()),
-                    pod,
-                    cgroup,
-                }
-            }
-            None => Identity::default(),
+    }
+
+    /// The identity of socket `cookie`'s `owner`, resolved once per socket
+    /// and owner (and again when the pod directory changes).
+    pub fn identify_socket(&mut self, cookie: u64, owner: &Owner) -> Arc<Identity> {
+        let generation = self.pods_generation();
+        if let Some(who) = generation.and_then(|g| self.identities.get(cookie, owner, g)) {
+            return who;
+        }
+        let who = Arc::new(self.identify(owner));
+        // A cgroup not resolved yet may be later (after a walk): ask again then.
+        let settled = who.cgroup.is_some() || owner.cgroup_id == 0;
+        if let (Some(g), true) = (generation, settled) {
+            self.identities
+                .insert(cookie, owner.clone(), g, Arc::clone(&who));
+        }
+        who
+    }
+
+    /// The pod directory's generation, read before naming pods from it; 0
+    /// without a directory, None when it cannot be read.
+    fn pods_generation(&self) -> Option<u64> {
+        match &self.pods {
+            Some(dir) => dir.read().ok().map(|d| d.generation()),
+            None => Some(0),
+        }
+    }
+
+    fn identify(&mut self, o: &Owner) -> Identity {
+        let cgroup = self.cgroups.path_of(o.cgroup_id);
+        let pod = cgroup
+            .as_deref()
+            .and_then(workload::parse)
+            .map(|p| self.name_pod(p));
+        Identity {
+            pid: Some(o.pid),
+            comm: Some(o.comm.to_string()),
+            pod,
+            cgroup,
         }
     }
 }
@@ -262,6 +298,54 @@ mod tests {
             .expect("a pod path");
         let other = enricher.name_pod(other);
         assert_eq!((other.namespace, other.name), (None, None));
+    }
+
+    /// A socket's identity is resolved once, and again when the socket is
+    /// announced with another owner or the pod directory learns its pod.
+    #[test]
+    fn socket_identities_follow_the_owner_and_the_directory() {
+        let uid = "5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718";
+        let mut enricher = Enricher::bootstrap(Duration::from_secs(3600), 16);
+        enricher
+            .cgroups
+            .learn(7, format!("/kubepods/burstable/pod{uid}"));
+        enricher
+            .cgroups
+            .learn(8, "/system.slice/nginx.service".into());
+        let dir = Arc::new(RwLock::new(PodDirectory::new(8)));
+        enricher.pods = Some(Arc::clone(&dir));
+        let owner = |pid, cgroup_id| Owner {
+            pid,
+            comm: "origin".into(),
+            cgroup_id,
+            source: crate::events::OwnerSource::Kernel,
+        };
+        let first = enricher.identify_socket(1, &owner(10, 7));
+        assert!(
+            Arc::ptr_eq(&first, &enricher.identify_socket(1, &owner(10, 7))),
+            "cached"
+        );
+        let moved = enricher.identify_socket(1, &owner(11, 8));
+        assert_eq!(
+            (moved.pid, moved.cgroup.as_deref(), moved.pod.as_ref()),
+            (Some(11), Some("/system.slice/nginx.service"), None),
+            "re-announced with another owner"
+        );
+        assert_eq!(*enricher.identify_socket(2, &owner(10, 7)), *first);
+        assert!(dir.write().expect("lock").apply(PodMeta {
+            uid: uid.into(),
+            name: "origin-7d9f".into(),
+            namespace: "video".into(),
+            labels: Default::default(),
+            ips: vec![],
+            host_network: false,
+        }));
+        let named = enricher.identify_socket(2, &owner(10, 7));
+        assert_eq!(
+            named.pod.as_ref().and_then(|p| p.name.as_deref()),
+            Some("origin-7d9f"),
+            "named once the directory knows the pod"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ impl ProcOwner {
     pub fn to_owner(&self, cgroup_id: u64) -> Owner {
         Owner {
             pid: self.pid,
-            comm: self.comm.clone(),
+            comm: self.comm.as_str().into(),
             cgroup_id,
             source: OwnerSource::Proc,
         }
