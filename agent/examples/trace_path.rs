@@ -9,7 +9,8 @@
 //!     target/release/examples/trace_path 200000
 //! ```
 //!
-//! Without valgrind it prints wall time per record.
+//! It prints one JSON line: records, wall time per record, traces indexed.
+//! `cargo xtask bench` runs it (both ways) for BENCHMARKS.md.
 
 use std::{
     sync::{Arc, Mutex, RwLock},
@@ -156,10 +157,15 @@ fn run(records: &[Vec<u8>], decoder: &mut RecordDecoder, state: &mut StateOwner)
     events
 }
 
-fn main() {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .map_or(200_000, |a| a.parse().expect("records: a number"));
+fn main() -> std::process::ExitCode {
+    let n: u64 = match std::env::args().nth(1).map(|a| a.parse()) {
+        None => 200_000,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            eprintln!("usage: trace_path [RECORDS]   (a positive number; default 200000)");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let mut records: Vec<Vec<u8>> = (1..=SOCKETS).map(socket).collect();
     records.extend((0..n).map(|i| request(i, 1 + i % SOCKETS)));
     let stats = Arc::new(PipelineStats::default());
@@ -168,10 +174,15 @@ fn main() {
     let start = Instant::now();
     let events = run(&records, &mut decoder, &mut state);
     let elapsed = start.elapsed();
-    assert_eq!(events as u64, n, "every record joined its socket");
-    let traces = state.registry.lock().expect("registry").traces.len();
+    if events as u64 != n {
+        eprintln!("only {events} of {n} records joined their socket: the harness is broken");
+        return std::process::ExitCode::FAILURE;
+    }
+    let traces = state.registry.lock().map_or(0, |r| r.traces.len());
+    // One JSON line, for `cargo xtask bench`.
     println!(
-        "{n} trace records: {:.0} ns/record ({traces} traces indexed)",
+        "{{\"records\":{n},\"ns_per_record\":{:.1},\"traces_indexed\":{traces}}}",
         elapsed.as_nanos() as f64 / n as f64
     );
+    std::process::ExitCode::SUCCESS
 }

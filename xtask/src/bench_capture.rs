@@ -531,7 +531,7 @@ fn run_loadgen(
     Ok(run)
 }
 
-fn median(values: &[f64]) -> f64 {
+pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -541,7 +541,7 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn min_max(values: &[f64]) -> (f64, f64) {
+pub fn min_max(values: &[f64]) -> (f64, f64) {
     values
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
@@ -734,7 +734,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     drop(origin_cgroup);
     let load = [load_at_start, load_average()];
 
-    let report = render(
+    let mut report = render(
         args,
         rounds,
         secs,
@@ -745,6 +745,19 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
         &root,
         load,
     );
+    let agent_cost = crate::bench_agent::measure(bin, args.smoke)?;
+    let rates: Vec<(&str, f64)> = WORKLOADS
+        .iter()
+        .zip(&runs)
+        .map(|(w, modes)| {
+            let rps: Vec<f64> = modes[Capture::On.index()]
+                .iter()
+                .map(|(run, _)| run.ok as f64 / run.secs)
+                .collect();
+            (w.label, median(&rps))
+        })
+        .collect();
+    crate::bench_agent::render(&mut report, &agent_cost, &rates);
     println!("{SECTION}\n\n{report}");
     if args.write {
         crate::bench::write_section(SECTION, &report)?;

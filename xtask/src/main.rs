@@ -2,6 +2,7 @@
 //! (idempotent, seconds when already done); `demo` and `test` run it first.
 
 mod bench;
+mod bench_agent;
 mod bench_capture;
 mod demo;
 mod empty_prog;
@@ -78,6 +79,7 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
         "--exclude",
         "vigil-probes",
         "--bins",
+        "--examples",
     ]);
     if release {
         cmd.arg("--release");
