@@ -66,6 +66,21 @@ fn serve(listener: TcpListener) {
     }
 }
 
+/// Reads from `s` until a blank line ends a message head; false if the peer
+/// closed first. (The heads here carry no body and nothing follows them.)
+fn read_head(s: &mut TcpStream) -> std::io::Result<bool> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 512];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = s.read(&mut b)?;
+        if k == 0 {
+            return Ok(false);
+        }
+        got.extend_from_slice(&b[..k]);
+    }
+    Ok(true)
+}
+
 /// One request as segments: each part is written on its own (TCP_NODELAY,
 /// with a pause, so each is one segment on loopback).
 struct Request(Vec<Vec<u8>>);
@@ -101,13 +116,7 @@ fn run_case(server: SocketAddr, case: &Case) -> anyhow::Result<u16> {
             thread::sleep(Duration::from_millis(30));
         }
         if case.complete {
-            let mut got = Vec::new();
-            let mut b = [0u8; 256];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut b)?;
-                anyhow::ensure!(n > 0, "{}: server closed", case.name);
-                got.extend_from_slice(&b[..n]);
-            }
+            anyhow::ensure!(read_head(&mut s)?, "{}: server closed", case.name);
         }
     }
     let _ = s.shutdown(Shutdown::Both);
@@ -429,14 +438,8 @@ fn a_response_is_read_only_when_its_request_had_no_trace() -> anyhow::Result<()>
     thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = listener.accept()?;
         for n in [201, 202] {
-            let mut got = Vec::new();
-            let mut b = [0u8; 512];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let k = s.read(&mut b)?;
-                if k == 0 {
-                    return Ok(());
-                }
-                got.extend_from_slice(&b[..k]);
+            if !read_head(&mut s)? {
+                return Ok(());
             }
             let answer = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: 0\r\ntraceparent: {}\r\n\r\n",
@@ -454,13 +457,7 @@ fn a_response_is_read_only_when_its_request_had_no_trace() -> anyhow::Result<()>
     );
     for request in [traced.as_str(), "GET /b HTTP/1.1\r\nHost: vigil\r\n\r\n"] {
         client.write_all(request.as_bytes())?;
-        let mut got = Vec::new();
-        let mut b = [0u8; 512];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let k = client.read(&mut b)?;
-            anyhow::ensure!(k > 0, "server closed");
-            got.extend_from_slice(&b[..k]);
-        }
+        anyhow::ensure!(read_head(&mut client)?, "server closed");
     }
     // (local end, direction, message, trace id) of this connection's records.
     let ours = |events: &[Value]| -> Vec<(String, String, String, String)> {

@@ -14,6 +14,8 @@ const RECORDS: u64 = 200_000;
 const RUNS: usize = 3;
 
 pub struct AgentCost {
+    /// Built with optimizations (not so in smoke runs).
+    release: bool,
     records: u64,
     ns_per_record: Vec<f64>,
     /// None: valgrind is not installed.
@@ -43,6 +45,7 @@ pub fn measure(bin: &Path, smoke: bool) -> anyhow::Result<AgentCost> {
     }
     let instructions_per_record = callgrind(&harness, records)?.map(|i| i as f64 / records as f64);
     Ok(AgentCost {
+        release: !smoke,
         records,
         ns_per_record,
         instructions_per_record,
@@ -89,12 +92,13 @@ pub fn render(out: &mut String, cost: &AgentCost, requests_per_second: &[(&str, 
     let _ = writeln!(out, "\n### Agent cost per traced message\n");
     let _ = writeln!(
         out,
-        "`cargo run --release -p vigil --example trace_path -- {}`: {} trace records (a new \
+        "`cargo run{} -p vigil --example trace_path -- {}`: {} trace records (a new \
          trace each, on 8 keep-alive sockets whose owner the kernel knows, in a Kubernetes \
          pod's cgroup) through the agent's code for them: decode, join with the socket, \
          identity, trace index. Wall time is the median of {} runs; instructions are callgrind's \
          count for the same run (deterministic). At capture on, each request is one record at \
          the origin and one at the client.\n",
+        if cost.release { " --release" } else { "" },
         cost.records,
         cost.records,
         cost.ns_per_record.len()

@@ -272,20 +272,25 @@ mod tests {
     use super::*;
     use crate::kube_pods::PodMeta;
 
+    /// A pod of the directory, with its IPs.
+    fn pod(uid: &str, namespace: &str, name: &str, ips: &[&str]) -> PodMeta {
+        PodMeta {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: namespace.into(),
+            labels: Default::default(),
+            ips: ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
+            host_network: false,
+        }
+    }
+
     /// A pod found by its cgroup gets its namespace and name from the API's
     /// directory; one the directory does not know keeps only its uid.
     #[test]
     fn pods_are_named_from_the_directory() {
         let uid = "5f3a2b1c-9d8e-4f70-a1b2-c3d4e5f60718";
         let mut dir = PodDirectory::new(8);
-        assert!(dir.apply(PodMeta {
-            uid: uid.into(),
-            name: "origin-7d9f".into(),
-            namespace: "video".into(),
-            labels: Default::default(),
-            ips: vec![],
-            host_network: false,
-        }));
+        assert!(dir.apply(pod(uid, "video", "origin-7d9f", &[])));
         let mut enricher = Enricher::bootstrap(Duration::from_secs(1), 16);
         enricher.pods = Some(Arc::new(RwLock::new(dir)));
         let path = format!("/kubepods/burstable/pod{uid}");
@@ -332,14 +337,10 @@ mod tests {
             "re-announced with another owner"
         );
         assert_eq!(*enricher.identify_socket(2, &owner(10, 7)), *first);
-        assert!(dir.write().expect("lock").apply(PodMeta {
-            uid: uid.into(),
-            name: "origin-7d9f".into(),
-            namespace: "video".into(),
-            labels: Default::default(),
-            ips: vec![],
-            host_network: false,
-        }));
+        assert!(dir
+            .write()
+            .expect("lock")
+            .apply(pod(uid, "video", "origin-7d9f", &[])));
         let named = enricher.identify_socket(2, &owner(10, 7));
         assert_eq!(
             named.pod.as_ref().and_then(|p| p.name.as_deref()),
@@ -351,14 +352,7 @@ mod tests {
     #[test]
     fn peers_on_this_node_are_named() {
         let mut dir = PodDirectory::new(8);
-        assert!(dir.apply(PodMeta {
-            uid: "u1".into(),
-            name: "player-1".into(),
-            namespace: "edge".into(),
-            labels: Default::default(),
-            ips: vec!["10.1.2.3".parse().expect("ip")],
-            host_network: false,
-        }));
+        assert!(dir.apply(pod("u1", "edge", "player-1", &["10.1.2.3"])));
         let mut enricher = Enricher::bootstrap(Duration::from_secs(1), 16);
         assert_eq!(
             enricher.peer_pod("10.1.2.3".parse().expect("ip")),
