@@ -40,6 +40,10 @@ pub struct LoadConfig {
     /// Record each connection's initial sequence numbers (TCP_REPAIR, needs
     /// CAP_NET_ADMIN), so tests can place retransmitted segments in requests.
     pub record_seq: bool,
+    /// Requests per second over all connections, each connection pacing
+    /// its share on a fixed schedule (so a late answer is made up for, not
+    /// repeated); None: each request as soon as the last one is answered.
+    pub rate: Option<u32>,
 }
 
 impl Default for LoadConfig {
@@ -52,6 +56,7 @@ impl Default for LoadConfig {
             max_duration: Duration::from_secs(60),
             with_traceparent: true,
             record_seq: false,
+            rate: None,
         }
     }
 }
@@ -191,6 +196,9 @@ impl LoadConfig {
         }
         if self.max_duration.is_zero() {
             bail!("max_duration must be positive");
+        }
+        if self.rate == Some(0) {
+            bail!("rate must be positive (or none, for as fast as answered)");
         }
         Ok(())
     }
@@ -335,7 +343,19 @@ fn run_connection(cfg: &LoadConfig, deadline: Instant, tally: &Tally) -> Vec<Req
     let mut segments: Vec<String> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut next_segment = 0usize;
+    // This connection's share of the rate: one request per `interval`.
+    let interval = cfg
+        .rate
+        .map(|r| Duration::from_secs_f64(cfg.connections as f64 / f64::from(r)));
+    let paced_from = Instant::now();
     for i in 0..cfg.requests_per_connection {
+        if let Some(interval) = interval {
+            let due = paced_from + interval.mul_f64(i as f64);
+            if due >= deadline {
+                break;
+            }
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         if Instant::now() >= deadline {
             break;
         }
@@ -612,6 +632,10 @@ mod tests {
             },
             LoadConfig {
                 max_duration: Duration::ZERO,
+                ..LoadConfig::default()
+            },
+            LoadConfig {
+                rate: Some(0),
                 ..LoadConfig::default()
             },
         ] {

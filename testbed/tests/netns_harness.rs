@@ -119,6 +119,7 @@ fn loss_on_link_causes_server_retransmissions() {
                 max_duration: Duration::from_secs(60),
                 with_traceparent: true,
                 record_seq: false,
+                rate: None,
             })
         })
         .expect("spawn loadgen thread")

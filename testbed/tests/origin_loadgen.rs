@@ -85,6 +85,7 @@ fn loadgen_fetches_playlist_and_segments() {
         max_duration: Duration::from_secs(30),
         with_traceparent: true,
         record_seq: false,
+        rate: None,
     };
     let s = loadgen::run(&cfg).expect("valid config");
     assert_eq!(s.requests_ok, 18, "{s:?}");
@@ -114,6 +115,28 @@ fn loadgen_fetches_playlist_and_segments() {
         3,
         "one keep-alive connection per loadgen connection"
     );
+}
+
+/// A paced run sends its rate, not as many as the origin can answer: 50
+/// requests/s over 2 connections for 1 s is 25 per connection, due at 0,
+/// 40 ms, ... 960 ms. Tolerance: up to 5 late ones cut by the time limit on
+/// a busy machine; unpaced, the same run makes thousands.
+#[test]
+fn a_paced_run_keeps_its_rate() {
+    let origin = RunningOrigin::start();
+    let cfg = LoadConfig {
+        target: origin.addr,
+        connections: 2,
+        requests_per_connection: 1_000,
+        stream: "paced".into(),
+        max_duration: Duration::from_secs(1),
+        with_traceparent: false,
+        record_seq: false,
+        rate: Some(50),
+    };
+    let s = loadgen::run(&cfg).expect("valid config");
+    assert_eq!(s.requests_failed, 0, "{s:?}");
+    assert!((45..=50).contains(&s.requests_ok), "{s:?}");
 }
 
 #[test]

@@ -39,6 +39,7 @@ use vigil_testbed::{
 
 use crate::{
     bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
+    bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
     empty_prog::{EmptyProgram, Hook},
 };
 
@@ -484,26 +485,32 @@ impl LoadRun {
     }
 }
 
+/// `rate`: requests per second to pace at; None: as fast as answered.
 fn run_loadgen(
     link: &LinkPair,
     bin: &Path,
     workload: &Workload,
     secs: f64,
+    rate: Option<u32>,
 ) -> anyhow::Result<LoadRun> {
     let target = SocketAddr::new(link.server_addr(false), workload.port);
     // Requests enough to outlast the time limit; traceparent on every one (the default).
-    let out = loadgen_command(
+    let mut cmd = loadgen_command(
         &link.client,
         &bin.join("vigil-loadgen"),
         target,
         CONNECTIONS,
         1_000_000,
         secs,
-    )
-    .arg("--json")
-    .stderr(Stdio::inherit())
-    .output()
-    .context("cannot start vigil-loadgen")?;
+    );
+    if let Some(rate) = rate {
+        cmd.args(["--rate", &rate.to_string()]);
+    }
+    let out = cmd
+        .arg("--json")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot start vigil-loadgen")?;
     if !out.status.success() {
         bail!("vigil-loadgen against {target} failed: {}", out.status);
     }
@@ -651,7 +658,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     for w in &WORKLOADS {
         let traced_before = traced(&scrape(metrics)?);
         let before = measured.snapshot()?;
-        let load = run_loadgen(&link, bin, w, secs)?;
+        let load = run_loadgen(&link, bin, w, secs, None)?;
         let delta = measured.delta(&before)?;
         // The counters are read from per-CPU maps when scraped.
         let traced = traced(&scrape(metrics)?).saturating_sub(traced_before);
@@ -671,6 +678,15 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     drop(empty_in);
     drop(empty_out);
     drop(agent);
+    // Half of what capture on carried: far enough below saturation in every mode.
+    let paced_rates: Vec<u32> = per_request
+        .iter()
+        .map(|(_, load, _, _)| ((load.requests_per_sec() / 2.0) as u32).max(1))
+        .collect();
+    let mut paced: Vec<[Vec<PacedRun>; MODES.len()]> = WORKLOADS
+        .iter()
+        .map(|_| std::array::from_fn(|_| Vec::new()))
+        .collect();
 
     // Throughput in each mode, rotating which goes first; without bpf_stats,
     // whose clock reads would add to every run of a program.
@@ -698,7 +714,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             for (i, w) in WORKLOADS.iter().enumerate() {
                 let traced_before = traced(&scrape(metrics)?);
                 let cpu_before = proc_usage(agent.pid())?.cpu_seconds;
-                let load = run_loadgen(&link, bin, w, secs)?;
+                let load = run_loadgen(&link, bin, w, secs, None)?;
                 let cpu = proc_usage(agent.pid())?.cpu_seconds - cpu_before;
                 if mode == Capture::OriginOnly {
                     // The request received at the origin (its response is
@@ -725,6 +741,21 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
                     100.0 * cpu / load.secs
                 );
                 runs[i][mode.index()].push((load, cpu));
+                let busy_before = machine_busy_secs()?;
+                let at_rate = run_loadgen(&link, bin, w, secs, Some(paced_rates[i]))?;
+                let run = PacedRun {
+                    requests: at_rate.ok,
+                    busy_secs: machine_busy_secs()? - busy_before,
+                };
+                eprintln!(
+                    "bench: round {} capture {} {} at {} req/s: {:.1} µs CPU per request",
+                    round + 1,
+                    mode.label(),
+                    w.label,
+                    paced_rates[i],
+                    run.us_per_request()
+                );
+                paced[i][mode.index()].push(run);
             }
         }
     }
@@ -757,6 +788,20 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             (w.label, median(&rps))
         })
         .collect();
+    let paced: Vec<PacedWorkload> = WORKLOADS
+        .iter()
+        .zip(paced_rates)
+        .zip(paced)
+        .map(|((w, rate), modes)| PacedWorkload {
+            label: w.label,
+            rate,
+            modes: MODES
+                .iter()
+                .map(|m| (m.label(), modes[m.index()].clone()))
+                .collect(),
+        })
+        .collect();
+    crate::bench_paced::render(&mut report, secs, &paced, Capture::Off.label());
     crate::bench_agent::render(&mut report, &agent_cost, &rates);
     println!("{SECTION}\n\n{report}");
     if args.write {

@@ -58,6 +58,11 @@ struct Args {
     /// start (0: a single run). The last run is cut to fit.
     #[arg(long, default_value_t = 0.0)]
     repeat_until_secs: f64,
+    /// Requests per second over all connections, paced on a fixed schedule
+    /// (each connection sends its share); default: each request as soon as
+    /// the last one is answered (as fast as the origin goes).
+    #[arg(long)]
+    rate: Option<u32>,
     /// Pause between repeated runs, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pause_ms: u64,
@@ -100,6 +105,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         max_duration,
         with_traceparent: !args.no_traceparent,
         record_seq: args.record_seq,
+        rate: args.rate,
     };
     let started = Instant::now();
     let mut total = LoadSummary::default();
