@@ -220,22 +220,9 @@ impl Agent {
 
     /// The agent's latest socket sample, through the CLI (`vigil sockets --json`).
     pub fn sockets(&self) -> anyhow::Result<Value> {
-        let out = Command::new(bin_path("vigil")?)
-            .args([
-                "sockets",
-                "--json",
-                "--agent",
-                &self.metrics_addr.to_string(),
-            ])
-            .output()
-            .context("running vigil sockets")?;
-        if !out.status.success() {
-            bail!(
-                "vigil sockets failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        serde_json::from_slice(&out.stdout).context("vigil sockets --json output")
+        let addr = self.metrics_addr.to_string();
+        let out = vigil_cli(&["sockets", "--json", "--agent", &addr])?;
+        serde_json::from_slice(&out).context("vigil sockets --json output")
     }
 
     /// SIGTERM and wait for exit.
@@ -682,4 +669,21 @@ pub fn set_data_loss(
     link.client
         .run(&["nft", "-f", &script.0.display().to_string()])
         .map(drop)
+}
+
+/// `vigil ARGS...` (the CLI, not the agent): its standard output, or an
+/// error with its standard error when it fails.
+pub fn vigil_cli(args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = Command::new(bin_path("vigil")?)
+        .args(args)
+        .output()
+        .with_context(|| format!("running vigil {}", args.join(" ")))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "vigil {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
 }

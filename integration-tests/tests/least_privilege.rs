@@ -3,11 +3,8 @@
 //! the chart, so the two cannot drift) and attaches every hook; without
 //! NET_ADMIN the kernel refuses to attach the trace-context capture.
 
-use std::process::Command;
-
-use anyhow::{bail, ensure, Context};
-use vigil_integration_tests::{bpf_available, metric_sum, Agent};
-use vigil_testbed::netns::bin_path;
+use anyhow::{ensure, Context};
+use vigil_integration_tests::{bpf_available, metric_sum, vigil_cli, Agent};
 
 const VALUES_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/vigil/values.yaml");
 
@@ -58,17 +55,7 @@ fn chart_capabilities() -> anyhow::Result<Vec<String>> {
 
 /// Every hook the agent knows, as `vigil hooks` lists them.
 fn agent_hooks() -> anyhow::Result<Vec<String>> {
-    let out = Command::new(bin_path("vigil")?)
-        .arg("hooks")
-        .output()
-        .context("running vigil hooks")?;
-    if !out.status.success() {
-        bail!(
-            "vigil hooks failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let hooks: Vec<String> = String::from_utf8(out.stdout)?
+    let hooks: Vec<String> = String::from_utf8(vigil_cli(&["hooks"])?)?
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
