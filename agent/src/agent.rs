@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         socket_table_entries: config.probes.socket_table_entries,
         wakeup_bytes: config.pipeline.wakeup_bytes,
         disable_hooks: config.probes.disable_hooks.clone(),
+        capture_sent: config.correlate.capture_sent,
         kernel_debug_logs: config.probes.kernel_debug_logs,
         drop_reasons: config.probes.drop_reasons.clone(),
         cgroup_root: config.probes.cgroup_root.clone(),

@@ -197,6 +197,13 @@ pub struct CorrelateConfig {
     /// directory stops the agent at start. Empty: the cgroup v2 root, every
     /// socket of the node.
     pub capture_cgroups: Vec<String>,
+    /// Read the messages this node's sockets send too (requests of clients,
+    /// responses of servers). false: only messages received are read, and
+    /// the egress hook (`cgroup_skb/egress`, the one every response body
+    /// passes through) is not attached: servers keep the trace context of
+    /// each request they receive at a fraction of the cost, client sockets
+    /// carry none.
+    pub capture_sent: bool,
 }
 
 impl Default for CorrelateConfig {
@@ -207,6 +214,7 @@ impl Default for CorrelateConfig {
             ledger_retention_secs: 300,
             trace_index_entries: 4_096,
             capture_cgroups: Vec::new(),
+            capture_sent: true,
         }
     }
 }

@@ -100,6 +100,11 @@ struct AgentArgs {
     /// the root; added to correlate.capture_cgroups.
     #[arg(long = "capture-cgroup", value_name = "PATH")]
     capture_cgroups: Vec<String>,
+    /// Capture trace context from received messages only (requests arriving
+    /// at servers); the egress hook is not attached. Sets
+    /// correlate.capture_sent = false.
+    #[arg(long)]
+    capture_received_only: bool,
     /// Let the kernel programs' debug messages through to the log (slow).
     #[arg(long)]
     kernel_debug_logs: bool,
@@ -164,6 +169,9 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
         .capture_cgroups
         .extend(args.capture_cgroups.iter().cloned());
     config.probes.kernel_debug_logs |= args.kernel_debug_logs;
+    if args.capture_received_only {
+        config.correlate.capture_sent = false;
+    }
     if let Some(node) = &args.node_name {
         config.agent.node_name = Some(node.clone());
     }

@@ -46,8 +46,9 @@ use aya_ebpf::{
         },
     },
     macros::{btf_map, cgroup_skb, map},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::SkBuffContext,
+    Global,
 };
 use vigil_abi::{
     CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSocketRecord,
@@ -128,6 +129,26 @@ fn release_scratch(s: *mut Scratch) {
 /// Per-CPU counts by `CaptureOutcome`.
 #[map]
 pub static VIGIL_CAPTURE: PerCpuArray<u64> = PerCpuArray::with_max_entries(CAPTURE_OUTCOMES, 0);
+
+/// Non-zero pauses capture: both programs pass every packet untouched, at
+/// the price of an attached program that does nothing. Nothing in the agent
+/// writes it; `cargo xtask bench` flips it (with bpftool) to set capture
+/// against that floor second by second in one run, and an operator can do
+/// the same on a node in trouble without restarting the agent.
+#[map]
+static VIGIL_PAUSE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// 0 when only received messages are captured (`correlate.capture_sent =
+/// false`, or the egress hook disabled): the egress program is not attached,
+/// so a message sent is never seen. Set by the agent at load.
+#[unsafe(no_mangle)]
+static VIGIL_CAPTURE_SENT: Global<u8> = Global::new(1);
+
+#[inline(always)]
+fn paused() -> bool {
+    // An array lookup the verifier inlines: a few instructions per packet.
+    VIGIL_PAUSE.get(0).is_some_and(|p| *p != 0)
+}
 
 #[cgroup_skb(ingress)]
 pub fn vigil_http_in(ctx: SkBuffContext) -> i32 {
@@ -243,6 +264,9 @@ fn tcp_header(ctx: &SkBuffContext) -> Result<Option<(u32, u32)>, i64> {
 }
 
 fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
+    if paused() {
+        return Ok(());
+    }
     // SAFETY: the context pointer the kernel passed in.
     let len = unsafe { (*ctx.skb.skb).len };
     let Some((seq, payload_at)) = tcp_header(ctx)? else {
@@ -278,7 +302,7 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
         if slot.open_dir == dir {
             return continue_header(ctx, sk, slot, &mut seg);
         }
-        if slot.last_dir == dir {
+        if slot.last_dir == dir && !answered_unseen(sk, slot, dir) {
             // More of this side's current message (its body, or a look-alike
             // in it, or pipelining): HTTP/1.1 messages alternate, so no new
             // one starts here, and its bytes are not even read.
@@ -296,6 +320,18 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
         }
         None => Ok(()),
     }
+}
+
+/// Capturing received messages only, the answer to the last one is never
+/// seen; that this side sent anything since (`snd_nxt` moved) says the other
+/// side may speak again.
+#[inline(always)]
+fn answered_unseen(sk: *mut bpf_sock, slot: &TraceSlot, dir: u8) -> bool {
+    if dir != DIR_RECEIVED || VIGIL_CAPTURE_SENT.load() != 0 {
+        return false;
+    }
+    // SAFETY: helper on a full socket; NULL when it is not TCP.
+    unsafe { bpf_tcp_sock(sk).as_ref() }.is_some_and(|tp| tp.snd_nxt != slot.recv_mark)
 }
 
 #[inline(always)]
@@ -347,20 +383,6 @@ fn start_message(
     if slot.open_dir != 0 {
         count(CaptureOutcome::Abandoned);
     }
-    slot.msg_seen |= bit;
-    slot.msg_seq[d] = seq;
-    slot.last_dir = dir;
-    slot.open_dir = 0;
-    slot.open_scanned = 0;
-    slot.carry_len = 0;
-    // A response to a request with trace context is not read: the exchange
-    // already has its context, and a response rarely carries one (reading a
-    // header that has none means scanning all of it). A response to a
-    // request without one is read: it may be where the trace starts.
-    if seg.kind == MSG_RESPONSE && slot.cur.valid == 1 && slot.cur.stamp.present == 1 {
-        count(CaptureOutcome::Answered);
-        return Ok(());
-    }
     // What this side sends from here on belongs to this message: a message
     // sent starts at its own first byte; one received is answered by
     // whatever this side sends next.
@@ -373,6 +395,27 @@ fn start_message(
             None => return Ok(()),
         }
     };
+    slot.msg_seen |= bit;
+    slot.msg_seq[d] = seq;
+    slot.last_dir = dir;
+    if dir == DIR_RECEIVED {
+        slot.recv_mark = boundary;
+    }
+    slot.open_dir = 0;
+    slot.open_scanned = 0;
+    slot.carry_len = 0;
+    // A response to a request with trace context is not read: the exchange
+    // already has its context, and a response rarely carries one (reading a
+    // header that has none means scanning all of it). A response to a
+    // request without one is read: it may be where the trace starts. A
+    // response received while sent messages go unseen is not read either:
+    // its context would govern the next request, which this side sends unseen.
+    if seg.kind == MSG_RESPONSE
+        && ((slot.cur.valid == 1 && slot.cur.stamp.present == 1) || VIGIL_CAPTURE_SENT.load() == 0)
+    {
+        count(CaptureOutcome::Answered);
+        return Ok(());
+    }
     if seg.kind == MSG_REQUEST {
         // A request without trace context ends the previous one's.
         push(slot, boundary);

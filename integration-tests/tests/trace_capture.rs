@@ -14,8 +14,8 @@ use std::{
 use anyhow::anyhow;
 use serde_json::Value;
 use vigil_integration_tests::{
-    bpf_available, loadgen_summary, read_event_log, tag, wait_for, Agent, OtlpSink, Scenario,
-    TempPath,
+    bpf_available, loadgen_summary, one_namespace_test_at_a_time, read_event_log, tag, wait_for,
+    Agent, OtlpSink, Scenario, TempPath,
 };
 use vigil_testbed::netns::{bin_path, loadgen_command, ChildGuard};
 
@@ -120,11 +120,38 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     if !bpf_available("retransmitted_segments_carry_their_requests_trace") {
         return Ok(());
     }
-    let log = TempPath::new("trace-capture-events.jsonl");
-    let sink = OtlpSink::start("trace-capture")?;
+    attribution(Capture::Both, "tc", 80)
+}
+
+/// `--capture-received-only`: the egress hook stays off, so only requests
+/// arriving at servers are read. Response bytes still carry their request's
+/// trace; request bytes the client retransmits carry none.
+#[test]
+fn received_only_capture_stamps_server_sockets_only() -> anyhow::Result<()> {
+    if !bpf_available("received_only_capture_stamps_server_sockets_only") {
+        return Ok(());
+    }
+    attribution(Capture::ReceivedOnly, "tcr", 81)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    Both,
+    ReceivedOnly,
+}
+
+fn attribution(capture: Capture, scenario_tag: &str, index: u8) -> anyhow::Result<()> {
+    let _serial = one_namespace_test_at_a_time();
+    let received_only = capture == Capture::ReceivedOnly;
+    let log = TempPath::new(&format!("trace-capture-{scenario_tag}-events.jsonl"));
+    let sink = OtlpSink::start(&format!("trace-capture-{scenario_tag}"))?;
     let log_arg = log.0.display().to_string();
+    let mut args = vec!["--event-log", log_arg.as_str()];
+    if received_only {
+        args.push("--capture-received-only");
+    }
     let agent = Agent::start_with_env(
-        &["--event-log", &log_arg],
+        &args,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &sink.endpoint()),
             // No span receiver: this test does not send spans (and port 4317 stays free).
@@ -133,16 +160,20 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         ],
     )?;
 
-    // The capture programs passed the verifier and are attached.
+    // The capture programs passed the verifier and are attached (egress
+    // only when messages sent are read).
     let metrics = agent.scrape()?;
-    for hook in ["cgroup_skb/ingress", "cgroup_skb/egress"] {
+    for (hook, attached) in [
+        ("cgroup_skb/ingress", 1),
+        ("cgroup_skb/egress", u64::from(!received_only)),
+    ] {
         assert_eq!(
             vigil_integration_tests::metric_sum(&metrics, "vigil_hook_active", &[("hook", hook)]),
-            1,
-            "{hook} attached:\n{metrics}"
+            attached,
+            "{hook} attached: {attached}\n{metrics}"
         );
     }
-    let mut scenario = Scenario::start(&tag("tc"), 80, false)?;
+    let mut scenario = Scenario::start(&tag(scenario_tag), index, false)?;
     let before = scenario.mib("Tcp", "RetransSegs")?;
     // Loss both ways: responses (and SYN-ACKs) are retransmitted by the
     // server sockets, requests (and SYNs) by the client sockets.
@@ -228,7 +259,7 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         let seq = e["seq"].as_u64().unwrap_or(0) as u32;
         let bytes = e["bytes"].as_u64().unwrap_or(0);
         // Where the segment's first byte sits, and in which request.
-        let expected = conns.get(&client_port).and_then(|c| {
+        let placed = conns.get(&client_port).and_then(|c| {
             if bytes == 0 || e["kind"] != "segment" {
                 return None;
             }
@@ -244,9 +275,12 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
                 .map(|p| p.trace_id.as_str())
                 .filter(|t| !t.is_empty())
         });
-        if expected.is_some() && !server_side {
+        if placed.is_some() && !server_side {
             tally.client_side += segments;
         }
+        // Capturing received messages only, a client never learns the trace
+        // of the request it sends: its segments must stay unstamped.
+        let expected = placed.filter(|_| server_side || !received_only);
         match (expected, stamped) {
             (Some(want), Some(got)) if want == got => tally.right += segments,
             (Some(_), Some(_)) => tally.wrong += segments,
@@ -296,7 +330,12 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
                 .iter()
                 .filter(|m| m["trace_id"] == p.trace_id.as_str())
                 .count();
-            assert_eq!(seen, 2, "request {} seen sent and received", p.trace_id);
+            let want = if received_only { 1 } else { 2 };
+            assert_eq!(
+                seen, want,
+                "request {} seen received (and sent, unless received only)",
+                p.trace_id
+            );
         }
     }
 
@@ -369,9 +408,11 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
         .as_array()
         .map(|v| v.iter().filter_map(|c| c["role"].as_str()).collect())
         .unwrap_or_default();
-    assert!(
-        roles.contains(&"server") && roles.contains(&"client"),
-        "{explained}"
+    assert!(roles.contains(&"server"), "{explained}");
+    assert_eq!(
+        roles.contains(&"client"),
+        !received_only,
+        "client sockets carry the trace unless received only: {explained}"
     );
     drop(agent);
     Ok(())

@@ -80,13 +80,18 @@ pub struct BenchArgs {
     /// Only the HTTP trace-context capture phase (cost and throughput on vs off).
     #[arg(long)]
     pub capture_only: bool,
-    /// Capture phase: rounds of throughput runs (capture on, on for the
-    /// origin's cgroup only, off, and off with empty programs on the hooks).
+    /// Capture phase: rounds of CPU-per-request runs at a fixed rate
+    /// (capture on, on for the origin's cgroup only, off, and off with empty
+    /// programs on the hooks).
     #[arg(long, default_value_t = 5)]
     pub capture_rounds: u32,
     /// Capture phase: seconds of each run.
     #[arg(long, default_value_t = 5)]
     pub capture_secs: u64,
+    /// Capture phase: ABBA blocks of the interleaved throughput runs (2 s
+    /// each; the 95% interval narrows with the square root of this).
+    #[arg(long, default_value_t = 30)]
+    pub capture_blocks: u32,
 }
 
 impl BenchArgs {
@@ -101,6 +106,7 @@ impl BenchArgs {
             capture_only: false,
             capture_rounds: 1,
             capture_secs: 1,
+            capture_blocks: 2,
         }
     }
 }

@@ -11,11 +11,15 @@
 //!   (b) on HTTP traffic, vigil-loadgen against vigil-origin with a
 //!   `traceparent` on every request: per run, and per HTTP request (both
 //!   programs' time over the requests completed).
-//! - Throughput of the same HTTP traffic with the agent running with capture
-//!   on, with capture on the origin's cgroup only (`--capture-cgroup`: the
-//!   load generator's sockets are not captured), with `--disable-hook` for
-//!   both hooks (off), and off with the empty programs on both hooks (the
-//!   hooks' own price), in rotating order.
+//! - Throughput drop of the same HTTP traffic, saturated, with capture
+//!   switched on and off every half second inside one run
+//!   (`bench_interleaved`): capture against its paused programs, and the
+//!   empty programs against none.
+//! - CPU per request at a fixed rate (`bench_paced`) with the agent running
+//!   with capture on, with capture on the origin's cgroup only
+//!   (`--capture-cgroup`: the load generator's sockets are not captured),
+//!   with `--disable-hook` for both hooks (off), and off with the empty
+//!   programs on both hooks (the hooks' own price), in rotating order.
 //!
 //! The origins run in a cgroup of their own below the cgroup v2 root in
 //! every mode (created here, removed at the end); the load generator stays in
@@ -39,6 +43,7 @@ use vigil_testbed::{
 
 use crate::{
     bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
+    bench_interleaved::{self, Traffic},
     bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
     empty_prog::{EmptyProgram, Hook},
 };
@@ -87,6 +92,10 @@ enum Capture {
     /// The agent with every hook, capture attached to the origins' cgroup
     /// only: each request is read where it is served, not where it is sent.
     OriginOnly,
+    /// As `OriginOnly`, reading received messages only
+    /// (`--capture-received-only`): the egress hook is not attached, so
+    /// the origin's response bodies pass no capture program.
+    OriginReceived,
     /// The agent with both capture hooks disabled.
     Off,
     /// As `Off`, plus the empty cgroup_skb programs: what the hooks cost
@@ -94,9 +103,10 @@ enum Capture {
     Empty,
 }
 
-const MODES: [Capture; 4] = [
+const MODES: [Capture; 5] = [
     Capture::On,
     Capture::OriginOnly,
+    Capture::OriginReceived,
     Capture::Off,
     Capture::Empty,
 ];
@@ -106,6 +116,7 @@ impl Capture {
         match self {
             Capture::On => "on",
             Capture::OriginOnly => "on, origin's cgroup only",
+            Capture::OriginReceived => "on, origin's cgroup, received only",
             Capture::Off => "off",
             Capture::Empty => "off + empty programs",
         }
@@ -115,8 +126,22 @@ impl Capture {
         self as usize
     }
 
-    fn captures(self) -> bool {
-        matches!(self, Capture::On | Capture::OriginOnly)
+    /// The capture programs this mode loads.
+    fn programs(self) -> &'static [&'static str] {
+        match self {
+            Capture::On | Capture::OriginOnly => &[PROG_IN, PROG_OUT],
+            Capture::OriginReceived => &[PROG_IN],
+            Capture::Off | Capture::Empty => &[],
+        }
+    }
+
+    /// Where its capture programs are attached: the cgroup v2 root, or the
+    /// origins' cgroup.
+    fn attached_at<'a>(self, root: &'a Path, origin_cgroup: &'a Path) -> &'a Path {
+        match self {
+            Capture::OriginOnly | Capture::OriginReceived => origin_cgroup,
+            Capture::On | Capture::Off | Capture::Empty => root,
+        }
     }
 }
 
@@ -163,7 +188,7 @@ struct Agent {
 }
 
 impl Agent {
-    /// `origin_cgroup`: where capture attaches in `Capture::OriginOnly`.
+    /// `origin_cgroup`: where capture attaches in the origin-only modes.
     fn start(bin: &Path, capture: Capture, origin_cgroup: &Path) -> anyhow::Result<Agent> {
         let log = std::env::temp_dir().join("vigil-bench-capture-agent.log");
         let stderr =
@@ -176,6 +201,10 @@ impl Agent {
             Capture::On => {}
             Capture::OriginOnly => {
                 cmd.arg("--capture-cgroup").arg(origin_cgroup);
+            }
+            Capture::OriginReceived => {
+                cmd.arg("--capture-cgroup").arg(origin_cgroup);
+                cmd.arg("--capture-received-only");
             }
             Capture::Off | Capture::Empty => {
                 cmd.args(["--disable-hook", HOOK_IN, "--disable-hook", HOOK_OUT]);
@@ -193,11 +222,12 @@ impl Agent {
         };
         let metrics: SocketAddr = METRICS_ADDR.parse()?;
         // The socket iterator is the last program the agent loads.
-        let wanted: &[&str] = if capture.captures() {
-            &[PROG_IN, PROG_OUT, "vigil_sock_iter"]
-        } else {
-            &["vigil_sock_iter"]
-        };
+        let wanted: Vec<&str> = capture
+            .programs()
+            .iter()
+            .copied()
+            .chain(["vigil_sock_iter"])
+            .collect();
         let mut exited = None;
         let ready = wait_until("the agent", || {
             if let Ok(Some(status)) = agent.guard.try_wait() {
@@ -226,8 +256,17 @@ impl Agent {
             )
         })?;
         let names: Vec<String> = agent.programs()?.into_iter().map(|p| p.1).collect();
-        if !capture.captures() && names.iter().any(|n| n == PROG_IN || n == PROG_OUT) {
-            bail!("--disable-hook left a capture program loaded: {names:?}");
+        let extra: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                (*n == PROG_IN || *n == PROG_OUT) && !capture.programs().contains(&n.as_str())
+            })
+            .collect();
+        if !extra.is_empty() {
+            bail!(
+                "capture {} left a capture program loaded: {extra:?}",
+                capture.label()
+            );
         }
         Ok(agent)
     }
@@ -254,10 +293,56 @@ impl Agent {
             .map(|p| p.0)
             .with_context(|| format!("the agent has no program {name}"))
     }
+
+    /// The agent's capture switch (`VIGIL_PAUSE`), found among its own maps.
+    fn pause_switch(&self) -> anyhow::Result<PauseSwitch> {
+        let ours = bpf_ids_of(self.pid(), "map")?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show"])
+            .output()
+            .context("cannot start bpftool")?;
+        let maps: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("bpftool map show json")?;
+        maps.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["name"] == "VIGIL_PAUSE")
+            .find_map(|m| m["id"].as_u64().filter(|id| ours.contains(id)))
+            .map(|id| PauseSwitch { id })
+            .context("the agent holds no VIGIL_PAUSE map")
+    }
+}
+
+/// The capture programs' pause map, written with bpftool as an operator would.
+struct PauseSwitch {
+    id: u64,
+}
+
+impl PauseSwitch {
+    fn set(&self, paused: bool) -> anyhow::Result<()> {
+        let id = self.id.to_string();
+        let value = if paused { "1" } else { "0" };
+        let status = Command::new("bpftool")
+            .args(["map", "update", "id", &id, "key", "0", "0", "0", "0"])
+            .args(["value", value, "0", "0", "0"])
+            .status()
+            .context("cannot start bpftool")?;
+        if !status.success() {
+            bail!("bpftool map update id {id} failed: {status}");
+        }
+        Ok(())
+    }
 }
 
 /// Ids of the BPF programs process `pid` holds a file descriptor of.
 fn prog_ids_of(pid: u32) -> anyhow::Result<Vec<u64>> {
+    bpf_ids_of(pid, "prog")
+}
+
+/// Ids of the BPF objects of `kind` ("prog", "map") process `pid` holds a
+/// file descriptor of.
+fn bpf_ids_of(pid: u32, kind: &str) -> anyhow::Result<Vec<u64>> {
+    let (inode, field) = (format!("anon_inode:bpf-{kind}"), format!("{kind}_id:"));
     let dir = format!("/proc/{pid}/fd");
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
@@ -266,7 +351,7 @@ fn prog_ids_of(pid: u32) -> anyhow::Result<Vec<u64>> {
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if target.as_os_str() != "anon_inode:bpf-prog" {
+        if target.as_os_str() != inode.as_str() {
             continue;
         }
         let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
@@ -275,7 +360,7 @@ fn prog_ids_of(pid: u32) -> anyhow::Result<Vec<u64>> {
         };
         if let Some(id) = text
             .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
+            .find_map(|l| l.strip_prefix(field.as_str()))
             .and_then(|v| v.trim().parse().ok())
         {
             ids.push(id);
@@ -384,21 +469,15 @@ fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<Stri
         .collect())
 }
 
-/// A cgroup_skb program that only passes the packet, on the cgroup v2 root:
-/// the floor bpf_stats reports on that hook, and the hook's own price.
-fn empty_skb(root: &Path, egress: bool) -> anyhow::Result<EmptyProgram> {
+/// A cgroup_skb program that only passes the packet, on `cgroup`: the
+/// floor bpf_stats reports on that hook, and the hook's own price.
+fn empty_skb(cgroup: &Path, egress: bool) -> anyhow::Result<EmptyProgram> {
     let name = if egress {
         "vigil_empty_out"
     } else {
         "vigil_empty_in"
     };
-    EmptyProgram::attach(
-        name,
-        Hook::CgroupSkb {
-            cgroup: root,
-            egress,
-        },
-    )
+    EmptyProgram::attach(name, Hook::CgroupSkb { cgroup, egress })
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -471,7 +550,6 @@ fn bulk_transfer(link: &LinkPair, secs: f64) -> anyhow::Result<u64> {
 struct LoadRun {
     ok: u64,
     failed: u64,
-    bytes: u64,
     secs: f64,
 }
 
@@ -479,10 +557,23 @@ impl LoadRun {
     fn requests_per_sec(&self) -> f64 {
         self.ok as f64 / self.secs
     }
+}
 
-    fn mib_per_sec(&self) -> f64 {
-        self.bytes as f64 / self.secs / (1024.0 * 1024.0)
-    }
+/// vigil-loadgen against `workload`'s origin for `secs`, with requests
+/// enough to outlast that and a traceparent on every one (the default),
+/// printing its JSON summary.
+fn loadgen(link: &LinkPair, bin: &Path, workload: &Workload, secs: f64) -> Command {
+    let target = SocketAddr::new(link.server_addr(false), workload.port);
+    let mut cmd = loadgen_command(
+        &link.client,
+        &bin.join("vigil-loadgen"),
+        target,
+        CONNECTIONS,
+        100_000_000,
+        secs,
+    );
+    cmd.arg("--json");
+    cmd
 }
 
 /// `rate`: requests per second to pace at; None: as fast as answered.
@@ -494,20 +585,11 @@ fn run_loadgen(
     rate: Option<u32>,
 ) -> anyhow::Result<LoadRun> {
     let target = SocketAddr::new(link.server_addr(false), workload.port);
-    // Requests enough to outlast the time limit; traceparent on every one (the default).
-    let mut cmd = loadgen_command(
-        &link.client,
-        &bin.join("vigil-loadgen"),
-        target,
-        CONNECTIONS,
-        1_000_000,
-        secs,
-    );
+    let mut cmd = loadgen(link, bin, workload, secs);
     if let Some(rate) = rate {
         cmd.args(["--rate", &rate.to_string()]);
     }
     let out = cmd
-        .arg("--json")
         .stderr(Stdio::inherit())
         .output()
         .context("cannot start vigil-loadgen")?;
@@ -529,7 +611,6 @@ fn run_loadgen(
     let run = LoadRun {
         ok: field("requests_ok")?,
         failed: field("requests_failed")?,
-        bytes: field("bytes")?,
         secs: field("elapsed_ms")? as f64 / 1000.0,
     };
     if run.ok == 0 || run.secs <= 0.0 {
@@ -585,10 +666,6 @@ fn traced(metrics: &str) -> u64 {
     )
 }
 
-/// Throughput runs of one workload, per mode (in `MODES` order): each with
-/// the agent's CPU seconds.
-type ModeRuns = [Vec<(LoadRun, f64)>; MODES.len()];
-
 /// Kernel cost of one kind of traffic: capture and empty programs, both hooks.
 struct CostRow {
     traffic: String,
@@ -612,8 +689,12 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
         let addr = SocketAddr::new(link.server_addr(false), w.port);
         let mut origin = link.server.command(bin.join("vigil-origin"));
         origin.args(["--segment-bytes", &w.segment_bytes.to_string()]);
-        let (origin, _) = spawn_origin(&mut origin_cgroup.command(&origin), addr, 2, 3600)?;
-        origins.push(origin);
+        origins.push(spawn_origin(
+            &mut origin_cgroup.command(&origin),
+            addr,
+            2,
+            3600,
+        )?);
     }
     let mut foreign: Vec<String> = Vec::new();
     let mut note_foreign = |ours: &[u64]| -> anyhow::Result<()> {
@@ -678,6 +759,16 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     drop(empty_in);
     drop(empty_out);
     drop(agent);
+    // Without bpf_stats from here, whose clock reads would add to every run
+    // of a program.
+    let stats_paused = StatsPaused::pause()?;
+    let blocks = if args.smoke {
+        2
+    } else {
+        args.capture_blocks.max(2)
+    };
+    let interleaved = interleaved(bin, &link, &root, &origin_cgroup.dir, &origins, blocks)?;
+
     // Half of what capture on carried: far enough below saturation in every mode.
     let paced_rates: Vec<u32> = per_request
         .iter()
@@ -687,15 +778,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|_| std::array::from_fn(|_| Vec::new()))
         .collect();
-
-    // Throughput in each mode, rotating which goes first; without bpf_stats,
-    // whose clock reads would add to every run of a program.
-    let stats_paused = StatsPaused::pause()?;
-    // runs[workload][mode] = (run, agent CPU seconds)
-    let mut runs: Vec<ModeRuns> = WORKLOADS
-        .iter()
-        .map(|_| std::array::from_fn(|_| Vec::new()))
-        .collect();
+    // Each mode with its own agent, rotating which goes first.
     for round in 0..rounds as usize {
         for k in 0..MODES.len() {
             let mode = MODES[(round + k) % MODES.len()];
@@ -703,7 +786,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
             let empty = match mode {
                 Capture::Empty => Some((empty_skb(&root, false)?, empty_skb(&root, true)?)),
-                Capture::On | Capture::OriginOnly | Capture::Off => None,
+                Capture::On | Capture::OriginOnly | Capture::OriginReceived | Capture::Off => None,
             };
             if let Some((i, o)) = &empty {
                 ours.extend([i.id, o.id]);
@@ -713,40 +796,38 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             thread::sleep(Duration::from_secs(1));
             for (i, w) in WORKLOADS.iter().enumerate() {
                 let traced_before = traced(&scrape(metrics)?);
-                let cpu_before = proc_usage(agent.pid())?.cpu_seconds;
-                let load = run_loadgen(&link, bin, w, secs, None)?;
-                let cpu = proc_usage(agent.pid())?.cpu_seconds - cpu_before;
-                if mode == Capture::OriginOnly {
-                    // The request received at the origin (its response is
-                    // answered, unread); none of the client's. In flight at
-                    // the time limit: one per connection.
-                    let traced = traced(&scrape(metrics)?).saturating_sub(traced_before);
-                    let most = load.ok + load.failed + u64::from(CONNECTIONS);
-                    if traced == 0 || traced > most {
-                        bail!(
-                            "capture on the origin's cgroup read {traced} traced headers for {} \
-                             requests ({}): expected 1 per request",
-                            load.ok,
-                            w.label
-                        );
-                    }
-                }
-                eprintln!(
-                    "bench: round {} capture {} {}: {:.0} req/s, {:.1} MiB/s, agent {:.1}% CPU",
-                    round + 1,
-                    mode.label(),
-                    w.label,
-                    load.requests_per_sec(),
-                    load.mib_per_sec(),
-                    100.0 * cpu / load.secs
-                );
-                runs[i][mode.index()].push((load, cpu));
                 let busy_before = machine_busy_secs()?;
+                let cpu_before = proc_usage(agent.pid())?.cpu_seconds;
                 let at_rate = run_loadgen(&link, bin, w, secs, Some(paced_rates[i]))?;
                 let run = PacedRun {
                     requests: at_rate.ok,
                     busy_secs: machine_busy_secs()? - busy_before,
+                    agent_secs: proc_usage(agent.pid())?.cpu_seconds - cpu_before,
                 };
+                if matches!(mode, Capture::OriginOnly | Capture::OriginReceived) {
+                    // The request received at the origin (its response is
+                    // answered, unread); none of the client's. In flight at
+                    // the time limit: one per connection.
+                    let traced = traced(&scrape(metrics)?).saturating_sub(traced_before);
+                    let most = at_rate.ok + at_rate.failed + u64::from(CONNECTIONS);
+                    if traced == 0 || traced > most {
+                        bail!(
+                            "capture on the origin's cgroup read {traced} traced headers for {} \
+                             requests ({}): expected 1 per request",
+                            at_rate.ok,
+                            w.label
+                        );
+                    }
+                }
+                if at_rate.failed > 0 {
+                    bail!(
+                        "{} requests failed at {} req/s with capture {} ({})",
+                        at_rate.failed,
+                        paced_rates[i],
+                        mode.label(),
+                        w.label
+                    );
+                }
                 eprintln!(
                     "bench: round {} capture {} {} at {} req/s: {:.1} µs CPU per request",
                     round + 1,
@@ -765,28 +846,13 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     drop(origin_cgroup);
     let load = [load_at_start, load_average()];
 
-    let mut report = render(
-        args,
-        rounds,
-        secs,
-        &rows,
-        &per_request,
-        &runs,
-        &foreign,
-        &root,
-        load,
-    );
+    let mut report = render(args, &rows, &per_request, &foreign, &root, load);
+    bench_interleaved::render(&mut report, &interleaved, blocks);
     let agent_cost = crate::bench_agent::measure(bin, args.smoke)?;
-    let rates: Vec<(&str, f64)> = WORKLOADS
+    // What the testbed carried with capture on (in the bpf_stats runs).
+    let rates: Vec<(&str, f64)> = per_request
         .iter()
-        .zip(&runs)
-        .map(|(w, modes)| {
-            let rps: Vec<f64> = modes[Capture::On.index()]
-                .iter()
-                .map(|(run, _)| run.ok as f64 / run.secs)
-                .collect();
-            (w.label, median(&rps))
-        })
+        .map(|(label, load, _, _)| (*label, load.requests_per_sec()))
         .collect();
     let paced: Vec<PacedWorkload> = WORKLOADS
         .iter()
@@ -810,14 +876,92 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How capture is measured interleaved: everywhere (both hooks on the
+/// root), and as an origin would run it economically (its cgroup, received
+/// messages only).
+const INTERLEAVED: [Capture; 2] = [Capture::On, Capture::OriginReceived];
+
+/// The interleaved throughput runs (`bench_interleaved`), per capture mode
+/// and workload: capture on against paused, then the same empty programs
+/// (same cgroup, same hooks) against none.
+fn interleaved(
+    bin: &Path,
+    link: &LinkPair,
+    root: &Path,
+    origin_cgroup: &Path,
+    origins: &[(ChildGuard, u32)],
+    blocks: u32,
+) -> anyhow::Result<Vec<bench_interleaved::Row>> {
+    // Longer than the warm-up and the blocks: the run ends on its clock
+    // only after the last block.
+    let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64();
+    let traffic = |i: usize| -> Traffic<'_> {
+        Traffic {
+            server_pid: origins[i].1,
+            server_if: link.server_if(),
+            loadgen: loadgen(link, bin, &WORKLOADS[i], run_secs),
+        }
+    };
+    let mut rows = Vec::new();
+    for mode in INTERLEAVED {
+        let mut capture = Vec::new();
+        {
+            let agent = Agent::start(bin, mode, origin_cgroup)?;
+            let pause = agent.pause_switch()?;
+            thread::sleep(Duration::from_secs(1));
+            for (i, w) in WORKLOADS.iter().enumerate() {
+                let drops = bench_interleaved::measure(traffic(i), blocks, |on| pause.set(!on))
+                    .with_context(|| format!("capture {} vs paused, {}", mode.label(), w.label))?;
+                eprintln!(
+                    "bench: {} capture {}: above its floor {:.1}% ± {:.1}",
+                    w.label,
+                    mode.label(),
+                    100.0 * drops.mean(),
+                    100.0 * drops.half_width()
+                );
+                capture.push(drops);
+            }
+        }
+        let at = mode.attached_at(root, origin_cgroup);
+        let egress = mode.programs().contains(&PROG_OUT);
+        let _agent = Agent::start(bin, Capture::Off, origin_cgroup)?;
+        thread::sleep(Duration::from_secs(1));
+        for ((i, w), capture) in WORKLOADS.iter().enumerate().zip(capture) {
+            let mut empty: Vec<EmptyProgram> = Vec::new();
+            let floor = bench_interleaved::measure(traffic(i), blocks, |on| {
+                if !on {
+                    empty.clear();
+                } else if empty.is_empty() {
+                    empty.push(empty_skb(at, false)?);
+                    if egress {
+                        empty.push(empty_skb(at, true)?);
+                    }
+                }
+                Ok(())
+            })
+            .with_context(|| format!("empty programs vs none, {}", w.label))?;
+            eprintln!(
+                "bench: {} capture {}: floor {:.1}% ± {:.1}",
+                w.label,
+                mode.label(),
+                100.0 * floor.mean(),
+                100.0 * floor.half_width()
+            );
+            rows.push(bench_interleaved::Row {
+                workload: w.label,
+                capture: mode.label(),
+                above_floor: capture,
+                floor,
+            });
+        }
+    }
+    Ok(rows)
+}
+
 fn render(
     args: &BenchArgs,
-    rounds: u32,
-    secs: f64,
     rows: &[CostRow],
     per_request: &[(&str, LoadRun, u64, Vec<Cost>)],
-    runs: &[ModeRuns],
     foreign: &[String],
     root: &Path,
     load: [String; 2],
@@ -838,7 +982,11 @@ fn render(
          testbed run on this node, so each request is seen leaving the client and entering the \
          origin, and each response leaving the origin and entering the client. `empty` is a \
          cgroup_skb program that only passes the packet, on the same hooks at the same time: \
-         what bpf_stats reports for doing nothing, the floor under every number.\n",
+         what bpf_stats reports for doing nothing, the floor under every number. Received \
+         only (`--capture-received-only`, `correlate.capture_sent = false`) attaches the \
+         ingress program alone: requests arriving at servers are read, and a new one is told \
+         from the last one's body by the server having sent something since; the response \
+         bodies a server sends pass no capture program.\n",
         root.display()
     );
     let _ = writeln!(
@@ -931,83 +1079,5 @@ fn render(
         );
     }
 
-    let _ = writeln!(out, "\n### Throughput, capture on vs off\n");
-    let _ = writeln!(
-        out,
-        "{rounds} rounds of {secs:.0} s runs per workload and mode, rotating which mode goes \
-         first, with bpf_stats off (as in production). Capture on: the agent with every hook; \
-         on, origin's cgroup only: the same agent with capture attached only to the cgroup \
-         the origin runs in (`--capture-cgroup`, `correlate.capture_cgroups`), so the load \
-         generator's sockets are not captured and each request is read at the origin only, \
-         as when capture is limited to the workloads that serve HTTP; \
-         off: the same agent with `--disable-hook {HOOK_IN} --disable-hook {HOOK_OUT}`; off + \
-         empty programs: that agent, and the empty programs on both hooks (the price of \
-         having any cgroup_skb program on the root, before it does anything). The agent is \
-         restarted between modes. Median (min–max) over the runs; agent CPU is the agent \
-         process's, in % of one core. This kernel has no IRQ time accounting, so softirq \
-         time (the testbed's packet processing) is charged to whichever task it interrupts: \
-         an agent that is often running is charged some of it, and the same goes for the \
-         bpf_stats run times above (a program interrupted by an interrupt counts that time too).\n"
-    );
-    let _ = writeln!(
-        out,
-        "| workload | capture | requests/s | MiB/s | agent CPU % | failed requests |"
-    );
-    let _ = writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: |");
-    for (w, modes) in WORKLOADS.iter().zip(runs) {
-        for (mode, list) in MODES.into_iter().zip(modes) {
-            let rps: Vec<f64> = list.iter().map(|(r, _)| r.requests_per_sec()).collect();
-            let mib: Vec<f64> = list.iter().map(|(r, _)| r.mib_per_sec()).collect();
-            let cpu: Vec<f64> = list.iter().map(|(r, c)| 100.0 * c / r.secs).collect();
-            let failed: u64 = list.iter().map(|(r, _)| r.failed).sum();
-            let ((rlo, rhi), (mlo, mhi)) = (min_max(&rps), min_max(&mib));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} ({rlo:.0}–{rhi:.0}) | {:.1} ({mlo:.1}–{mhi:.1}) | {:.1} | {failed} |",
-                w.label,
-                mode.label(),
-                median(&rps),
-                median(&mib),
-                median(&cpu)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "\nDrop of requests/s against capture off: of the medians, and per round (median, \
-         min … max).\n"
-    );
-    let _ = writeln!(
-        out,
-        "| workload | capture on: drop of medians | capture on: drop per round | origin's cgroup only: drop of medians | origin's cgroup only: drop per round | empty programs: drop of medians | empty programs: drop per round |"
-    );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let rate = |l: &[(LoadRun, f64)]| -> Vec<f64> {
-        l.iter().map(|(r, _)| r.requests_per_sec()).collect()
-    };
-    for (w, modes) in WORKLOADS.iter().zip(runs) {
-        let off = rate(&modes[Capture::Off.index()]);
-        let mut cells = Vec::new();
-        for mode in [Capture::On, Capture::OriginOnly, Capture::Empty] {
-            let this = rate(&modes[mode.index()]);
-            let drop = 100.0 * (1.0 - median(&this) / median(&off));
-            let per_round: Vec<f64> = this
-                .iter()
-                .zip(&off)
-                .map(|(a, b)| 100.0 * (1.0 - a / b))
-                .collect();
-            let (lo, hi) = min_max(&per_round);
-            cells.push(format!(
-                "{drop:.1}% | {:.1}% ({lo:.1}% … {hi:.1}%)",
-                median(&per_round)
-            ));
-        }
-        let _ = writeln!(out, "| {} | {} |", w.label, cells.join(" | "));
-    }
-    let _ = writeln!(
-        out,
-        "\nTarget for capture on: under 3% drop. A negative drop means that mode's runs were \
-         faster: noise."
-    );
     out
 }

@@ -1,5 +1,5 @@
-//! CPU per request at a fixed request rate, beside the saturated throughput
-//! runs: the same traffic paced at half of what the testbed can carry, and
+//! CPU per request at a fixed request rate, beside the interleaved
+//! throughput runs: the same traffic paced at half of what the testbed can carry, and
 //! the whole machine's busy CPU time over it. Saturated throughput on two
 //! shared vCPUs swings with scheduling luck; below saturation the work per
 //! request is what changes, and /proc/stat counts all of it (programs, hook
@@ -32,16 +32,22 @@ pub fn machine_busy_secs() -> anyhow::Result<f64> {
     Ok(busy as f64 / hz as f64)
 }
 
-/// One paced run: requests completed and the machine's busy CPU seconds.
+/// One paced run: requests completed, the machine's busy CPU seconds and
+/// the agent's share of them.
 #[derive(Clone, Copy)]
 pub struct PacedRun {
     pub requests: u64,
     pub busy_secs: f64,
+    pub agent_secs: f64,
 }
 
 impl PacedRun {
     pub fn us_per_request(&self) -> f64 {
         1e6 * self.busy_secs / self.requests.max(1) as f64
+    }
+
+    pub fn agent_us_per_request(&self) -> f64 {
+        1e6 * self.agent_secs / self.requests.max(1) as f64
     }
 }
 
@@ -57,19 +63,21 @@ pub fn render(out: &mut String, secs: f64, workloads: &[PacedWorkload<'_>], off:
     let _ = writeln!(out, "\n### CPU per request at a fixed rate\n");
     let _ = writeln!(
         out,
-        "In each round and mode, after the saturated run, the same traffic paced at half the \
+        "In each round and mode, the same traffic paced at half the \
          rate the testbed carried with capture on (`vigil-loadgen --rate`, {secs:.0} s), and the \
          machine's busy CPU time over it (/proc/stat: user, system, irq, softirq of both CPUs), \
          per completed request. Below saturation, scheduling luck does not change how much \
          gets done, only what each request costs: programs, hook machinery, agent, everything. \
          Increase against off: of the medians, and per round (median, min … max); for a \
-         CPU-bound origin the throughput drop is increase / (1 + increase).\n"
+         CPU-bound origin the throughput drop is increase / (1 + increase). Each mode runs \
+         with its own agent, seconds to minutes apart from the others: drift of the machine's \
+         pace between them shows here as it does not in the interleaved runs above.\n"
     );
     let _ = writeln!(
         out,
-        "| workload | rate, requests/s | capture | CPU µs per request | increase of medians | increase per round |"
+        "| workload | rate, requests/s | capture | CPU µs per request | increase of medians | increase per round | agent µs per request |"
     );
-    let _ = writeln!(out, "| --- | ---: | --- | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | --- | ---: | ---: | ---: | ---: |");
     for w in workloads {
         let Some((_, off_runs)) = w.modes.iter().find(|(m, _)| *m == off) else {
             continue;
@@ -95,10 +103,13 @@ pub fn render(out: &mut String, secs: f64, workloads: &[PacedWorkload<'_>], off:
                     crate::bench_capture::median(&per_round)
                 )
             };
+            let agent: Vec<f64> = runs.iter().map(PacedRun::agent_us_per_request).collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {mode} | {m:.1} ({lo:.1}–{hi:.1}) | {increase} |",
-                w.label, w.rate
+                "| {} | {} | {mode} | {m:.1} ({lo:.1}–{hi:.1}) | {increase} | {:.2} |",
+                w.label,
+                w.rate,
+                crate::bench_capture::median(&agent)
             );
         }
     }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_agent;
 mod bench_capture;
+mod bench_interleaved;
 mod bench_paced;
 mod demo;
 mod empty_prog;

@@ -152,7 +152,7 @@ const HOOKS: &[HookSpec] = &[
         },
     },
     HookSpec {
-        name: "cgroup_skb/egress",
+        name: CAPTURE_EGRESS,
         signal: Signal::TraceContext,
         program: "vigil_http_out",
         attach: Attach::CgroupSkb {
@@ -168,6 +168,9 @@ const HOOKS: &[HookSpec] = &[
         },
     },
 ];
+
+/// The capture hook messages sent pass through (`correlate.capture_sent`).
+const CAPTURE_EGRESS: &str = "cgroup_skb/egress";
 
 /// The program the socket sampler instantiates.
 const SOCKET_ITERATOR: &str = "vigil_sock_iter";
@@ -230,6 +233,8 @@ pub struct LoadOptions {
     pub socket_table_entries: u32,
     pub wakeup_bytes: u32,
     pub disable_hooks: Vec<String>,
+    /// `correlate.capture_sent`: false leaves the egress capture hook off.
+    pub capture_sent: bool,
     pub kernel_debug_logs: bool,
     /// Drop-reason patterns (`probes.drop_reasons`).
     pub drop_reasons: Vec<String>,
@@ -307,12 +312,17 @@ impl Probes {
         let kernel_btf = Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
         // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
         let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
+        let disabled = |hook: &str| opts.disable_hooks.iter().any(|d| d == hook);
+        // Without the egress hook no message sent is seen, whichever setting
+        // took it away; the capture programs then read received requests only.
+        let capture_sent = opts.capture_sent && !disabled(CAPTURE_EGRESS);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&kernel_btf))
             .override_global("VIGIL_LAYOUT", &layout, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
             .override_global("VIGIL_DROP_REASONS", &drop_reasons.set, true)
+            .override_global("VIGIL_CAPTURE_SENT", &u8::from(capture_sent), true)
             .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
             .load(PROBES_OBJECT)
@@ -330,7 +340,7 @@ impl Probes {
         let mut cgroup_links = Vec::new();
         let mut links = 0;
         for spec in HOOKS {
-            let status = if opts.disable_hooks.iter().any(|d| d == spec.name) {
+            let status = if disabled(spec.name) || (spec.name == CAPTURE_EGRESS && !capture_sent) {
                 HookStatus::Disabled
             } else {
                 match attach(&mut ebpf, spec, &kernel_btf, &capture_at) {

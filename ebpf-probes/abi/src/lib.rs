@@ -207,6 +207,12 @@ pub struct TraceSlot {
     /// Where a header still being read continues, and the boundary of its message.
     pub open_next_seq: u32,
     pub open_boundary: u32,
+    /// This side's `snd_nxt` when the last message it received started: once
+    /// it moves, this side has answered, and what it receives next may be a
+    /// new message even though no message sent was seen (capture of received
+    /// messages only).
+    pub recv_mark: u32,
+    pub _pad: u32,
     /// Header bytes read so far of the open message.
     pub open_scanned: u16,
     /// Bit `dir - 1` set once a message start was accepted in that direction;
@@ -238,7 +244,8 @@ pub enum CaptureOutcome {
     /// segment arrived out of order.
     Abandoned = 3,
     /// A response to a request that carried trace context: not read, the
-    /// request's context governs the exchange.
+    /// request's context governs the exchange. Capturing received messages
+    /// only, any response received (its request went out unseen).
     Answered = 4,
 }
 pub const CAPTURE_OUTCOMES: u32 = 5;
@@ -518,7 +525,7 @@ mod tests {
         );
         assert_eq!(size_of::<TraceStamp>(), 56);
         assert_eq!(size_of::<TraceSpan>(), 64);
-        assert_eq!(size_of::<TraceSlot>(), 2 * 64 + 4 * 4 + 8 + TRACE_CARRY);
+        assert_eq!(size_of::<TraceSlot>(), 2 * 64 + 6 * 4 + 8 + TRACE_CARRY);
         assert_eq!(
             size_of::<TraceRecord>(),
             4 * 2 + 8 * 2 + 4 * 2 + size_of::<TraceStamp>()
