@@ -26,6 +26,12 @@
 //!   carried). An out-of-order continuation abandons the header (counted).
 //! - Only the payload before the end of the header is read; nothing is stored
 //!   but the value.
+//! - With `correlate.capture_sent = false` only the ingress program is
+//!   attached and a socket's own messages go unseen: a segment received may
+//!   start a new message once this side has sent anything since the last one
+//!   started (`TraceSlot::recv_mark`), and responses received are not read
+//!   (the request they answer went out unseen).
+//! - `VIGIL_PAUSE` set: both programs return at once (capture paused).
 //!
 //! Every program returns 1 (pass): capture never affects traffic.
 
