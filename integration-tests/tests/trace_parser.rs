@@ -543,3 +543,78 @@ fn a_response_is_read_only_when_its_request_had_no_trace() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// `VIGIL_PAUSE`, set with bpftool as an operator would: the capture programs
+/// read nothing while it is set, and read again once it is cleared, on the
+/// same keep-alive connection.
+#[test]
+fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
+    if !bpf_available("a_paused_capture_reads_nothing_until_resumed") {
+        return Ok(());
+    }
+    let log = TempPath::new("trace-parser-pause.jsonl");
+    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    let pause = agent
+        .kernel_objects()
+        .into_iter()
+        .find(|(kind, _, name)| kind == "map" && name == "VIGIL_PAUSE")
+        .map(|(_, id, _)| id.to_string())
+        .ok_or_else(|| anyhow::anyhow!("the agent reported no VIGIL_PAUSE map"))?;
+    let set = |value: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "update", "id", &pause, "key", "0", "0", "0", "0"])
+            .args(["value", value, "0", "0", "0"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bpftool map update: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    thread::spawn(move || serve(listener));
+    let mut client = TcpStream::connect(server)?;
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let local = client.local_addr()?;
+    let mut request = |n: u32| -> anyhow::Result<()> {
+        let text = format!(
+            "GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
+            tp(n)
+        );
+        client.write_all(text.as_bytes())?;
+        anyhow::ensure!(read_head(&mut client)?, "server closed");
+        Ok(())
+    };
+    set("1")?;
+    request(301)?;
+    request(302)?;
+    set("0")?;
+    request(303)?;
+    // Records of this connection reach the log in order: once 303's are
+    // there (sent and received), 301's and 302's would be too.
+    let ours = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "trace_context")
+            .filter(|e| e["local"] == local.to_string() || e["remote"] == local.to_string())
+            .filter_map(|e| e["trace_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let seen = wait_for(
+        Duration::from_secs(10),
+        "the resumed request's records",
+        || {
+            let seen = ours(&read_event_log(&log.0)?);
+            Ok((seen.len() >= 2).then_some(seen))
+        },
+    )?;
+    assert_eq!(
+        seen,
+        [trace(303), trace(303)],
+        "only the request after resuming, seen sent and received"
+    );
+    drop(agent);
+    Ok(())
+}
