@@ -59,7 +59,7 @@ use aya_ebpf::{
 use vigil_abi::{
     CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSocketRecord,
     TraceStamp, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE,
-    SOCKET_ANNOUNCED, TRACEPARENT_LEN, TRACE_CARRY,
+    SOCKET_ANNOUNCED, TCP_LISTEN, TRACEPARENT_LEN, TRACE_CARRY,
 };
 
 use crate::{
@@ -292,6 +292,17 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     // SAFETY: helper on the context's socket; returns NULL for non-full sockets.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
+        return Ok(());
+    }
+    // A segment that completes a handshake (its final ACK lost, or
+    // TCP_DEFER_ACCEPT) is filtered against the listener: the connection's
+    // own socket does not exist yet. Its message is not the listener's; it
+    // is counted as abandoned, and the connection's next message is read.
+    // SAFETY: a field of the full socket the helper returned.
+    if unsafe { (*sk).state } == TCP_LISTEN {
+        if payload >= 8 && message_start(ctx.load::<[u8; 8]>(payload_at as usize)?).is_some() {
+            count(CaptureOutcome::Abandoned);
+        }
         return Ok(());
     }
     let mut seg = Segment {

@@ -326,14 +326,15 @@ fn attribution(capture: Capture, scenario_tag: &str, index: u8) -> anyhow::Resul
         .collect();
     for c in traced_ports.iter().filter_map(|p| conns.get(p)) {
         for p in &c.requests {
-            let seen = messages
+            let seen: Vec<&&Value> = messages
                 .iter()
                 .filter(|m| m["trace_id"] == p.trace_id.as_str())
-                .count();
+                .collect();
             let want = if received_only { 1 } else { 2 };
             assert_eq!(
-                seen, want,
-                "request {} seen received (and sent, unless received only)",
+                seen.len(),
+                want,
+                "request {} seen received (and sent, unless received only): {seen:?}",
                 p.trace_id
             );
         }

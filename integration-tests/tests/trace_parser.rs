@@ -81,6 +81,17 @@ fn read_head(s: &mut TcpStream) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Sends a GET carrying trace `n` and reads the answer's head.
+fn send_traced(client: &mut TcpStream, n: u32) -> anyhow::Result<()> {
+    let text = format!(
+        "GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
+        tp(n)
+    );
+    client.write_all(text.as_bytes())?;
+    anyhow::ensure!(read_head(client)?, "server closed");
+    Ok(())
+}
+
 /// One request as segments: each part is written on its own (TCP_NODELAY,
 /// with a pause, so each is one segment on loopback).
 struct Request(Vec<Vec<u8>>);
@@ -578,15 +589,7 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
     let mut client = TcpStream::connect(server)?;
     client.set_read_timeout(Some(Duration::from_secs(5)))?;
     let local = client.local_addr()?;
-    let mut request = |n: u32| -> anyhow::Result<()> {
-        let text = format!(
-            "GET /{n} HTTP/1.1\r\nHost: vigil\r\ntraceparent: {}\r\n\r\n",
-            tp(n)
-        );
-        client.write_all(text.as_bytes())?;
-        anyhow::ensure!(read_head(&mut client)?, "server closed");
-        Ok(())
-    };
+    let mut request = |n: u32| send_traced(&mut client, n);
     set("1")?;
     request(301)?;
     request(302)?;
@@ -614,6 +617,93 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
         seen,
         [trace(303), trace(303)],
         "only the request after resuming, seen sent and received"
+    );
+    drop(agent);
+    Ok(())
+}
+
+/// A request whose segment completes the handshake (TCP_DEFER_ACCEPT here,
+/// as nginx's `deferred` sets; also a lost final ACK) is filtered against
+/// the listener, before the connection's own socket exists. It must not be
+/// put on the listener (a bogus connection of its trace); it is counted as
+/// abandoned, and the next request on the connection is read as usual.
+#[test]
+fn a_request_that_completes_the_handshake_is_not_put_on_the_listener() -> anyhow::Result<()> {
+    if !bpf_available("a_request_that_completes_the_handshake_is_not_put_on_the_listener") {
+        return Ok(());
+    }
+    let log = TempPath::new("trace-parser-deferred.jsonl");
+    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    let before = agent.scrape()?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let secs: libc::c_int = 5;
+    // SAFETY: a valid socket and option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::addr_of!(secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "TCP_DEFER_ACCEPT: {}",
+        std::io::Error::last_os_error()
+    );
+    thread::spawn(move || serve(listener));
+    let mut client = TcpStream::connect(server)?;
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let local = client.local_addr()?;
+    send_traced(&mut client, 401)?;
+    send_traced(&mut client, 402)?;
+    // (end, trace id) of every record of these two traces, wherever it was.
+    let ours = |events: &[Value]| -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "trace_context")
+            .filter(|e| e["trace_id"] == trace(401) || e["trace_id"] == trace(402))
+            .map(|e| {
+                let end = if e["local"] == local.to_string() {
+                    "client".to_owned()
+                } else {
+                    format!("{} from {}", e["local"], e["remote"])
+                };
+                (end, e["trace_id"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect()
+    };
+    // In submission order: a record put on the listener would come before
+    // the second request's.
+    let mut seen = wait_for(Duration::from_secs(10), "both requests' records", || {
+        let seen = ours(&read_event_log(&log.0)?);
+        Ok((seen.len() >= 3).then_some(seen))
+    })?;
+    seen.sort();
+    let at_server = format!("\"{server}\" from \"{local}\"");
+    let mut want = vec![
+        ("client".to_owned(), trace(401)),
+        ("client".to_owned(), trace(402)),
+        (at_server, trace(402)),
+    ];
+    want.sort();
+    assert_eq!(
+        seen, want,
+        "the first request is not put on the listener; the second is read at the server"
+    );
+    let after = agent.scrape()?;
+    let abandoned = |m: &str| {
+        metric_sum(
+            m,
+            "vigil_http_capture_messages_total",
+            &[("outcome", "abandoned")],
+        )
+    };
+    assert!(
+        abandoned(&after) > abandoned(&before),
+        "the request at the listener counted as abandoned:\n{after}"
     );
     drop(agent);
     Ok(())

@@ -240,8 +240,9 @@ pub enum CaptureOutcome {
     Untraced = 1,
     /// A message start seen again (retransmitted) or older than the last one.
     Repeated = 2,
-    /// A header given up on: longer than the capture limit, or its next
-    /// segment arrived out of order.
+    /// A header given up on: longer than the capture limit, its next
+    /// segment arrived out of order, or it came in the segment that
+    /// completes a handshake (filtered against the listener).
     Abandoned = 3,
     /// A response to a request that carried trace context: not read, the
     /// request's context governs the exchange. Capturing received messages
