@@ -17,6 +17,16 @@ use serde_json::Value;
 use vigil_testbed::netns::{bin_path, loadgen_command, spawn_origin, ChildGuard};
 pub use vigil_testbed::prom::{metric_sum, scrape};
 
+/// HTTP message headers the capture counted with `outcome` (`traced`,
+/// `abandoned`, ...) in a scrape of the agent's metrics.
+pub fn capture_outcome(metrics: &str, outcome: &str) -> u64 {
+    metric_sum(
+        metrics,
+        "vigil_http_capture_messages_total",
+        &[("outcome", outcome)],
+    )
+}
+
 /// True when this machine can run the real-kernel tests. In CI (CI=true) a
 /// missing prerequisite is a failure, never a skip.
 pub fn bpf_available(test: &str) -> bool {

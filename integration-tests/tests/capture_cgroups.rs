@@ -12,8 +12,8 @@ use std::{
 
 use serde_json::Value;
 use vigil_integration_tests::{
-    bpf_available, loadgen_summary, metric_sum, one_namespace_test_at_a_time, tag, wait_for, Agent,
-    Scenario, TempPath, TestCgroup,
+    bpf_available, capture_outcome, loadgen_summary, one_namespace_test_at_a_time, tag, wait_for,
+    Agent, Scenario, TempPath, TestCgroup,
 };
 use vigil_testbed::netns::{bin_path, in_cgroup, loadgen_command, ChildGuard};
 
@@ -26,13 +26,7 @@ const OUTCOMES: [&str; 5] = ["traced", "untraced", "repeated", "abandoned", "ans
 /// The capture's counters, by outcome, in `OUTCOMES` order.
 fn outcomes(agent: &Agent) -> anyhow::Result<[u64; 5]> {
     let text = agent.scrape()?;
-    Ok(OUTCOMES.map(|outcome| {
-        metric_sum(
-            &text,
-            "vigil_http_capture_messages_total",
-            &[("outcome", outcome)],
-        )
-    }))
+    Ok(OUTCOMES.map(|outcome| capture_outcome(&text, outcome)))
 }
 
 /// Traced keep-alive requests from the client namespace, sent by a process

@@ -349,13 +349,7 @@ fn attribution(capture: Capture, scenario_tag: &str, index: u8) -> anyhow::Resul
             );
         }
     }
-    let abandoned = |m: &str| {
-        vigil_integration_tests::metric_sum(
-            m,
-            "vigil_http_capture_messages_total",
-            &[("outcome", "abandoned")],
-        )
-    };
+    let abandoned = |m: &str| vigil_integration_tests::capture_outcome(m, "abandoned");
     let now = agent.scrape()?;
     eprintln!("first requests unseen at the server: {first_missed}");
     assert!(

@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::Value;
 use vigil_integration_tests::{
-    bpf_available, metric_sum, read_event_log, wait_for, Agent, TempPath,
+    bpf_available, capture_outcome, metric_sum, read_event_log, wait_for, Agent, TempPath,
 };
 
 const SPAN: &str = "00f067aa0ba902b7";
@@ -369,17 +369,8 @@ fn parser_cases(received_only: bool) -> anyhow::Result<()> {
     }
     // The adversarial ones were seen and set aside, not misread.
     let after = agent.scrape()?;
-    let delta = |outcome: &str| {
-        metric_sum(
-            &after,
-            "vigil_http_capture_messages_total",
-            &[("outcome", outcome)],
-        ) - metric_sum(
-            &before,
-            "vigil_http_capture_messages_total",
-            &[("outcome", outcome)],
-        )
-    };
+    let delta =
+        |outcome: &str| capture_outcome(&after, outcome) - capture_outcome(&before, outcome);
     assert!(
         delta("abandoned") >= 4,
         "oversized headers abandoned:\n{after}"
@@ -539,15 +530,8 @@ fn a_response_is_read_only_when_its_request_had_no_trace() -> anyhow::Result<()>
         records, want,
         "trace 201 (the traced request's answer) is never read"
     );
-    let answered = metric_sum(
-        &agent.scrape()?,
-        "vigil_http_capture_messages_total",
-        &[("outcome", "answered")],
-    ) - metric_sum(
-        &before,
-        "vigil_http_capture_messages_total",
-        &[("outcome", "answered")],
-    );
+    let answered =
+        capture_outcome(&agent.scrape()?, "answered") - capture_outcome(&before, "answered");
     assert!(
         answered >= 2,
         "the traced request's response answered at both ends: {answered}"
@@ -694,15 +678,8 @@ fn a_request_that_completes_the_handshake_is_not_put_on_the_listener() -> anyhow
         "the first request is not put on the listener; the second is read at the server"
     );
     let after = agent.scrape()?;
-    let abandoned = |m: &str| {
-        metric_sum(
-            m,
-            "vigil_http_capture_messages_total",
-            &[("outcome", "abandoned")],
-        )
-    };
     assert!(
-        abandoned(&after) > abandoned(&before),
+        capture_outcome(&after, "abandoned") > capture_outcome(&before, "abandoned"),
         "the request at the listener counted as abandoned:\n{after}"
     );
     drop(agent);
