@@ -198,11 +198,11 @@ pub struct CorrelateConfig {
     /// socket of the node.
     pub capture_cgroups: Vec<String>,
     /// Read the messages this node's sockets send too (requests of clients,
-    /// responses of servers). false: only messages received are read, and
-    /// the egress hook (`cgroup_skb/egress`, the one every response body
-    /// passes through) is not attached: servers keep the trace context of
-    /// each request they receive at a fraction of the cost, client sockets
-    /// carry none.
+    /// responses of servers): where the application writes them
+    /// (`tp_btf/tcp_sendmsg_locked`), or on kernels without that tracepoint
+    /// from every packet sent (`cgroup_skb/egress`). false: only messages
+    /// received are read; servers keep the trace context of each request
+    /// they receive, client sockets carry none.
     pub capture_sent: bool,
 }
 

@@ -101,8 +101,8 @@ struct AgentArgs {
     #[arg(long = "capture-cgroup", value_name = "PATH")]
     capture_cgroups: Vec<String>,
     /// Capture trace context from received messages only (requests arriving
-    /// at servers); the egress hook is not attached. Sets
-    /// correlate.capture_sent = false.
+    /// at servers); messages sent are not read, so client sockets carry no
+    /// trace ids. Sets correlate.capture_sent = false.
     #[arg(long)]
     capture_received_only: bool,
     /// Let the kernel programs' debug messages through to the log (slow).

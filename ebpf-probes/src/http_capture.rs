@@ -1,8 +1,11 @@
 //! W3C trace context of plaintext HTTP/1.1, captured per socket.
 //!
-//! Two cgroup_skb programs on the cgroup v2 root (or on the cgroups the agent
-//! is told to capture) see every TCP segment of their sockets, both
-//! directions, every network namespace. A segment whose payload
+//! A cgroup_skb ingress program on the cgroup v2 root (or on the cgroups the
+//! agent is told to capture) sees every TCP segment its sockets receive,
+//! every network namespace; messages sent are read where the application
+//! writes them (`vigil_http_send` on `tcp_sendmsg_locked`, from its buffer),
+//! or, on kernels without that tracepoint, from every segment sent (a
+//! cgroup_skb egress program). A segment or write whose payload
 //! starts a request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) has its
 //! header lines scanned for `traceparent:`; the 55-character value is copied
 //! (never interpreted: the agent validates it) into the socket's local storage
@@ -26,12 +29,21 @@
 //!   carried). An out-of-order continuation abandons the header (counted).
 //! - Only the payload before the end of the header is read; nothing is stored
 //!   but the value.
+//! - A write is read from its first chunk (its first iovec for writev), as
+//!   far as the header goes; bytes in kernel memory (sendfile, splice) are
+//!   not an application's message and are not read.
 //! - With `correlate.capture_sent = false` only the ingress program is
 //!   attached and a socket's own messages go unseen: a segment received may
 //!   start a new message once this side has sent anything since the last one
 //!   started (`TraceSlot::recv_mark`), and responses received are not read
 //!   (the request they answer went out unseen).
-//! - `VIGIL_PAUSE` set: both programs return at once (capture paused).
+//! - A request in the segment that completes a handshake (its final ACK
+//!   lost, or TCP_DEFER_ACCEPT, or TCP Fast Open) is filtered against the
+//!   listener: the connection's socket does not exist yet. It is read into a
+//!   slot kept by the connection's 4-tuple (`VIGIL_HANDSHAKES`), which
+//!   `vigil_http_handoff` moves to the socket when it becomes established,
+//!   telling the agent of its trace then.
+//! - `VIGIL_PAUSE` set: the programs return at once (capture paused).
 //!
 //! Every program returns 1 (pass): capture never affects traffic.
 
@@ -43,29 +55,31 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS,
         BPF_SK_STORAGE_GET_F_CREATE,
     },
-    btf_maps::SkStorage,
+    btf_maps::{CgroupArray, SkStorage},
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_loop, bpf_sk_fullsock, bpf_sk_release, bpf_sk_storage_get,
-            bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_tcp_sock,
+            bpf_get_socket_cookie, bpf_loop, bpf_probe_read_user, bpf_sk_fullsock, bpf_sk_release,
+            bpf_sk_storage_get, bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
+            bpf_tcp_sock,
         },
     },
-    macros::{btf_map, cgroup_skb, map},
-    maps::{Array, PerCpuArray},
-    programs::SkBuffContext,
+    macros::{btf_map, btf_tracepoint, cgroup_skb, map},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::{BtfTracePointContext, SkBuffContext},
     Global,
 };
 use vigil_abi::{
-    CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSocketRecord,
-    TraceStamp, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, MSG_REQUEST, MSG_RESPONSE,
-    SOCKET_ANNOUNCED, TCP_LISTEN, TRACEPARENT_LEN, TRACE_CARRY,
+    CaptureOutcome, EventKind, KernelLayout, LossSlot, SockOwner, TraceRecord, TraceSlot,
+    TraceSocketRecord, TraceStamp, AF_INET6, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, IPPROTO_TCP,
+    MSG_REQUEST, MSG_RESPONSE, SOCKET_ANNOUNCED, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV,
+    TRACEPARENT_LEN, TRACE_CARRY, TRACE_PENDING,
 };
 
 use crate::{
-    kernel::{layout, netns_inode, tuple},
+    kernel::{layout, netns_inode, read, tuple},
     owners::VIGIL_SOCKS,
-    ring::submit_in_place,
+    ring::{copy_words, submit_in_place, zero},
 };
 
 /// Payload bytes scanned per segment.
@@ -145,10 +159,57 @@ pub static VIGIL_CAPTURE: PerCpuArray<u64> = PerCpuArray::with_max_entries(CAPTU
 static VIGIL_PAUSE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// 0 when only received messages are captured (`correlate.capture_sent =
-/// false`, or the egress hook disabled): the egress program is not attached,
-/// so a message sent is never seen. Set by the agent at load.
+/// false`, or both hooks for messages sent disabled): a message sent is
+/// never seen. Set by the agent at load.
 #[unsafe(no_mangle)]
 static VIGIL_CAPTURE_SENT: Global<u8> = Global::new(1);
+
+/// The cgroups capture covers, for `vigil_http_send` (which runs for every
+/// socket of the node): the first `VIGIL_CAPTURE_SCOPE` entries, set by the
+/// agent; 0 entries: every cgroup (capture at the root).
+#[btf_map]
+static VIGIL_CAPTURE_CGROUPS: CgroupArray<{ CAPTURE_CGROUPS as usize }> = CgroupArray::new();
+const CAPTURE_CGROUPS: u32 = vigil_abi::MAX_CAPTURE_CGROUPS;
+#[unsafe(no_mangle)]
+static VIGIL_CAPTURE_SCOPE: Global<u32> = Global::new(0);
+
+/// A connection's 4-tuple and network namespace, IPv4 (also when its
+/// socket is IPv6 with v4-mapped addresses) in the first 4 bytes of each
+/// address: what a packet at the listener and the socket made for it share.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HandshakeKey {
+    netns: u32,
+    /// 4 or 6.
+    ip: u16,
+    local_port: u16,
+    remote_port: u16,
+    _pad: u16,
+    local: [u8; 16],
+    remote: [u8; 16],
+}
+
+/// A request read at a listener, until its connection's socket exists.
+#[repr(C)]
+pub struct Handoff {
+    slot: TraceSlot,
+    /// The listener's owner: the process about to accept the connection.
+    owner: SockOwner,
+    /// Where the entry goes (built here, off the stack).
+    key: HandshakeKey,
+    _pad: u32,
+}
+
+/// Handshake-completing requests in flight; an entry lives from the packet
+/// at the listener to the child socket's TCP_ESTABLISHED, microseconds
+/// later (LRU: one whose connection never completes is pushed out).
+#[map]
+static VIGIL_HANDSHAKES: LruHashMap<HandshakeKey, Handoff> = LruHashMap::with_max_entries(1024, 0);
+
+/// Where a `Handoff` is built (too big for the stack). Only the ingress
+/// program uses it, in softirq context, which does not nest on a CPU.
+#[map]
+static VIGIL_HANDOFF_SCRATCH: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn paused() -> bool {
@@ -171,10 +232,8 @@ pub fn vigil_http_out(ctx: SkBuffContext) -> i32 {
 /// One TCP segment with payload, and what is known of its message.
 #[derive(Clone, Copy)]
 struct Segment {
-    /// Sequence number of the first payload byte.
+    /// Sequence number of the first payload byte, and the payload's length.
     seq: u32,
-    /// Offset of the payload in the packet, and its length.
-    payload_at: u32,
     payload: u32,
     dir: u8,
     /// `MSG_*` of the message the header belongs to.
@@ -183,6 +242,10 @@ struct Segment {
     boundary: u32,
     /// The segment (after the carried partial line) begins a header line.
     at_line: bool,
+    /// Read at a listener into a `Handoff`: `boundary` is given (the
+    /// packet's ACK number, the child socket's first sequence number), and
+    /// the agent hears of the trace when the socket exists.
+    handoff: bool,
 }
 
 #[inline(always)]
@@ -269,6 +332,7 @@ fn tcp_header(ctx: &SkBuffContext) -> Result<Option<(u32, u32)>, i64> {
     Ok(Some((seq, ip_len + u32::from(doff >> 4) * 4)))
 }
 
+#[inline(always)]
 fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     if paused() {
         return Ok(());
@@ -298,28 +362,55 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     // TCP_DEFER_ACCEPT) is filtered against the listener: the connection's
     // own socket does not exist yet. Its message is not the listener's; it
     // is counted as abandoned, and the connection's next message is read.
+    let src = Packet {
+        ctx,
+        at: payload_at,
+    };
     // SAFETY: a field of the full socket the helper returned.
     if unsafe { (*sk).state } == TCP_LISTEN {
-        if payload >= 8 && message_start(ctx.load::<[u8; 8]>(payload_at as usize)?).is_some() {
-            count(CaptureOutcome::Abandoned);
+        if payload >= 8 {
+            match message_start(src.head()?) {
+                Some(MSG_REQUEST) => {
+                    let seg = Segment {
+                        seq,
+                        payload,
+                        dir,
+                        kind: MSG_REQUEST,
+                        boundary: 0,
+                        at_line: false,
+                        handoff: true,
+                    };
+                    return at_listener(&src, sk, seg);
+                }
+                Some(_) => count(CaptureOutcome::Abandoned),
+                None => {}
+            }
         }
         return Ok(());
     }
     let mut seg = Segment {
         seq,
-        payload_at,
         payload,
         dir,
         kind: 0,
         boundary: 0,
         at_line: false,
+        handoff: false,
     };
+    on_segment(&src, sk, &mut seg)
+}
+
+/// Payload of a socket's stream in `seg.dir`: more of a header being read,
+/// the current message's body, or perhaps a new message.
+#[inline(always)]
+fn on_segment<P: Payload>(src: &P, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
+    let dir = seg.dir;
     let mut found = slot_of(sk, false);
     if let Some(slot) = found.as_deref_mut() {
         if slot.open_dir == dir {
-            return continue_header(ctx, sk, slot, &mut seg);
+            return continue_header(src, sk, slot, seg);
         }
-        if slot.last_dir == dir && !answered_unseen(sk, slot, dir) {
+        if slot.last_dir == dir && !answered_unseen(src, sk, slot, dir) {
             // More of this side's current message (its body, or a look-alike
             // in it, or pipelining): HTTP/1.1 messages alternate, so no new
             // one starts here, and its bytes are not even read.
@@ -327,28 +418,205 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
         }
     }
     // The other side spoke last, or nobody yet: this may start a message.
-    if payload < 8 {
+    if seg.payload < 8 {
         return Ok(());
     }
-    match message_start(ctx.load::<[u8; 8]>(payload_at as usize)?) {
+    match message_start(src.head()?) {
         Some(kind) => {
             seg.kind = kind;
-            start_message(ctx, sk, found, &mut seg)
+            start_message(src, sk, found, seg)
         }
         None => Ok(()),
     }
+}
+
+/// Where a message's bytes are read: a packet (`cgroup_skb`), or the buffer
+/// an application writes (`tcp_sendmsg_locked`). Each program instantiates
+/// the capture for its own source, so no program holds a helper its type
+/// may not call.
+trait Payload {
+    /// Copies the first `len` bytes into `to`; 0 or a negative error.
+    fn copy(&self, to: *mut u8, len: u32) -> i64;
+    fn head(&self) -> Result<[u8; 8], i64>;
+    /// The socket's cookie (`sk`: the socket this source belongs to).
+    fn cookie(&self, sk: *mut bpf_sock) -> u64;
+    /// `snd_nxt` of the socket, where a message received is read.
+    fn snd_nxt(&self, sk: *mut bpf_sock) -> Option<u32>;
+    /// The owner of the listener a received request came through.
+    fn listener_owner(&self) -> SockOwner;
+}
+
+/// A TCP segment's payload, from offset `at` of the packet.
+struct Packet<'a> {
+    ctx: &'a SkBuffContext,
+    at: u32,
+}
+
+impl Payload for Packet<'_> {
+    #[inline(always)]
+    fn copy(&self, to: *mut u8, len: u32) -> i64 {
+        // SAFETY: the caller's buffer holds `len` bytes.
+        unsafe { bpf_skb_load_bytes(self.ctx.skb.skb as *const c_void, self.at, to.cast(), len) }
+    }
+
+    #[inline(always)]
+    fn head(&self) -> Result<[u8; 8], i64> {
+        self.ctx.load::<[u8; 8]>(self.at as usize)
+    }
+
+    #[inline(always)]
+    fn cookie(&self, _sk: *mut bpf_sock) -> u64 {
+        // SAFETY: the skb context, whose socket the helper reads.
+        unsafe { bpf_get_socket_cookie(self.ctx.skb.skb.cast()) }
+    }
+
+    #[inline(always)]
+    fn snd_nxt(&self, sk: *mut bpf_sock) -> Option<u32> {
+        // SAFETY: helper on a full socket; NULL when it is not TCP.
+        unsafe { bpf_tcp_sock(sk).as_ref() }.map(|tp| tp.snd_nxt)
+    }
+
+    #[inline(always)]
+    fn listener_owner(&self) -> SockOwner {
+        listener_owner(self.ctx)
+    }
+}
+
+/// What an application writes to a socket, from its own (user) buffer.
+struct Written {
+    buf: u64,
+}
+
+impl Payload for Written {
+    #[inline(always)]
+    fn copy(&self, to: *mut u8, len: u32) -> i64 {
+        // SAFETY: the caller's buffer holds `len` bytes; a fault is an error.
+        unsafe { bpf_probe_read_user(to.cast(), len, self.buf as *const c_void) }
+    }
+
+    #[inline(always)]
+    fn head(&self) -> Result<[u8; 8], i64> {
+        let mut head = [0u8; 8];
+        match self.copy(head.as_mut_ptr(), 8) {
+            0 => Ok(head),
+            e => Err(e),
+        }
+    }
+
+    #[inline(always)]
+    fn cookie(&self, sk: *mut bpf_sock) -> u64 {
+        // SAFETY: the tracepoint's socket, which the helper reads.
+        unsafe { bpf_get_socket_cookie(sk.cast()) }
+    }
+
+    #[inline(always)]
+    fn snd_nxt(&self, _sk: *mut bpf_sock) -> Option<u32> {
+        None
+    }
+
+    #[inline(always)]
+    fn listener_owner(&self) -> SockOwner {
+        SockOwner::default()
+    }
+}
+
+/// Messages sent, read where the application hands them to TCP
+/// (`tcp_sendmsg_locked`, once per chunk it queues): from the
+/// application's buffer, once per write, never again for a retransmission,
+/// and with no program on any packet. Where this kernel lacks the
+/// tracepoint, `vigil_http_out` reads them from the packets instead.
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
+pub fn vigil_http_send(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_send(&ctx);
+    0
+}
+
+fn try_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    if paused() {
+        return Ok(());
+    }
+    let Some(l) = layout() else {
+        return Ok(());
+    };
+    if l.send_ready != 1 {
+        return Ok(());
+    }
+    let msg: u64 = ctx.arg(1);
+    let iter = msg + u64::from(l.msghdr_msg_iter);
+    // A call's later chunks continue its first, which was read as far as a
+    // header goes: only a call's first chunk can start or continue a header.
+    if read::<u64>(iter, l.iov_iter_offset)? != 0 || !in_capture_cgroups() {
+        return Ok(());
+    }
+    let Some((buf, len)) = written(&l, iter)? else {
+        return Ok(());
+    };
+    let sk: u64 = ctx.arg(0);
+    // The first byte of this call goes out at `write_seq`.
+    let seq: u32 = read(sk, l.tcp_write_seq)?;
+    let mut seg = Segment {
+        seq,
+        payload: len.min(u64::from(u32::MAX >> 1)) as u32,
+        dir: DIR_SENT,
+        kind: 0,
+        boundary: 0,
+        at_line: false,
+        handoff: false,
+    };
+    // `sk` is the tracepoint's own trusted socket argument.
+    on_segment(&Written { buf }, sk as *mut bpf_sock, &mut seg)
+}
+
+/// Where the bytes of a write start in the application's memory, and how
+/// many there are in one piece; None for kernel memory (sendfile, splice,
+/// in-kernel senders: no application's message).
+#[inline(always)]
+fn written(l: &KernelLayout, iter: u64) -> Result<Option<(u64, u64)>, i64> {
+    let kind: u8 = read(iter, l.iov_iter_type)?;
+    let count: u64 = read(iter, l.iov_iter_count)?;
+    let base: u64 = read(iter, l.iov_iter_buf)?;
+    if u32::from(kind) == l.iter_ubuf {
+        return Ok(Some((base, count)));
+    }
+    if u32::from(kind) == l.iter_iovec {
+        // The current `struct iovec` (copied into the kernel): base, length.
+        let (start, n): (u64, u64) = (read(base, 0)?, read(base, 8)?);
+        return Ok(Some((start, n.min(count))));
+    }
+    Ok(None)
+}
+
+/// Whether the writing task is in a cgroup capture covers (the agent sets
+/// `VIGIL_CAPTURE_CGROUPS` when `correlate.capture_cgroups` is not the root;
+/// the cgroup_skb programs are attached to those cgroups instead).
+#[inline(always)]
+fn in_capture_cgroups() -> bool {
+    let n = VIGIL_CAPTURE_SCOPE.load();
+    if n == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < CAPTURE_CGROUPS {
+        if i >= n {
+            break;
+        }
+        if VIGIL_CAPTURE_CGROUPS.current_task_under_cgroup(i) == Ok(true) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Capturing received messages only, the answer to the last one is never
 /// seen; that this side sent anything since (`snd_nxt` moved) says the other
 /// side may speak again.
 #[inline(always)]
-fn answered_unseen(sk: *mut bpf_sock, slot: &TraceSlot, dir: u8) -> bool {
+fn answered_unseen<P: Payload>(src: &P, sk: *mut bpf_sock, slot: &TraceSlot, dir: u8) -> bool {
     if dir != DIR_RECEIVED || VIGIL_CAPTURE_SENT.load() != 0 {
         return false;
     }
-    // SAFETY: helper on a full socket; NULL when it is not TCP.
-    unsafe { bpf_tcp_sock(sk).as_ref() }.is_some_and(|tp| tp.snd_nxt != slot.recv_mark)
+    src.snd_nxt(sk).is_some_and(|n| n != slot.recv_mark)
 }
 
 #[inline(always)]
@@ -381,8 +649,8 @@ fn storage(sk: *mut c_void, flags: u64) -> Option<&'static mut TraceSlot> {
 }
 
 #[inline(never)]
-fn start_message(
-    ctx: &SkBuffContext,
+fn start_message<P: Payload>(
+    src: &P,
     sk: *mut bpf_sock,
     found: Option<&'static mut TraceSlot>,
     seg: &mut Segment,
@@ -405,10 +673,11 @@ fn start_message(
     // whatever this side sends next.
     let boundary = if dir == DIR_SENT {
         seq
+    } else if seg.handoff {
+        seg.boundary
     } else {
-        // SAFETY: helper on a full socket; NULL when it is not TCP.
-        match unsafe { bpf_tcp_sock(sk).as_ref() } {
-            Some(tp) => tp.snd_nxt,
+        match src.snd_nxt(sk) {
+            Some(n) => n,
             None => return Ok(()),
         }
     };
@@ -438,12 +707,12 @@ fn start_message(
         push(slot, boundary);
     }
     seg.boundary = boundary;
-    scan_segment(ctx, sk, slot, seg)
+    scan_segment(src, sk, slot, seg)
 }
 
 #[inline(always)]
-fn continue_header(
-    ctx: &SkBuffContext,
+fn continue_header<P: Payload>(
+    src: &P,
     sk: *mut bpf_sock,
     slot: &mut TraceSlot,
     seg: &mut Segment,
@@ -461,7 +730,7 @@ fn continue_header(
     seg.kind = slot.open_kind;
     seg.boundary = slot.open_boundary;
     seg.at_line = slot.at_line_start != 0;
-    scan_segment(ctx, sk, slot, seg)
+    scan_segment(src, sk, slot, seg)
 }
 
 /// A new message governs what this side sends from `boundary` on.
@@ -480,8 +749,8 @@ fn push(slot: &mut TraceSlot, boundary: u32) {
 /// Copies the segment (after any carried partial line) into scratch, scans
 /// it, and records the result in the slot.
 #[inline(never)]
-fn scan_segment(
-    ctx: &SkBuffContext,
+fn scan_segment<P: Payload>(
+    src: &P,
     sk: *mut bpf_sock,
     slot: &mut TraceSlot,
     seg: &Segment,
@@ -499,14 +768,19 @@ fn scan_segment(
         return Ok(());
     };
     // SAFETY: acquired for this program alone until released below.
-    let r = scan_into(ctx, sk, slot, scratch, seg, scanned);
+    let r = scan_into(src, sk, slot, scratch, seg, scanned);
     release_scratch(scratch);
+    if r.is_err() {
+        // The bytes could not be copied (e.g. a write's page not resident).
+        slot.open_dir = 0;
+        count(CaptureOutcome::Abandoned);
+    }
     r
 }
 
 #[inline(always)]
-fn scan_into(
-    ctx: &SkBuffContext,
+fn scan_into<P: Payload>(
+    src: &P,
     sk: *mut bpf_sock,
     slot: &mut TraceSlot,
     scratch: *mut Scratch,
@@ -517,12 +791,12 @@ fn scan_into(
     let buf = unsafe { &mut (*scratch).buf };
     let Segment {
         seq,
-        payload_at,
         payload,
         dir,
         kind,
         boundary,
         at_line,
+        handoff: _,
     } = *seg;
     let carry = if at_line {
         usize::from(slot.carry_len) % (TRACE_CARRY + 1)
@@ -565,14 +839,7 @@ fn scan_into(
         // plus 1, and the offset masked; both stay far inside the buffer.
         let len = ((take.wrapping_sub(1) & (WINDOW * 2 - 1)) + 1) as u32;
         // SAFETY: at most 127 + 4096 bytes into a BUF-byte buffer.
-        let r = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb as *const c_void,
-                payload_at,
-                buf.as_mut_ptr().add(carry & 0x7f).cast(),
-                len,
-            )
-        };
+        let r = src.copy(unsafe { buf.as_mut_ptr().add(carry & 0x7f) }, len);
         if r != 0 {
             return Err(r);
         }
@@ -617,7 +884,14 @@ fn scan_into(
             slot.cur.stamp.present = 1;
             count(CaptureOutcome::Traced);
             if !same {
-                emit(ctx, sk, slot, dir, kind, boundary);
+                if seg.handoff {
+                    slot.msg_seen |= TRACE_PENDING;
+                } else {
+                    let cookie = src.cookie(sk);
+                    emit(cookie, sk.cast(), slot, dir, kind, boundary, || {
+                        src.listener_owner()
+                    });
+                }
             }
         }
         Scan::End => {
@@ -860,23 +1134,24 @@ fn scan(scratch: &mut Scratch, n: usize, at_line: bool) -> Scan {
 }
 
 /// Tells the agent which trace a socket's message belonged to; the first
-/// time, who and where the socket is.
+/// time, who and where the socket is. `sk`: a full socket the verifier
+/// knows as one. `listener`: the owner of the listener a received request
+/// came through, for a socket not yet accepted.
 #[inline(always)]
 fn emit(
-    ctx: &SkBuffContext,
-    sk: *mut bpf_sock,
+    cookie: u64,
+    sk: *mut c_void,
     slot: &mut TraceSlot,
     dir: u8,
     kind: u8,
     boundary: u32,
+    listener: impl FnOnce() -> SockOwner,
 ) {
-    // SAFETY: the skb context, whose socket the helper reads.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     if slot.msg_seen & SOCKET_ANNOUNCED == 0 {
         // A request can arrive before accept(), while the connection has no
         // owner yet: its listener's process is about to take it.
         let at_listener = dir == DIR_RECEIVED && kind == MSG_REQUEST;
-        match announce(ctx, sk, cookie, at_listener) {
+        match announce(sk, cookie, at_listener, listener) {
             Ok(Announced::WithOwner) => slot.msg_seen |= SOCKET_ANNOUNCED,
             // Announced again with the next trace: by then accept() has
             // usually recorded the owner (the agent keeps the newest).
@@ -907,10 +1182,10 @@ enum Announced {
 /// The socket's endpoints and owner, once per socket (until its owner is known).
 #[inline(always)]
 fn announce(
-    ctx: &SkBuffContext,
-    sk: *mut bpf_sock,
+    sk: *mut c_void,
     cookie: u64,
     at_listener: bool,
+    listener: impl FnOnce() -> SockOwner,
 ) -> Result<Announced, i64> {
     let Some(l) = layout() else {
         return Ok(Announced::Lost);
@@ -918,7 +1193,7 @@ fn announce(
     // The verifier forbids arithmetic on a socket pointer but allows field
     // reads through the same socket as a BTF-typed `tcp_sock`.
     // SAFETY: helper on a full socket; NULL when it is not TCP.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
     if tp.is_null() {
         return Ok(Announced::Lost);
     }
@@ -934,7 +1209,7 @@ fn announce(
         // SAFETY: the value is copied out before the map can change it.
         match unsafe { VIGIL_SOCKS.get(addr) } {
             Some(state) => r.owner = state.owner,
-            None if at_listener => r.owner = listener_owner(ctx),
+            None if at_listener => r.owner = listener(),
             None => {}
         }
         known = r.owner.known != 0;
@@ -945,6 +1220,165 @@ fn announce(
         (true, true) => Announced::WithOwner,
         (true, false) => Announced::WithoutOwner,
     })
+}
+
+/// A request in the segment that completes a handshake, filtered against
+/// the listener: read into a slot of its own, kept by the connection's
+/// 4-tuple until `vigil_http_handoff` moves it to the connection's socket.
+// Inlined, like `capture`: its own frame would put the call chain down to
+// the header scan over the verifier's 512-byte stack.
+#[inline(always)]
+fn at_listener(src: &Packet<'_>, listener: *mut bpf_sock, mut seg: Segment) -> Result<(), i64> {
+    let Some(h) = VIGIL_HANDOFF_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's value, used by this program alone (see the map),
+    // and 8-byte aligned like every map value.
+    let h = unsafe {
+        zero(h);
+        &mut *h
+    };
+    // What this side sends on the connection starts at the acknowledged number.
+    let Some(ack) = packet_key(src.ctx, listener, &mut h.key)? else {
+        return Ok(());
+    };
+    seg.boundary = ack;
+    // SAFETY: a per-CPU map value outlives the program.
+    let slot: &'static mut TraceSlot = unsafe { &mut *ptr::addr_of_mut!(h.slot) };
+    start_message(src, listener, Some(slot), &mut seg)?;
+    // SAFETY: as in `listener_owner`: copied out before the map can change it.
+    let tp = unsafe { bpf_skc_to_tcp_sock(listener.cast()) };
+    if !tp.is_null() {
+        if let Some(state) = unsafe { VIGIL_SOCKS.get(tp as u64) } {
+            h.owner = state.owner;
+        }
+    }
+    let key = ptr::addr_of!(h.key);
+    // SAFETY: a copy of the key, which lives in the same map value.
+    if VIGIL_HANDSHAKES.insert(unsafe { *key }, h, 0).is_err() {
+        count(CaptureOutcome::Abandoned);
+    }
+    Ok(())
+}
+
+/// Writes the key of a packet's connection, as its socket will have it, to
+/// `key` (zeroed); returns the packet's acknowledgment number. Not inlined:
+/// its frame is gone before the header is read.
+#[inline(never)]
+fn packet_key(
+    ctx: &SkBuffContext,
+    listener: *mut bpf_sock,
+    key: &mut HandshakeKey,
+) -> Result<Option<u32>, i64> {
+    let Some(l) = layout() else {
+        return Ok(None);
+    };
+    // SAFETY: helper on a full socket; NULL when it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(listener.cast()) };
+    if tp.is_null() {
+        return Ok(None);
+    }
+    key.netns = netns_inode(&l, tp as u64)?;
+    key.ip = 4;
+    let vihl: u8 = ctx.load(0)?;
+    let tcp = match vihl >> 4 {
+        4 => {
+            let (src, dst): ([u8; 4], [u8; 4]) = (ctx.load(12)?, ctx.load(16)?);
+            key.remote[..4].copy_from_slice(&src);
+            key.local[..4].copy_from_slice(&dst);
+            usize::from(vihl & 0x0f) * 4
+        }
+        6 => {
+            key.ip = 6;
+            key.remote = ctx.load(8)?;
+            key.local = ctx.load(24)?;
+            40
+        }
+        _ => return Ok(None),
+    };
+    key.remote_port = u16::from_be(ctx.load(tcp)?);
+    key.local_port = u16::from_be(ctx.load(tcp + 2)?);
+    Ok(Some(u32::from_be(ctx.load(tcp + 8)?)))
+}
+
+/// The key of an established socket's connection (see `HandshakeKey`).
+#[inline(always)]
+fn socket_key(l: &KernelLayout, sk: u64) -> Result<HandshakeKey, i64> {
+    let t = tuple(l, sk)?;
+    let mut key = HandshakeKey {
+        netns: netns_inode(l, sk)?,
+        ip: 4,
+        local_port: t.local_port,
+        remote_port: t.remote_port,
+        _pad: 0,
+        local: t.local_addr,
+        remote: t.remote_addr,
+    };
+    if t.family == AF_INET6 {
+        const MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        if t.remote_addr[..12] == MAPPED {
+            key.local = [0; 16];
+            key.remote = [0; 16];
+            key.local[..4].copy_from_slice(&t.local_addr[12..]);
+            key.remote[..4].copy_from_slice(&t.remote_addr[12..]);
+        } else {
+            key.ip = 6;
+        }
+    }
+    Ok(key)
+}
+
+/// A passively opened connection becomes established: a request read at
+/// its listener (`at_listener`) becomes its socket's capture state, and the
+/// agent hears of its trace.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn vigil_http_handoff(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_handoff(&ctx);
+    0
+}
+
+fn try_handoff(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    if newstate as u32 != TCP_ESTABLISHED || oldstate as u32 != TCP_SYN_RECV || paused() {
+        return Ok(());
+    }
+    let Some(l) = layout() else {
+        return Ok(());
+    };
+    if read::<u16>(sk, l.sk_protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let key = socket_key(&l, sk)?;
+    let Some(h) = VIGIL_HANDSHAKES.get_ptr_mut(key) else {
+        return Ok(());
+    };
+    // `sk` is the tracepoint's own trusted socket argument.
+    if let Some(slot) = storage(sk as *mut c_void, u64::from(BPF_SK_STORAGE_GET_F_CREATE)) {
+        // SAFETY: an entry of the map, and a fresh slot: both 8-byte aligned
+        // values of this type.
+        let owner = unsafe {
+            copy_words(ptr::addr_of!((*h).slot), slot);
+            (*h).owner
+        };
+        if slot.msg_seen & TRACE_PENDING != 0 {
+            slot.msg_seen &= !TRACE_PENDING;
+            // SAFETY: the tracepoint's socket, which the helper reads.
+            let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+            let boundary = slot.cur.boundary;
+            emit(
+                cookie,
+                sk as *mut c_void,
+                slot,
+                DIR_RECEIVED,
+                MSG_REQUEST,
+                boundary,
+                || owner,
+            );
+        }
+    }
+    let _ = VIGIL_HANDSHAKES.remove(key);
+    Ok(())
 }
 
 /// The trace context of the message `sk` is receiving or answering.

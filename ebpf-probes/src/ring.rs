@@ -79,7 +79,7 @@ pub fn submit_in_place<T: 'static>(
 /// # Safety
 /// `record` points to a writable, 8-byte aligned `T`.
 #[inline(always)]
-unsafe fn zero<T>(record: *mut T) {
+pub unsafe fn zero<T>(record: *mut T) {
     let words = core::mem::size_of::<T>() / 8;
     let bytes = record.cast::<u8>();
     let mut i = 0;
@@ -93,6 +93,22 @@ unsafe fn zero<T>(record: *mut T) {
         // SAFETY: inside the record.
         unsafe { bytes.add(j).write_volatile(0) };
         j += 1;
+    }
+}
+
+/// Copies `*from` to `*to` a word at a time, for the same reason as `zero`.
+///
+/// # Safety
+/// Both point to 8-byte aligned `T`s, `to` writable; `T` is a multiple of
+/// 8 bytes.
+#[inline(always)]
+pub unsafe fn copy_words<T>(from: *const T, to: *mut T) {
+    let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: inside both values, aligned (the caller's promise).
+        unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
+        i += 1;
     }
 }
 

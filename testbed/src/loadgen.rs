@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -218,6 +218,20 @@ struct Tally {
 
 /// Runs one load round and returns what happened. Connection and request
 /// errors are counted, not returned; `Err` is only for invalid config.
+/// Set by [`finish_early`]: connections send no new request, and runs end.
+static FINISH: AtomicBool = AtomicBool::new(false);
+
+/// Ends the runs of this process as if their time were up, except that the
+/// requests in flight complete: what a signal asks of `vigil-loadgen`.
+pub fn finish_early() {
+    FINISH.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`finish_early`] was called.
+pub fn finishing() -> bool {
+    FINISH.load(Ordering::SeqCst)
+}
+
 pub fn run(cfg: &LoadConfig) -> anyhow::Result<LoadSummary> {
     cfg.validate()?;
     let started = Instant::now();
@@ -356,7 +370,7 @@ fn run_connection(cfg: &LoadConfig, deadline: Instant, tally: &Tally) -> Vec<Req
             }
             thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || finishing() {
             break;
         }
         let path = if i == 0 || segments.is_empty() {

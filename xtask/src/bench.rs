@@ -27,7 +27,7 @@ use vigil_testbed::{
 };
 
 use crate::{
-    empty_prog::{EmptyProgram, Hook},
+    bpf_attach::{Attached, Hook},
     workspace_root,
 };
 
@@ -418,7 +418,7 @@ fn drop_filter_phase(
         predicate.join(" || ")
     );
     let (peer, mut peer_ids) = start_bpftrace(&script, not_peer)?;
-    let floor = EmptyProgram::attach(EMPTY_PROBE, Hook::RawTracepoint("kfree_skb"))?;
+    let floor = Attached::empty(EMPTY_PROBE, Hook::RawTracepoint("kfree_skb"))?;
     peer_ids.push(floor.id);
     let vigil_drop = |progs: Vec<ProgCost>| progs.into_iter().find(|p| p.name == "vigil_drop");
     let before = (

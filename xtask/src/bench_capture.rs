@@ -1,9 +1,9 @@
 //! `cargo xtask bench`, capture phase: what the HTTP trace-context capture
-//! hooks (`vigil_http_in` on `cgroup_skb/ingress`, `vigil_http_out` on
-//! `cgroup_skb/egress`, on the cgroup v2 root) cost.
+//! hooks (`vigil_http_in` on `cgroup_skb/ingress` on the cgroup v2 root,
+//! `vigil_http_send` on `tp_btf/tcp_sendmsg_locked`) cost.
 //!
 //! - Kernel cost per run from bpf_stats (`kernel.bpf_stats_enabled`, turned
-//!   on by `bench::run`), next to an empty cgroup_skb program on the same
+//!   on by `bench::run`), next to an empty program on the same
 //!   hooks at the same time (what bpf_stats reports for doing nothing):
 //!   (a) on non-HTTP traffic, a bulk TCP transfer of zeros between the two
 //!   namespaces of a link pair: every data packet is checked for a message
@@ -13,8 +13,8 @@
 //!   programs' time over the requests completed).
 //! - Throughput drop of the same HTTP traffic, saturated, with capture
 //!   switched on and off every half second inside one run
-//!   (`bench_interleaved`): capture against its paused programs, and the
-//!   empty programs against none.
+//!   (`bench_interleaved`): the agent's capture programs attached against
+//!   detached, and the empty programs against none.
 //! - CPU per request at a fixed rate (`bench_paced`) with the agent running
 //!   with capture on, with capture on the origin's cgroup only
 //!   (`--capture-cgroup`: the load generator's sockets are not captured),
@@ -45,7 +45,7 @@ use crate::{
     bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
     bench_interleaved::{self, Traffic},
     bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
-    empty_prog::{EmptyProgram, Hook},
+    bpf_attach::{self, Attached, Hook},
 };
 
 pub const SECTION: &str = "## HTTP trace-context capture: cost and throughput";
@@ -60,9 +60,12 @@ const CONNECTIONS: u32 = 8;
 /// The origins' cgroup, below the cgroup v2 root.
 const ORIGIN_CGROUP: &str = "vigil-bench-origin";
 const HOOK_IN: &str = "cgroup_skb/ingress";
-const HOOK_OUT: &str = "cgroup_skb/egress";
+const HOOK_OUT: &str = "tp_btf/tcp_sendmsg_locked";
+/// Where messages sent are read on kernels without `HOOK_OUT`: disabled
+/// with the others when capture is off.
+const HOOK_EGRESS: &str = "cgroup_skb/egress";
 const PROG_IN: &str = "vigil_http_in";
-const PROG_OUT: &str = "vigil_http_out";
+const PROG_OUT: &str = "vigil_http_send";
 
 /// HTTP traffic shapes, each served by its own origin in the server namespace.
 struct Workload {
@@ -93,13 +96,12 @@ enum Capture {
     /// only: each request is read where it is served, not where it is sent.
     OriginOnly,
     /// As `OriginOnly`, reading received messages only
-    /// (`--capture-received-only`): the egress hook is not attached, so
-    /// the origin's response bodies pass no capture program.
+    /// (`--capture-received-only`): the origin's responses are not read.
     OriginReceived,
     /// The agent with both capture hooks disabled.
     Off,
-    /// As `Off`, plus the empty cgroup_skb programs: what the hooks cost
-    /// before the capture programs do anything.
+    /// As `Off`, plus empty programs where capture attaches: what the hooks
+    /// cost before the capture programs do anything.
     Empty,
 }
 
@@ -207,7 +209,9 @@ impl Agent {
                 cmd.arg("--capture-received-only");
             }
             Capture::Off | Capture::Empty => {
-                cmd.args(["--disable-hook", HOOK_IN, "--disable-hook", HOOK_OUT]);
+                for hook in [HOOK_IN, HOOK_OUT, HOOK_EGRESS] {
+                    cmd.args(["--disable-hook", hook]);
+                }
             }
         }
         // No OTLP export or span receiver: the agent under test only measures.
@@ -294,6 +298,24 @@ impl Agent {
             .with_context(|| format!("the agent has no program {name}"))
     }
 
+    /// Takes the agent's ingress capture program off its cgroup and hands
+    /// it, with the agent's pause switch, to a switch that turns capture on
+    /// and off.
+    fn capture_switch(&self, at: &Path) -> anyhow::Result<CaptureSwitch> {
+        let ingress = self.program_id(PROG_IN)?;
+        let links = links_of(self.pid(), &[ingress])?;
+        if links.len() != 1 {
+            bail!("the agent holds {} links of {PROG_IN}, not 1", links.len());
+        }
+        bpf_attach::detach_link(links[0])?;
+        Ok(CaptureSwitch {
+            ingress,
+            at: at.to_path_buf(),
+            link: None,
+            pause: self.pause_switch()?,
+        })
+    }
+
     /// The agent's capture switch (`VIGIL_PAUSE`), found among its own maps.
     fn pause_switch(&self) -> anyhow::Result<PauseSwitch> {
         let ours = bpf_ids_of(self.pid(), "map")?;
@@ -310,6 +332,35 @@ impl Agent {
             .find_map(|m| m["id"].as_u64().filter(|id| ours.contains(id)))
             .map(|id| PauseSwitch { id })
             .context("the agent holds no VIGIL_PAUSE map")
+    }
+}
+
+/// Capture on and off while the agent runs. Off: the ingress program is off
+/// its cgroup (its link here dropped), and the send program, whose
+/// tracepoint link cannot be detached from outside the agent, is paused: it
+/// returns at its first instructions, what an empty program on that
+/// tracepoint costs (measured with the floor).
+struct CaptureSwitch {
+    ingress: u64,
+    at: PathBuf,
+    link: Option<Attached>,
+    pause: PauseSwitch,
+}
+
+impl CaptureSwitch {
+    fn set(&mut self, on: bool) -> anyhow::Result<()> {
+        if on {
+            if self.link.is_none() {
+                let hook = Hook::CgroupSkb {
+                    cgroup: &self.at,
+                    egress: false,
+                };
+                self.link = Some(Attached::existing(self.ingress, hook)?);
+            }
+        } else {
+            self.link = None;
+        }
+        self.pause.set(!on)
     }
 }
 
@@ -332,6 +383,37 @@ impl PauseSwitch {
         }
         Ok(())
     }
+}
+
+/// Ids of the links process `pid` holds a file descriptor of whose program
+/// is one of `programs`.
+fn links_of(pid: u32, programs: &[u64]) -> anyhow::Result<Vec<u64>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.as_os_str() != "anon_inode:bpf_link" {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(&info) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if let (Some(link), Some(prog)) = (field("link_id:"), field("prog_id:")) {
+            if programs.contains(&prog) {
+                ids.push(link);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Ids of the BPF programs process `pid` holds a file descriptor of.
@@ -469,15 +551,25 @@ fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<Stri
         .collect())
 }
 
-/// A cgroup_skb program that only passes the packet, on `cgroup`: the
-/// floor bpf_stats reports on that hook, and the hook's own price.
-fn empty_skb(cgroup: &Path, egress: bool) -> anyhow::Result<EmptyProgram> {
-    let name = if egress {
-        "vigil_empty_out"
-    } else {
-        "vigil_empty_in"
-    };
-    EmptyProgram::attach(name, Hook::CgroupSkb { cgroup, egress })
+/// A cgroup_skb ingress program that only passes the packet, on `cgroup`:
+/// the floor bpf_stats reports on that hook, and the hook's own price.
+fn empty_skb(cgroup: &Path) -> anyhow::Result<Attached> {
+    Attached::empty(
+        "vigil_empty_in",
+        Hook::CgroupSkb {
+            cgroup,
+            egress: false,
+        },
+    )
+}
+
+/// A program that does nothing on `tcp_sendmsg_locked`, where
+/// `vigil_http_send` runs.
+fn empty_send() -> anyhow::Result<Attached> {
+    Attached::empty(
+        "vigil_empty_send",
+        Hook::RawTracepoint("tcp_sendmsg_locked"),
+    )
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -669,7 +761,7 @@ fn traced(metrics: &str) -> u64 {
 /// Kernel cost of one kind of traffic: capture and empty programs, both hooks.
 struct CostRow {
     traffic: String,
-    /// vigil_http_in, vigil_http_out, empty in, empty out.
+    /// vigil_http_in, vigil_http_send, empty in, empty send.
     costs: Vec<Cost>,
 }
 
@@ -709,8 +801,8 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
 
     // Kernel cost, capture on, next to the empty programs.
     let agent = Agent::start(bin, Capture::On, &origin_cgroup.dir)?;
-    let empty_in = empty_skb(&root, false).context("empty ingress program")?;
-    let empty_out = empty_skb(&root, true).context("empty egress program")?;
+    let empty_in = empty_skb(&root).context("empty ingress program")?;
+    let empty_out = empty_send().context("empty send program")?;
     let measured = Measured {
         ids: [
             agent.program_id(PROG_IN)?,
@@ -785,7 +877,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             let agent = Agent::start(bin, mode, &origin_cgroup.dir)?;
             let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
             let empty = match mode {
-                Capture::Empty => Some((empty_skb(&root, false)?, empty_skb(&root, true)?)),
+                Capture::Empty => Some((empty_skb(&root)?, empty_send()?)),
                 Capture::On | Capture::OriginOnly | Capture::OriginReceived | Capture::Off => None,
             };
             if let Some((i, o)) = &empty {
@@ -882,8 +974,8 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
 const INTERLEAVED: [Capture; 2] = [Capture::On, Capture::OriginReceived];
 
 /// The interleaved throughput runs (`bench_interleaved`), per capture mode
-/// and workload: capture on against paused, then the same empty programs
-/// (same cgroup, same hooks) against none.
+/// and workload: the agent's capture programs attached against detached,
+/// then empty programs (same cgroup, same hooks) against none.
 fn interleaved(
     bin: &Path,
     link: &LinkPair,
@@ -892,9 +984,9 @@ fn interleaved(
     origins: &[(ChildGuard, u32)],
     blocks: u32,
 ) -> anyhow::Result<Vec<bench_interleaved::Row>> {
-    // Longer than the warm-up and the blocks: the run ends on its clock
-    // only after the last block.
-    let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64();
+    // Longer than the warm-up and the blocks with their switching; the run
+    // is stopped after the last block.
+    let run_secs = (bench_interleaved::INTERVAL * 8 * (blocks + 2)).as_secs_f64();
     let traffic = |i: usize| -> Traffic<'_> {
         Traffic {
             server_pid: origins[i].1,
@@ -904,16 +996,17 @@ fn interleaved(
     };
     let mut rows = Vec::new();
     for mode in INTERLEAVED {
+        let at = mode.attached_at(root, origin_cgroup);
         let mut capture = Vec::new();
         {
             let agent = Agent::start(bin, mode, origin_cgroup)?;
-            let pause = agent.pause_switch()?;
             thread::sleep(Duration::from_secs(1));
+            let mut switch = agent.capture_switch(at)?;
             for (i, w) in WORKLOADS.iter().enumerate() {
-                let drops = bench_interleaved::measure(traffic(i), blocks, |on| pause.set(!on))
-                    .with_context(|| format!("capture {} vs paused, {}", mode.label(), w.label))?;
+                let drops = bench_interleaved::measure(traffic(i), blocks, |on| switch.set(on))
+                    .with_context(|| format!("capture {} on vs off, {}", mode.label(), w.label))?;
                 eprintln!(
-                    "bench: {} capture {}: above its floor {:.1}% ± {:.1}",
+                    "bench: {} capture {}: on vs off {:.1}% ± {:.1}",
                     w.label,
                     mode.label(),
                     100.0 * drops.mean(),
@@ -922,20 +1015,18 @@ fn interleaved(
                 capture.push(drops);
             }
         }
-        let at = mode.attached_at(root, origin_cgroup);
-        let egress = mode.programs().contains(&PROG_OUT);
         let _agent = Agent::start(bin, Capture::Off, origin_cgroup)?;
         thread::sleep(Duration::from_secs(1));
         for ((i, w), capture) in WORKLOADS.iter().enumerate().zip(capture) {
-            let mut empty: Vec<EmptyProgram> = Vec::new();
+            let mut empty: Vec<Attached> = Vec::new();
             let floor = bench_interleaved::measure(traffic(i), blocks, |on| {
                 if !on {
                     empty.clear();
                 } else if empty.is_empty() {
-                    empty.push(empty_skb(at, false)?);
-                    if egress {
-                        empty.push(empty_skb(at, true)?);
-                    }
+                    // Only the cgroup hook: attaching to a tracepoint waits for
+                    // RCU, seconds under this load, too slow to switch; the
+                    // send program stays paused in the off state instead.
+                    empty.push(empty_skb(at)?);
                 }
                 Ok(())
             })
@@ -950,7 +1041,7 @@ fn interleaved(
             rows.push(bench_interleaved::Row {
                 workload: w.label,
                 capture: mode.label(),
-                above_floor: capture,
+                on_vs_off: capture,
                 floor,
             });
         }
@@ -969,24 +1060,26 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "`vigil_http_in` ({HOOK_IN}) and `vigil_http_out` ({HOOK_OUT}) run on every packet of \
-         every socket of the node (attached to the cgroup v2 root, {}). A packet without \
-         payload leaves after the TCP header (read in place); one with payload costs a lookup \
-         of its socket's capture state: in the direction of the socket's last HTTP message it \
-         is that message's body and leaves unread; otherwise its first 8 bytes tell whether it \
-         starts a message. A message start (or a header being continued) has 512 bytes copied \
-         and scanned for `traceparent` (a `bpf_loop` step per header line), up to 2 KiB if \
-         the header goes on, except a response to a request that carried one: its start is \
-         noted and its header left unread; the first message of a trace on a socket is sent to the agent \
-         (88 bytes; the socket's endpoints and owner go once per socket). Both ends of the \
-         testbed run on this node, so each request is seen leaving the client and entering the \
-         origin, and each response leaving the origin and entering the client. `empty` is a \
-         cgroup_skb program that only passes the packet, on the same hooks at the same time: \
-         what bpf_stats reports for doing nothing, the floor under every number. Received \
-         only (`--capture-received-only`, `correlate.capture_sent = false`) attaches the \
-         ingress program alone: requests arriving at servers are read, and a new one is told \
-         from the last one's body by the server having sent something since; the response \
-         bodies a server sends pass no capture program.\n",
+        "`vigil_http_in` ({HOOK_IN}) runs on every packet every socket of the node receives \
+         (attached to the cgroup v2 root, {}); `vigil_http_send` ({HOOK_OUT}) runs where an \
+         application's write is queued, once per chunk of up to 64 KB, and reads only a \
+         write's first chunk (later ones continue it). A packet without payload leaves after \
+         the TCP header (read in place); a packet or write with payload costs a lookup of its \
+         socket's capture state: in the direction of the socket's last HTTP message it is that \
+         message's body and is not read; otherwise its first 8 bytes tell whether it starts a \
+         message. A message start (or a header being continued) has 512 bytes copied and \
+         scanned for `traceparent` (a `bpf_loop` step per header line), up to 2 KiB if the \
+         header goes on, except a response to a request that carried one: its start is noted \
+         and its header left unread; the first message of a trace on a socket is sent to the \
+         agent (88 bytes; the socket's endpoints and owner go once per socket). Both ends of \
+         the testbed run on this node, so each request is seen written by the client and \
+         entering the origin, and each response written by the origin and entering the \
+         client. `empty` is a program that does nothing on the same hook at the same time \
+         (cgroup_skb: passes the packet): what bpf_stats reports for doing nothing, the floor \
+         under every number. Received only (`--capture-received-only`, \
+         `correlate.capture_sent = false`) attaches the ingress program alone: requests \
+         arriving at servers are read, and a new one is told from the last one's body by the \
+         server having sent something since.\n",
         root.display()
     );
     let _ = writeln!(
@@ -1021,12 +1114,12 @@ fn render(
         );
     }
 
-    let _ = writeln!(out, "### Kernel cost per packet (bpf_stats, capture on)\n");
+    let _ = writeln!(out, "### Kernel cost per run (bpf_stats, capture on)\n");
     let _ = writeln!(
         out,
-        "A run is one packet (skb) through one hook; with TSO/GSO on the veth a data skb \
-         holds up to 64 KB. Runs include pure ACKs and every other packet of the node \
-         meanwhile.\n"
+        "A run of {PROG_IN} is one packet (skb) received; with GRO/GSO on the veth a data \
+         skb holds up to 64 KB; runs include pure ACKs. A run of {PROG_OUT} is one chunk of \
+         a write being queued. Runs include everything else the node did meanwhile.\n"
     );
     let _ = writeln!(
         out,
@@ -1055,8 +1148,8 @@ fn render(
     let _ = writeln!(
         out,
         "Both programs' run time over the requests completed meanwhile: the request and \
-         response seen at both ends, plus every body packet and ACK of the \
-         exchange. Traced headers: what the hooks read with a `traceparent` (2 per request: \
+         response seen at both ends, plus every body packet and ACK received and every \
+         chunk written of the exchange. Traced headers: what the hooks read with a `traceparent` (2 per request: \
          the request seen sent and received; the responses are counted as answered, unread).\n"
     );
     let _ = writeln!(

@@ -6,8 +6,8 @@ mod bench_agent;
 mod bench_capture;
 mod bench_interleaved;
 mod bench_paced;
+mod bpf_attach;
 mod demo;
-mod empty_prog;
 mod fuzz;
 mod setup;
 

@@ -104,6 +104,39 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         // u8 before 6.x, u16 since; the programs read its low (first) byte.
         tcp_skb_cb_tcp_flags: sized(btf, "tcp_skb_cb.tcp_flags", 2)
             .or_else(|_| sized(btf, "tcp_skb_cb.tcp_flags", 1))?,
+        ..send_fields(btf).unwrap_or(KernelLayout::UNSET)
+    })
+}
+
+/// What `vigil_http_send` reads at `tcp_sendmsg_locked`. Optional: kernels
+/// older than 6.0 have no ITER_UBUF, and the program then stays off
+/// (`send_ready` 0; messages sent are read on cgroup_skb/egress).
+fn send_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
+    let iter_type = |name: &str| -> Result<u32, LayoutError> {
+        btf.enum_values("iter_type")?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| u32::try_from(v).ok())
+            .ok_or_else(|| {
+                LayoutError::Btf(BtfError::NoSuchEnum {
+                    name: format!("iter_type::{name}"),
+                })
+            })
+    };
+    // `ubuf` and `__iov` share their place in the union.
+    let buf = sized(btf, "iov_iter.ubuf", 8)?;
+    at(btf, "iov_iter.__iov", buf)?;
+    Ok(KernelLayout {
+        send_ready: 1,
+        tcp_write_seq: sized(btf, "tcp_sock.write_seq", 4)?,
+        msghdr_msg_iter: btf.field("msghdr.msg_iter")?.offset,
+        iov_iter_type: sized(btf, "iov_iter.iter_type", 1)?,
+        iov_iter_offset: sized(btf, "iov_iter.iov_offset", 8)?,
+        iov_iter_buf: buf,
+        iov_iter_count: sized(btf, "iov_iter.count", 8)?,
+        iter_ubuf: iter_type("ITER_UBUF")?,
+        iter_iovec: iter_type("ITER_IOVEC")?,
+        ..KernelLayout::UNSET
     })
 }
 
@@ -131,5 +164,11 @@ mod tests {
         // tcp_skb_cb: seq, end_seq, then the gso_segs union.
         assert_eq!(layout.tcp_skb_cb_gso_segs, 8);
         assert_eq!((layout.tcp_skb_cb_seq, layout.tcp_skb_cb_end_seq), (0, 4));
+        // This kernel (6.0 and later) has what messages sent are read with;
+        // ITER_UBUF is the first iter_type since 6.0, and struct iov_iter
+        // starts with its u8 type.
+        assert_eq!(layout.send_ready, 1);
+        assert_eq!((layout.iter_ubuf, layout.iov_iter_type), (0, 0));
+        assert_ne!(layout.iter_iovec, layout.iter_ubuf);
     }
 }

@@ -23,7 +23,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use tracing::{info, warn};
-use vigil_abi::tp_offsets;
+use vigil_abi::{tp_offsets, MAX_CAPTURE_CGROUPS};
 
 /// The compiled kernel programs, embedded at build time (agent/build.rs).
 static PROBES_OBJECT: &[u8] =
@@ -144,11 +144,19 @@ const HOOKS: &[HookSpec] = &[
         },
     },
     HookSpec {
-        name: "cgroup_skb/ingress",
+        name: CAPTURE_INGRESS,
         signal: Signal::TraceContext,
         program: "vigil_http_in",
         attach: Attach::CgroupSkb {
             attach_type: CgroupSkbAttachType::Ingress,
+        },
+    },
+    HookSpec {
+        name: CAPTURE_SEND,
+        signal: Signal::TraceContext,
+        program: "vigil_http_send",
+        attach: Attach::BtfTracepoint {
+            function: "tcp_sendmsg_locked",
         },
     },
     HookSpec {
@@ -157,6 +165,14 @@ const HOOKS: &[HookSpec] = &[
         program: "vigil_http_out",
         attach: Attach::CgroupSkb {
             attach_type: CgroupSkbAttachType::Egress,
+        },
+    },
+    HookSpec {
+        name: CAPTURE_HANDOFF,
+        signal: Signal::TraceContext,
+        program: "vigil_http_handoff",
+        attach: Attach::BtfTracepoint {
+            function: "inet_sock_set_state",
         },
     },
     HookSpec {
@@ -169,8 +185,18 @@ const HOOKS: &[HookSpec] = &[
     },
 ];
 
-/// The capture hook messages sent pass through (`correlate.capture_sent`).
+/// The capture hook messages received pass through.
+const CAPTURE_INGRESS: &str = "cgroup_skb/ingress";
+/// Where messages sent are read (`correlate.capture_sent`): the buffer an
+/// application writes, once per write, no program on any packet.
+const CAPTURE_SEND: &str = "tp_btf/tcp_sendmsg_locked";
+/// Where messages sent are read on kernels without `CAPTURE_SEND` (before
+/// 6.16): every packet sent (listed after it).
 const CAPTURE_EGRESS: &str = "cgroup_skb/egress";
+/// Where a request read at a listener (it completed the handshake) moves to
+/// its connection's socket: of use only behind the ingress hook (listed
+/// after it).
+const CAPTURE_HANDOFF: &str = "tp_btf/inet_sock_set_state";
 
 /// The program the socket sampler instantiates.
 const SOCKET_ITERATOR: &str = "vigil_sock_iter";
@@ -186,6 +212,8 @@ pub enum HookStatus {
     Active,
     Disabled,
     Unavailable(String),
+    /// Not attached: the named hook does its work on this kernel.
+    Superseded(&'static str),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -219,6 +247,8 @@ pub enum LoadError {
     },
     #[error("correlate.capture_cgroups")]
     CaptureCgroups(#[from] capture_cgroups::CaptureCgroupError),
+    #[error("correlate.capture_cgroups lists {0} cgroups; at most {MAX_CAPTURE_CGROUPS} are supported (list a common parent instead)")]
+    TooManyCaptureCgroups(usize),
     #[error("no hook for signal `{signal}` could be attached: {}", .reasons.join("; "))]
     SignalUnavailable {
         signal: Signal,
@@ -313,9 +343,19 @@ impl Probes {
         // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
         let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
         let disabled = |hook: &str| opts.disable_hooks.iter().any(|d| d == hook);
-        // Without the egress hook no message sent is seen, whichever setting
-        // took it away; the capture programs then read received requests only.
-        let capture_sent = opts.capture_sent && !disabled(CAPTURE_EGRESS);
+        // Without a hook for messages sent none is seen, whichever setting
+        // took them away; the capture programs then read received requests only.
+        let capture_sent =
+            opts.capture_sent && !(disabled(CAPTURE_SEND) && disabled(CAPTURE_EGRESS));
+        // Messages sent are read where they are written, for every socket of
+        // the node: the capture cgroups (when not the root) are checked there.
+        let scope = match &capture_at {
+            Ok(dirs) if !opts.capture_cgroups.is_empty() => dirs.clone(),
+            _ => Vec::new(),
+        };
+        if scope.len() > MAX_CAPTURE_CGROUPS as usize {
+            return Err(LoadError::TooManyCaptureCgroups(scope.len()));
+        }
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&kernel_btf))
             .override_global("VIGIL_LAYOUT", &layout, true)
@@ -323,6 +363,7 @@ impl Probes {
             .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
             .override_global("VIGIL_DROP_REASONS", &drop_reasons.set, true)
             .override_global("VIGIL_CAPTURE_SENT", &u8::from(capture_sent), true)
+            .override_global("VIGIL_CAPTURE_SCOPE", &(scope.len() as u32), true)
             .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
             .load(PROBES_OBJECT)
@@ -336,12 +377,39 @@ impl Probes {
             None
         };
 
+        set_capture_cgroups(&mut ebpf, &scope)?;
+
         let mut hooks = Vec::with_capacity(HOOKS.len());
         let mut cgroup_links = Vec::new();
         let mut links = 0;
         for spec in HOOKS {
-            let status = if disabled(spec.name) || (spec.name == CAPTURE_EGRESS && !capture_sent) {
+            // Capture hooks that depend on one listed before them.
+            let earlier = |name: &str| {
+                hooks
+                    .iter()
+                    .find(|h: &&HookReport| h.hook == name)
+                    .map(|h| h.status.clone())
+            };
+            let sent_hook = spec.name == CAPTURE_SEND || spec.name == CAPTURE_EGRESS;
+            let status = if disabled(spec.name)
+                || (sent_hook && !capture_sent)
+                || (spec.name == CAPTURE_HANDOFF
+                    && earlier(CAPTURE_INGRESS) == Some(HookStatus::Disabled))
+            {
                 HookStatus::Disabled
+            } else if spec.name == CAPTURE_SEND && layout.send_ready != 1 {
+                HookStatus::Unavailable(
+                    "kernel BTF lacks iov_iter.ubuf or tcp_sock.write_seq (kernel older than 6.0)"
+                        .to_owned(),
+                )
+            } else if spec.name == CAPTURE_EGRESS
+                && earlier(CAPTURE_SEND) == Some(HookStatus::Active)
+            {
+                HookStatus::Superseded(CAPTURE_SEND)
+            } else if spec.name == CAPTURE_HANDOFF
+                && earlier(CAPTURE_INGRESS) != Some(HookStatus::Active)
+            {
+                HookStatus::Unavailable(format!("needs {CAPTURE_INGRESS}, which is not attached"))
             } else {
                 match attach(&mut ebpf, spec, &kernel_btf, &capture_at) {
                     Ok(made) => {
@@ -361,6 +429,9 @@ impl Probes {
                 }
                 HookStatus::Unavailable(reason) => {
                     warn!(hook = spec.name, signal = %spec.signal, %reason, "hook unavailable")
+                }
+                HookStatus::Superseded(by) => {
+                    info!(hook = spec.name, signal = %spec.signal, by, "hook not needed: another does its work")
                 }
             }
             hooks.push(HookReport {
@@ -420,6 +491,7 @@ impl Probes {
             .map(|h| match &h.status {
                 HookStatus::Disabled => format!("{} disabled by config", h.hook),
                 HookStatus::Unavailable(r) => format!("{}: {r}", h.hook),
+                HookStatus::Superseded(by) => format!("{} superseded by {by}", h.hook),
                 HookStatus::Active => String::new(),
             })
             .collect();
@@ -445,7 +517,8 @@ impl Probes {
                 | aya::maps::Map::LruHashMap(m)
                 | aya::maps::Map::PerCpuLruHashMap(m)
                 | aya::maps::Map::Array(m)
-                | aya::maps::Map::SkStorage(m) => m.info().map(|i| i.id()).ok(),
+                | aya::maps::Map::SkStorage(m)
+                | aya::maps::Map::CgroupArray(m) => m.info().map(|i| i.id()).ok(),
                 _ => None,
             };
             if let Some(id) = id {
@@ -571,6 +644,27 @@ fn attach(
         }
     }
     Ok(Vec::new())
+}
+
+/// Tells `vigil_http_send` which cgroups capture covers (none listed: all).
+fn set_capture_cgroups(ebpf: &mut Ebpf, dirs: &[PathBuf]) -> Result<(), LoadError> {
+    const NAME: &str = "VIGIL_CAPTURE_CGROUPS";
+    let map = ebpf.map_mut(NAME).ok_or(LoadError::MissingMap(NAME))?;
+    let mut cgroups = aya::maps::CgroupArray::try_from(map)
+        .map_err(|source| LoadError::Map { name: NAME, source })?;
+    for (i, dir) in dirs.iter().enumerate() {
+        let cgroup = std::fs::File::open(dir).map_err(|source| {
+            LoadError::CaptureCgroups(capture_cgroups::CaptureCgroupError::Missing {
+                entry: dir.display().to_string(),
+                path: dir.clone(),
+                source,
+            })
+        })?;
+        cgroups
+            .set(i as u32, std::os::fd::AsFd::as_fd(&cgroup), 0)
+            .map_err(|source| LoadError::Map { name: NAME, source })?;
+    }
+    Ok(())
 }
 
 /// Loads a capture program once and links it to every cgroup of `dirs`, all

@@ -11,7 +11,9 @@ pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
 /// TCP states (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: u32 = 1;
 pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_SYN_RECV: u32 = 3;
 pub const TCP_TIME_WAIT: u32 = 6;
 pub const TCP_CLOSE: u32 = 7;
 pub const TCP_LISTEN: u32 = 10;
@@ -241,8 +243,7 @@ pub enum CaptureOutcome {
     /// A message start seen again (retransmitted) or older than the last one.
     Repeated = 2,
     /// A header given up on: longer than the capture limit, its next
-    /// segment arrived out of order, or it came in the segment that
-    /// completes a handshake (filtered against the listener).
+    /// segment arrived out of order, or its bytes could not be read.
     Abandoned = 3,
     /// A response to a request that carried trace context: not read, the
     /// request's context governs the exchange. Capturing received messages
@@ -289,6 +290,9 @@ pub struct TraceSocketRecord {
 /// `TraceSlot::msg_seen` bit: the socket's `TraceSocketRecord` reached the
 /// ring with its owner (until then each new trace announces it again).
 pub const SOCKET_ANNOUNCED: u8 = 1 << 2;
+/// `TraceSlot::msg_seen` bit of a slot read at a listener: its message's
+/// trace is told to the agent once the connection's socket exists.
+pub const TRACE_PENDING: u8 = 1 << 3;
 
 /// Drop reasons are `enum skb_drop_reason` values of the running kernel (the
 /// agent maps them to names from BTF); the probe keeps those whose bit is set.
@@ -431,7 +435,26 @@ pub struct KernelLayout {
     pub tcp_skb_cb_seq: u32,
     pub tcp_skb_cb_end_seq: u32,
     pub tcp_skb_cb_tcp_flags: u32,
+    /// 1 when every field below resolved: messages sent can be read at
+    /// `tcp_sendmsg_locked` (else on cgroup_skb/egress).
+    pub send_ready: u32,
+    // struct tcp_sock: the next byte an application write queues
+    pub tcp_write_seq: u32,
+    // struct msghdr -> msg_iter (struct iov_iter): type, progress, buffer
+    pub msghdr_msg_iter: u32,
+    pub iov_iter_type: u32,
+    pub iov_iter_offset: u32,
+    /// The union of `ubuf` (ITER_UBUF) and `__iov` (ITER_IOVEC).
+    pub iov_iter_buf: u32,
+    pub iov_iter_count: u32,
+    // enum iter_type
+    pub iter_ubuf: u32,
+    pub iter_iovec: u32,
 }
+
+/// Cgroups `correlate.capture_cgroups` may list (the size of the kernel's
+/// cgroup array for the capture of messages sent).
+pub const MAX_CAPTURE_CGROUPS: u32 = 16;
 
 impl KernelLayout {
     /// The value compiled into the object; the agent overrides it before load.
@@ -476,6 +499,15 @@ impl KernelLayout {
         tcp_skb_cb_seq: 0,
         tcp_skb_cb_end_seq: 0,
         tcp_skb_cb_tcp_flags: 0,
+        send_ready: 0,
+        tcp_write_seq: 0,
+        msghdr_msg_iter: 0,
+        iov_iter_type: 0,
+        iov_iter_offset: 0,
+        iov_iter_buf: 0,
+        iov_iter_count: 0,
+        iter_ubuf: 0,
+        iter_iovec: 0,
     };
 }
 
@@ -536,7 +568,7 @@ mod tests {
             4 * 2 + 8 * 2 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 40);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 49);
         assert_eq!(
             size_of::<DropRecord>(),
             4 * 2

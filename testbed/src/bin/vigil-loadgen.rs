@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use vigil_testbed::loadgen::{self, LoadConfig, LoadSummary};
 
 /// Plays HLS against a vigil-origin (or any HLS origin) like a set of players.
@@ -21,6 +22,9 @@ use vigil_testbed::loadgen::{self, LoadConfig, LoadSummary};
 /// A run ends when all requests are done or after --max-duration-secs.
 /// With --repeat-until-secs, runs repeat (pausing --pause-ms between them)
 /// so load keeps flowing during a demo; each run prints its own summary.
+///
+/// SIGTERM or SIGINT ends the run early: no new request is sent, those in
+/// flight complete, and the summary is printed as at the end of a run.
 ///
 /// Exit status: 0 if at least one request succeeded, 1 otherwise.
 ///
@@ -92,6 +96,20 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
 /// Returns whether any request succeeded.
 fn run(args: Args) -> anyhow::Result<bool> {
     vigil_testbed::die_with_parent()?;
+    // Blocked before any thread starts, so only the sigwait thread below
+    // receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                loadgen::finish_early();
+            }
+        })
+        .context("spawning signal thread")?;
     let max_duration = seconds("max-duration-secs", args.max_duration_secs)?;
     let repeat_until = seconds("repeat-until-secs", args.repeat_until_secs)?;
     if max_duration.is_zero() {
@@ -123,7 +141,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         report(run_no, &summary, args.json)?;
         total.absorb(summary);
         let pause = Duration::from_millis(args.pause_ms);
-        if repeat_until.is_zero() || started.elapsed().saturating_add(pause) >= repeat_until {
+        if repeat_until.is_zero()
+            || started.elapsed().saturating_add(pause) >= repeat_until
+            || loadgen::finishing()
+        {
             break;
         }
         thread::sleep(pause);

@@ -1,7 +1,8 @@
-//! Programs that do nothing, attached where Vigil's programs run: what
-//! bpf_stats reports for an empty run on this machine, the floor under every
-//! per-run cost the benchmarks print. Loaded with bpf(2) directly; dropping
-//! one closes both fds, which detaches and frees it.
+//! Programs attached by the benchmarks through links they own, with bpf(2)
+//! directly: programs that do nothing, where Vigil's programs run (what
+//! bpf_stats reports for an empty run on this machine, and the hook's own
+//! price), and the agent's own programs once more (to switch capture on and
+//! off without the agent). Dropping one closes its fds, which detaches it.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -10,7 +11,8 @@ use std::{
 
 use anyhow::{bail, Context};
 
-/// Where an empty program goes.
+/// Where a program goes.
+#[derive(Clone, Copy)]
 pub enum Hook<'a> {
     /// A BTF-less raw tracepoint, e.g. `kfree_skb` (`r0 = 0; exit`).
     RawTracepoint(&'a str),
@@ -18,7 +20,7 @@ pub enum Hook<'a> {
     CgroupSkb { cgroup: &'a Path, egress: bool },
 }
 
-pub struct EmptyProgram {
+pub struct Attached {
     _prog: OwnedFd,
     _link: OwnedFd,
     pub id: u64,
@@ -63,7 +65,22 @@ struct InfoByFd {
     info: u64,
 }
 
+#[repr(C)]
+struct GetFdById {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+#[repr(C)]
+struct LinkDetach {
+    link_fd: u32,
+}
+
 const BPF_PROG_LOAD: i64 = 5;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+const BPF_LINK_GET_FD_BY_ID: i64 = 30;
+const BPF_LINK_DETACH: i64 = 34;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
 const BPF_LINK_CREATE: i64 = 28;
@@ -87,12 +104,13 @@ fn bpf_fd<T>(cmd: i64, attr: &mut T) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-impl EmptyProgram {
-    pub fn attach(name: &str, hook: Hook<'_>) -> anyhow::Result<EmptyProgram> {
+impl Attached {
+    /// A program that does nothing (`r0 = 0` on tracepoints, `r0 = 1`,
+    /// pass, on cgroup_skb), loaded and attached at `hook`.
+    pub fn empty(name: &str, hook: Hook<'_>) -> anyhow::Result<Attached> {
         let (prog_type, ret, attach_type) = match hook {
             Hook::RawTracepoint(_) => (BPF_PROG_TYPE_RAW_TRACEPOINT, 0, 0),
-            // BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1.
-            Hook::CgroupSkb { egress, .. } => (BPF_PROG_TYPE_CGROUP_SKB, 1, u32::from(egress)),
+            Hook::CgroupSkb { .. } => (BPF_PROG_TYPE_CGROUP_SKB, 1, attach_type(&hook)),
         };
         // BPF_MOV64_IMM(R0, ret); BPF_EXIT_INSN()
         let insns: [u8; 16] = [0xb7, 0, 0, 0, ret, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
@@ -110,6 +128,23 @@ impl EmptyProgram {
             ..ProgLoad::default()
         };
         let prog = bpf_fd(BPF_PROG_LOAD, &mut load)?;
+        Attached::link(prog, hook)
+    }
+
+    /// The loaded program `prog_id` (another process's, e.g. the agent's)
+    /// attached once more at `hook`, through a link this process owns.
+    pub fn existing(prog_id: u64, hook: Hook<'_>) -> anyhow::Result<Attached> {
+        let mut get = GetFdById {
+            id: u32::try_from(prog_id).context("program id out of range")?,
+            next_id: 0,
+            open_flags: 0,
+        };
+        let prog = bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut get)
+            .with_context(|| format!("no program with id {prog_id}"))?;
+        Attached::link(prog, hook)
+    }
+
+    fn link(prog: OwnedFd, hook: Hook<'_>) -> anyhow::Result<Attached> {
         let link = match hook {
             Hook::RawTracepoint(tracepoint) => {
                 let tp = std::ffi::CString::new(tracepoint)?;
@@ -126,7 +161,7 @@ impl EmptyProgram {
                 let mut create = LinkCreate {
                     prog_fd: prog.as_raw_fd() as u32,
                     target_fd: dir.as_raw_fd() as u32,
-                    attach_type,
+                    attach_type: attach_type(&hook),
                     flags: 0,
                 };
                 bpf_fd(BPF_LINK_CREATE, &mut create)?
@@ -139,10 +174,35 @@ impl EmptyProgram {
             info: info.as_mut_ptr() as u64,
         };
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
-        Ok(EmptyProgram {
+        Ok(Attached {
             _prog: prog,
             _link: link,
             id: u64::from(info[1]),
         })
     }
+}
+
+/// BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1 (0 for tracepoints).
+fn attach_type(hook: &Hook<'_>) -> u32 {
+    match hook {
+        Hook::RawTracepoint(_) => 0,
+        Hook::CgroupSkb { egress, .. } => u32::from(*egress),
+    }
+}
+
+/// Detaches link `link_id` (another process's, e.g. the agent's) for good:
+/// its owner keeps a defunct link, released when it closes it.
+pub fn detach_link(link_id: u64) -> anyhow::Result<()> {
+    let mut get = GetFdById {
+        id: u32::try_from(link_id).context("link id out of range")?,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let link = bpf_fd(BPF_LINK_GET_FD_BY_ID, &mut get)
+        .with_context(|| format!("no link with id {link_id}"))?;
+    let mut detach = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut detach).with_context(|| format!("detaching link {link_id}"))?;
+    Ok(())
 }
