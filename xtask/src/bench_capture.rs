@@ -388,32 +388,11 @@ impl PauseSwitch {
 /// Ids of the links process `pid` holds a file descriptor of whose program
 /// is one of `programs`.
 fn links_of(pid: u32, programs: &[u64]) -> anyhow::Result<Vec<u64>> {
-    let dir = format!("/proc/{pid}/fd");
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let entry = entry?;
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if target.as_os_str() != "anon_inode:bpf_link" {
-            continue;
-        }
-        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
-        let Ok(text) = std::fs::read_to_string(&info) else {
-            continue;
-        };
-        let field = |name: &str| -> Option<u64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if let (Some(link), Some(prog)) = (field("link_id:"), field("prog_id:")) {
-            if programs.contains(&prog) {
-                ids.push(link);
-            }
-        }
-    }
-    Ok(ids)
+    Ok(bpf_fdinfo(pid, "anon_inode:bpf_link")?
+        .iter()
+        .filter(|info| fdinfo_field(info, "prog_id:").is_some_and(|p| programs.contains(&p)))
+        .filter_map(|info| fdinfo_field(info, "link_id:"))
+        .collect())
 }
 
 /// Ids of the BPF programs process `pid` holds a file descriptor of.
@@ -424,31 +403,40 @@ fn prog_ids_of(pid: u32) -> anyhow::Result<Vec<u64>> {
 /// Ids of the BPF objects of `kind` ("prog", "map") process `pid` holds a
 /// file descriptor of.
 fn bpf_ids_of(pid: u32, kind: &str) -> anyhow::Result<Vec<u64>> {
-    let (inode, field) = (format!("anon_inode:bpf-{kind}"), format!("{kind}_id:"));
+    let field = format!("{kind}_id:");
+    Ok(bpf_fdinfo(pid, &format!("anon_inode:bpf-{kind}"))?
+        .iter()
+        .filter_map(|info| fdinfo_field(info, &field))
+        .collect())
+}
+
+/// The fdinfo text of every file descriptor of process `pid` that is the
+/// anonymous inode `inode` (e.g. `anon_inode:bpf_link`).
+fn bpf_fdinfo(pid: u32, inode: &str) -> anyhow::Result<Vec<String>> {
     let dir = format!("/proc/{pid}/fd");
-    let mut ids = Vec::new();
+    let mut infos = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         let entry = entry?;
         // Descriptors close while we look; skip those.
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
-        if target.as_os_str() != inode.as_str() {
+        if target.as_os_str() != inode {
             continue;
         }
         let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
-        let Ok(text) = std::fs::read_to_string(&info) else {
-            continue;
-        };
-        if let Some(id) = text
-            .lines()
-            .find_map(|l| l.strip_prefix(field.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-        {
-            ids.push(id);
+        if let Ok(text) = std::fs::read_to_string(&info) {
+            infos.push(text);
         }
     }
-    Ok(ids)
+    Ok(infos)
+}
+
+/// A numeric `name` field (`prog_id:`, ...) of an fdinfo text.
+fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[derive(Debug, Default, Clone, Copy)]

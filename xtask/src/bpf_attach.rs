@@ -134,12 +134,7 @@ impl Attached {
     /// The loaded program `prog_id` (another process's, e.g. the agent's)
     /// attached once more at `hook`, through a link this process owns.
     pub fn existing(prog_id: u64, hook: Hook<'_>) -> anyhow::Result<Attached> {
-        let mut get = GetFdById {
-            id: u32::try_from(prog_id).context("program id out of range")?,
-            next_id: 0,
-            open_flags: 0,
-        };
-        let prog = bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut get)
+        let prog = fd_by_id(BPF_PROG_GET_FD_BY_ID, prog_id)
             .with_context(|| format!("no program with id {prog_id}"))?;
         Attached::link(prog, hook)
     }
@@ -182,6 +177,16 @@ impl Attached {
     }
 }
 
+/// A new fd for the object `id` (a `*_GET_FD_BY_ID` command).
+fn fd_by_id(cmd: i64, id: u64) -> anyhow::Result<OwnedFd> {
+    let mut get = GetFdById {
+        id: u32::try_from(id).context("id out of range")?,
+        next_id: 0,
+        open_flags: 0,
+    };
+    bpf_fd(cmd, &mut get)
+}
+
 /// BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1 (0 for tracepoints).
 fn attach_type(hook: &Hook<'_>) -> u32 {
     match hook {
@@ -193,12 +198,7 @@ fn attach_type(hook: &Hook<'_>) -> u32 {
 /// Detaches link `link_id` (another process's, e.g. the agent's) for good:
 /// its owner keeps a defunct link, released when it closes it.
 pub fn detach_link(link_id: u64) -> anyhow::Result<()> {
-    let mut get = GetFdById {
-        id: u32::try_from(link_id).context("link id out of range")?,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let link = bpf_fd(BPF_LINK_GET_FD_BY_ID, &mut get)
+    let link = fd_by_id(BPF_LINK_GET_FD_BY_ID, link_id)
         .with_context(|| format!("no link with id {link_id}"))?;
     let mut detach = LinkDetach {
         link_fd: link.as_raw_fd() as u32,
