@@ -360,8 +360,8 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
     }
     // A segment that completes a handshake (its final ACK lost, or
     // TCP_DEFER_ACCEPT) is filtered against the listener: the connection's
-    // own socket does not exist yet. Its message is not the listener's; it
-    // is counted as abandoned, and the connection's next message is read.
+    // own socket does not exist yet. Its request is not the listener's: it
+    // is read for the connection (`at_listener`).
     let src = Packet {
         ctx,
         at: payload_at,
@@ -514,6 +514,7 @@ impl Payload for Written {
         None
     }
 
+    /// Never asked: a write is a message sent, not a request received.
     #[inline(always)]
     fn listener_owner(&self) -> SockOwner {
         SockOwner::default()

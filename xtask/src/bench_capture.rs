@@ -972,9 +972,10 @@ fn interleaved(
     origins: &[(ChildGuard, u32)],
     blocks: u32,
 ) -> anyhow::Result<Vec<bench_interleaved::Row>> {
-    // Longer than the warm-up and the blocks with their switching; the run
-    // is stopped after the last block.
-    let run_secs = (bench_interleaved::INTERVAL * 8 * (blocks + 2)).as_secs_f64();
+    // Far longer than the warm-up and the blocks, whatever their switching
+    // takes (a debug agent on a busy machine slows bpftool down): the run is
+    // stopped after the last block, or at a failure.
+    let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64() + 600.0;
     let traffic = |i: usize| -> Traffic<'_> {
         Traffic {
             server_pid: origins[i].1,
