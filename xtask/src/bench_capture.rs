@@ -1073,9 +1073,11 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "Command: `cargo xtask bench --capture-only --capture-rounds {} --capture-secs {} --write`{}",
+        "Command: `cargo xtask bench --capture-only --capture-rounds {} --capture-secs {} \
+         --capture-blocks {} --write`{}",
         args.capture_rounds,
         args.capture_secs,
+        args.capture_blocks,
         if args.smoke {
              " (this was a --smoke run: 1 round of 1 s runs, debug build)"
         } else {
