@@ -1079,7 +1079,7 @@ fn render(
         args.capture_secs,
         args.capture_blocks,
         if args.smoke {
-             " (this was a --smoke run: 1 round of 1 s runs, debug build)"
+            " (this was a --smoke run: 1 round of 1 s runs, debug build)"
         } else {
             ""
         }
