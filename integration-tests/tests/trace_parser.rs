@@ -634,6 +634,7 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
     drop(agent);
     Ok(())
 }
+
 /// A request in the segment that completes a handshake (`TCP_DEFER_ACCEPT`,
 /// as nginx's `deferred` sets; also a lost final ACK, or TCP Fast Open) is
 /// filtered against the listener, before the connection's own socket
