@@ -1,12 +1,13 @@
 //! W3C trace context of plaintext HTTP/1.1, captured per socket.
 //!
-//! A cgroup_skb ingress program on the cgroup v2 root (or on the cgroups the
-//! agent is told to capture) sees every TCP segment its sockets receive,
-//! every network namespace; messages sent are read where the application
-//! writes them (`vigil_http_send` on `tcp_sendmsg_locked`, from its buffer),
-//! or, on kernels without that tracepoint, from every segment sent (a
-//! cgroup_skb egress program). A segment or write whose payload
-//! starts a request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) has its
+//! Messages are read where applications read and write them, from their own
+//! buffers: `vigil_http_recv` at the end of every read-family call on a
+//! socket (`sock_recv_length`), `vigil_http_send` where a write is queued
+//! (`tcp_sendmsg_locked`). No program runs on any packet. On kernels
+//! without those tracepoints, cgroup_skb programs on the cgroup v2 root (or
+//! the cgroups the agent is told to capture) read every TCP segment instead:
+//! `vigil_http_in` received, `vigil_http_out` sent. Bytes that start a
+//! request (`GET `, `POST`, ...) or a response (`HTTP/1.x`) have their
 //! header lines scanned for `traceparent:`; the 55-character value is copied
 //! (never interpreted: the agent validates it) into the socket's local storage
 //! with the first sequence number of this side's send stream it governs. A
@@ -16,36 +17,43 @@
 //! the trace context of the request whose bytes it holds.
 //!
 //! What is supported, and what is not:
-//! - A message start must begin a segment (true for HTTP/1.1 without
-//!   pipelining: each message follows the other side's). Messages must
-//!   alternate direction: once a socket carried a message, its segments in
-//!   the same direction are that message's (not even read) until the other
-//!   side speaks, so a request body that looks like a request cannot forge a
-//!   trace context, and body segments cost no copy. Pipelined requests
-//!   share the first one's context.
-//! - A header may span segments that arrive in order, up to `MAX_HEADER`
-//!   bytes, `WINDOW` bytes per segment; a `traceparent` line split across two
-//!   segments is joined (the partial line, up to `TRACE_CARRY` bytes, is
-//!   carried). An out-of-order continuation abandons the header (counted).
-//! - Only the payload before the end of the header is read; nothing is stored
+//! - A message start must begin a read, a write or a segment (true for
+//!   HTTP/1.1 without pipelining: each message follows the other side's).
+//!   Messages must alternate direction: once a socket carried a message, its
+//!   bytes in the same direction are that message's (not even read) until
+//!   the other side speaks, so a request body that looks like a request
+//!   cannot forge a trace context, and body bytes cost no copy. Pipelined
+//!   requests share the first one's context.
+//! - A header may span reads (writes, segments) that follow each other, up
+//!   to `MAX_HEADER` bytes, `WINDOW` bytes each; a `traceparent` line split
+//!   across two is joined (the partial line, up to `TRACE_CARRY` bytes, is
+//!   carried). A gap (a segment out of order) abandons the header (counted).
+//! - Only the bytes before the end of the header are read; nothing is stored
 //!   but the value.
+//! - Reads: read, recv/recvfrom, readv and recvmsg (their first iovec), found
+//!   through the calling task's system call registers (x86-64), the file
+//!   descriptor checked to name the socket before a byte is read. A
+//!   `MSG_PEEK` is not read (the bytes come again). io_uring and in-kernel
+//!   readers are not read; nor are kTLS sockets' (their sequence numbers
+//!   count records, not the bytes read).
 //! - A write is read from its first chunk (its first iovec for writev), as
 //!   far as the header goes; bytes in kernel memory (sendfile, splice) are
 //!   not an application's message and are not read.
-//! - With `correlate.capture_sent = false` only the ingress program is
-//!   attached and a socket's own messages go unseen: a segment received may
-//!   start a new message once this side has sent anything since the last one
-//!   started (`TraceSlot::recv_mark`), and responses received are not read
-//!   (the request they answer went out unseen).
-//! - A request in the segment that completes a handshake (its final ACK
-//!   lost, or TCP_DEFER_ACCEPT, or TCP Fast Open) is filtered against the
-//!   listener: the connection's socket does not exist yet. It is read into a
-//!   slot kept by the connection's 4-tuple (`VIGIL_HANDSHAKES`), which
-//!   `vigil_http_handoff` moves to the socket when it becomes established,
-//!   telling the agent of its trace then.
+//! - With `correlate.capture_sent = false` only messages received are read
+//!   and a socket's own messages go unseen: bytes received may start a new
+//!   message once this side has written anything since the last one started
+//!   (`TraceSlot::recv_mark`), and responses received are not read (the
+//!   request they answer went out unseen).
+//! - Read from packets, a request in the segment that completes a handshake
+//!   (its final ACK lost, or TCP_DEFER_ACCEPT, or TCP Fast Open) is
+//!   filtered against the listener: the connection's socket does not exist
+//!   yet. It is read into a slot kept by the connection's 4-tuple
+//!   (`VIGIL_HANDSHAKES`), which `vigil_http_handoff` moves to the socket
+//!   when it becomes established, telling the agent of its trace then. (A
+//!   read needs none of this: it is on the connection's socket.)
 //! - `VIGIL_PAUSE` set: the programs return at once (capture paused).
 //!
-//! Every program returns 1 (pass): capture never affects traffic.
+//! The packet programs return 1 (pass): capture never affects traffic.
 
 use core::{ffi::c_void, ptr};
 
@@ -59,9 +67,9 @@ use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_loop, bpf_probe_read_user, bpf_sk_fullsock, bpf_sk_release,
-            bpf_sk_storage_get, bpf_skb_load_bytes, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
-            bpf_tcp_sock,
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_loop, bpf_probe_read_user,
+            bpf_sk_fullsock, bpf_sk_release, bpf_sk_storage_get, bpf_skb_load_bytes,
+            bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock, bpf_task_pt_regs, bpf_tcp_sock,
         },
     },
     macros::{btf_map, btf_tracepoint, cgroup_skb, map},
@@ -77,7 +85,7 @@ use vigil_abi::{
 };
 
 use crate::{
-    kernel::{layout, netns_inode, read, tuple},
+    kernel::{current_owner, field, layout, load, netns_inode, read, socket_of_fd, tuple},
     owners::VIGIL_SOCKS,
     ring::{copy_words, submit_in_place, zero},
 };
@@ -397,36 +405,55 @@ fn capture(ctx: &SkBuffContext, dir: u8) -> Result<(), i64> {
         at_line: false,
         handoff: false,
     };
-    on_segment(&src, sk, &mut seg)
+    let next = next_bytes(sk, dir, || src.snd_nxt(sk));
+    on_segment(&src, sk, &mut seg, next)
 }
 
-/// Payload of a socket's stream in `seg.dir`: more of a header being read,
-/// the current message's body, or perhaps a new message.
+/// What a socket's capture state makes of its next bytes in one direction.
+enum Next {
+    /// More of this side's current message (its body, or a look-alike in
+    /// it, or pipelining): HTTP/1.1 messages alternate, so no new one
+    /// starts here, and its bytes are not even read.
+    Body,
+    /// More of a header being read.
+    Header(&'static mut TraceSlot),
+    /// The other side spoke last, or nobody yet: perhaps a new message.
+    Start(Option<&'static mut TraceSlot>),
+}
+
+/// Decided before the bytes are located (a body costs no more than this);
+/// `snd_nxt` as `Payload::snd_nxt`.
 #[inline(always)]
-fn on_segment<P: Payload>(src: &P, sk: *mut bpf_sock, seg: &mut Segment) -> Result<(), i64> {
-    let dir = seg.dir;
-    let mut found = slot_of(sk, false);
-    if let Some(slot) = found.as_deref_mut() {
-        if slot.open_dir == dir {
-            return continue_header(src, sk, slot, seg);
-        }
-        if slot.last_dir == dir && !answered_unseen(src, sk, slot, dir) {
-            // More of this side's current message (its body, or a look-alike
-            // in it, or pipelining): HTTP/1.1 messages alternate, so no new
-            // one starts here, and its bytes are not even read.
-            return Ok(());
-        }
+fn next_bytes(sk: *mut bpf_sock, dir: u8, snd_nxt: impl FnOnce() -> Option<u32>) -> Next {
+    match slot_of(sk, false) {
+        Some(slot) if slot.open_dir == dir => Next::Header(slot),
+        Some(slot) if slot.last_dir == dir && !answered_unseen(slot, dir, snd_nxt) => Next::Body,
+        found => Next::Start(found),
     }
-    // The other side spoke last, or nobody yet: this may start a message.
-    if seg.payload < 8 {
-        return Ok(());
-    }
-    match message_start(src.head()?) {
-        Some(kind) => {
-            seg.kind = kind;
-            start_message(src, sk, found, seg)
-        }
-        None => Ok(()),
+}
+
+/// Payload of a socket's stream in `seg.dir`, as `next` found it.
+#[inline(always)]
+fn on_segment<P: Payload>(
+    src: &P,
+    sk: *mut bpf_sock,
+    seg: &mut Segment,
+    next: Next,
+) -> Result<(), i64> {
+    match next {
+        Next::Body => Ok(()),
+        Next::Header(slot) if src.ours(sk) => continue_header(src, sk, slot, seg),
+        // The bytes are looked at before they are known to be the socket's
+        // (what most reads and writes are not: a message start), and taken
+        // as its message only then.
+        Next::Start(found) if seg.payload >= 8 => match message_start(src.head()?) {
+            Some(kind) if src.ours(sk) => {
+                seg.kind = kind;
+                start_message(src, sk, found, seg)
+            }
+            _ => Ok(()),
+        },
+        Next::Header(_) | Next::Start(_) => Ok(()),
     }
 }
 
@@ -438,6 +465,8 @@ trait Payload {
     /// Copies the first `len` bytes into `to`; 0 or a negative error.
     fn copy(&self, to: *mut u8, len: u32) -> i64;
     fn head(&self) -> Result<[u8; 8], i64>;
+    /// Whether the bytes are `sk`'s, checked before the first is read.
+    fn ours(&self, sk: *mut bpf_sock) -> bool;
     /// The socket's cookie (`sk`: the socket this source belongs to).
     fn cookie(&self, sk: *mut bpf_sock) -> u64;
     /// `snd_nxt` of the socket, where a message received is read.
@@ -465,6 +494,11 @@ impl Payload for Packet<'_> {
     }
 
     #[inline(always)]
+    fn ours(&self, _sk: *mut bpf_sock) -> bool {
+        true
+    }
+
+    #[inline(always)]
     fn cookie(&self, _sk: *mut bpf_sock) -> u64 {
         // SAFETY: the skb context, whose socket the helper reads.
         unsafe { bpf_get_socket_cookie(self.ctx.skb.skb.cast()) }
@@ -482,12 +516,17 @@ impl Payload for Packet<'_> {
     }
 }
 
-/// What an application writes to a socket, from its own (user) buffer.
-struct Written {
+/// Bytes in an application's own (user) buffer: what it writes to a
+/// socket, or what a read just copied there from one.
+struct AppBuffer {
     buf: u64,
+    /// For bytes read: the read's file descriptor, which must name the
+    /// socket before a byte is taken as the socket's (an in-kernel reader
+    /// may run inside some task's read of another file). None for a write.
+    read_fd: Option<u64>,
 }
 
-impl Payload for Written {
+impl Payload for AppBuffer {
     #[inline(always)]
     fn copy(&self, to: *mut u8, len: u32) -> i64 {
         // SAFETY: the caller's buffer holds `len` bytes; a fault is an error.
@@ -504,20 +543,32 @@ impl Payload for Written {
     }
 
     #[inline(always)]
+    fn ours(&self, sk: *mut bpf_sock) -> bool {
+        match (self.read_fd, layout()) {
+            (None, _) => true,
+            (Some(fd), Some(l)) => socket_of_fd(&l, fd) == Ok(Some(sk as u64)),
+            (Some(_), None) => false,
+        }
+    }
+
+    #[inline(always)]
     fn cookie(&self, sk: *mut bpf_sock) -> u64 {
         // SAFETY: the tracepoint's socket, which the helper reads.
         unsafe { bpf_get_socket_cookie(sk.cast()) }
     }
 
+    /// For bytes read, the next byte the application writes: all it writes
+    /// from here on answers them (a write is never asked).
     #[inline(always)]
-    fn snd_nxt(&self, _sk: *mut bpf_sock) -> Option<u32> {
-        None
+    fn snd_nxt(&self, sk: *mut bpf_sock) -> Option<u32> {
+        read(sk as u64, field!(tcp_write_seq)).ok()
     }
 
-    /// Never asked: a write is a message sent, not a request received.
+    /// The reader: a request read from a socket not yet accepted is
+    /// impossible, so the reader owns it.
     #[inline(always)]
     fn listener_owner(&self) -> SockOwner {
-        SockOwner::default()
+        layout().map_or(SockOwner::default(), |l| current_owner(&l))
     }
 }
 
@@ -533,28 +584,28 @@ pub fn vigil_http_send(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    if paused() {
+    if paused() || field!(send_ready) != 1 {
         return Ok(());
     }
-    let Some(l) = layout() else {
-        return Ok(());
-    };
-    if l.send_ready != 1 {
-        return Ok(());
-    }
-    let msg: u64 = ctx.arg(1);
-    let iter = msg + u64::from(l.msghdr_msg_iter);
+    // The tracepoint's own trusted arguments: the socket and the message,
+    // whose fields are read without a helper call.
+    let (sk, msg) = (ctx.arg::<*mut bpf_sock>(0), ctx.arg::<*const c_void>(1));
+    let iter = field!(msghdr_msg_iter);
     // A call's later chunks continue its first, which was read as far as a
     // header goes: only a call's first chunk can start or continue a header.
-    if read::<u64>(iter, l.iov_iter_offset)? != 0 || !in_capture_cgroups() {
+    // SAFETY: a field of the typed message (its iov_iter).
+    if unsafe { load::<u64>(msg, iter + field!(iov_iter_offset)) } != 0 {
         return Ok(());
     }
-    let Some((buf, len)) = written(&l, iter)? else {
+    let next = next_bytes(sk, DIR_SENT, || None);
+    if matches!(next, Next::Body) || !in_capture_cgroups() {
+        return Ok(());
+    }
+    let Some((buf, len)) = written(msg, iter)? else {
         return Ok(());
     };
-    let sk: u64 = ctx.arg(0);
     // The first byte of this call goes out at `write_seq`.
-    let seq: u32 = read(sk, l.tcp_write_seq)?;
+    let seq: u32 = read(sk as u64, field!(tcp_write_seq))?;
     let mut seg = Segment {
         seq,
         payload: len.min(u64::from(u32::MAX >> 1)) as u32,
@@ -564,27 +615,141 @@ fn try_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
         at_line: false,
         handoff: false,
     };
-    // `sk` is the tracepoint's own trusted socket argument.
-    on_segment(&Written { buf }, sk as *mut bpf_sock, &mut seg)
+    on_segment(&AppBuffer { buf, read_fd: None }, sk, &mut seg, next)
 }
 
 /// Where the bytes of a write start in the application's memory, and how
 /// many there are in one piece; None for kernel memory (sendfile, splice,
 /// in-kernel senders: no application's message).
 #[inline(always)]
-fn written(l: &KernelLayout, iter: u64) -> Result<Option<(u64, u64)>, i64> {
-    let kind: u8 = read(iter, l.iov_iter_type)?;
-    let count: u64 = read(iter, l.iov_iter_count)?;
-    let base: u64 = read(iter, l.iov_iter_buf)?;
-    if u32::from(kind) == l.iter_ubuf {
+fn written(msg: *const c_void, iter: u32) -> Result<Option<(u64, u64)>, i64> {
+    // SAFETY: fields of the typed message's iov_iter.
+    let (kind, count): (u8, u64) = unsafe {
+        (
+            load(msg, iter + field!(iov_iter_type)),
+            load(msg, iter + field!(iov_iter_count)),
+        )
+    };
+    let base: u64 = read(msg as u64, iter + field!(iov_iter_buf))?;
+    if u32::from(kind) == field!(iter_ubuf) {
         return Ok(Some((base, count)));
     }
-    if u32::from(kind) == l.iter_iovec {
+    if u32::from(kind) == field!(iter_iovec) {
         // The current `struct iovec` (copied into the kernel): base, length.
         let (start, n): (u64, u64) = (read(base, 0)?, read(base, 8)?);
         return Ok(Some((start, n.min(count))));
     }
     Ok(None)
+}
+
+/// Messages received, read where the application reads them
+/// (`sock_recv_length`, at the end of every read-family call on a socket):
+/// from the buffer the bytes were just copied to, in order, once each,
+/// never a duplicate or dropped segment, and with no program on any packet.
+/// The call's buffer comes from the task's system call registers: read,
+/// recvfrom (recv), readv and recvmsg, their first iovec. Other readers
+/// (io_uring, in-kernel users) are not read. A kernel without the
+/// tracepoint (before 6.3) or this architecture's registers in its BTF
+/// reads them from the packets instead (`vigil_http_in`).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn vigil_http_recv(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_recv(&ctx);
+    0
+}
+
+/// `recvmsg` flags whose bytes are not (or not yet) the stream's next.
+const MSG_PEEK: i32 = 2;
+const MSG_TRUNC: i32 = 0x20;
+
+fn try_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let (ret, flags): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    if ret <= 0 || flags & (MSG_PEEK | MSG_TRUNC) != 0 || paused() || field!(recv_ready) != 1 {
+        return Ok(());
+    }
+    // `sk` is the tracepoint's own trusted socket argument; as a TCP socket
+    // (NULL for any other) its fields are read without a helper call.
+    let sk = ctx.arg::<*mut c_void>(0);
+    // SAFETY: the helper checks what `sk` is.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }
+        .cast::<c_void>()
+        .cast_const();
+    if tp.is_null() {
+        return Ok(());
+    }
+    // A kTLS socket's reads are plaintext, but its sequence numbers count
+    // TLS records: its bytes could not be placed.
+    // SAFETY: a field of the typed TCP socket.
+    if unsafe { load::<u64>(tp, field!(icsk_ulp_ops)) } != 0 {
+        return Ok(());
+    }
+    let sk = sk.cast::<bpf_sock>();
+    // SAFETY: as above.
+    let next = next_bytes(sk, DIR_RECEIVED, || {
+        Some(unsafe { load::<u32>(tp, field!(tcp_write_seq)) })
+    });
+    if matches!(next, Next::Body) || !in_capture_cgroups() {
+        return Ok(());
+    }
+    let Some((fd, buf, len)) = read_call() else {
+        return Ok(());
+    };
+    // The read's bytes end at `copied_seq`, which it advanced.
+    // SAFETY: as above.
+    let copied: u32 = unsafe { load(tp, field!(tcp_copied_seq)) };
+    let mut seg = Segment {
+        seq: copied.wrapping_sub(ret as u32),
+        payload: len.min(ret as u64) as u32,
+        dir: DIR_RECEIVED,
+        kind: 0,
+        boundary: 0,
+        at_line: false,
+        handoff: false,
+    };
+    let src = AppBuffer {
+        buf,
+        read_fd: Some(fd),
+    };
+    on_segment(&src, sk, &mut seg, next)
+}
+
+/// The file descriptor and first buffer (address, length) of the current
+/// task's read-family system call; None inside any other.
+#[inline(always)]
+fn read_call() -> Option<(u64, u64, u64)> {
+    // SAFETY: helpers on the current task, valid for the program's run; the
+    // registers are a typed object, read directly.
+    let (nr, fd, arg) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const c_void;
+        (
+            load::<u64>(regs, field!(pt_regs_nr)),
+            load::<u64>(regs, field!(pt_regs_arg1)),
+            load::<u64>(regs, field!(pt_regs_arg2)),
+        )
+    };
+    let (buf, len) = if nr == u64::from(field!(nr_read)) || nr == u64::from(field!(nr_recvfrom)) {
+        (arg, u64::MAX)
+    } else if nr == u64::from(field!(nr_readv)) {
+        first_iovec(arg).ok()?
+    } else if nr == u64::from(field!(nr_recvmsg)) {
+        // struct user_msghdr: msg_name, msg_namelen (padded), msg_iov.
+        first_iovec(user(arg + 16).ok()?).ok()?
+    } else {
+        return None;
+    };
+    Some((fd, buf, len))
+}
+
+/// A user `struct iovec`: base, length.
+#[inline(always)]
+fn first_iovec(at: u64) -> Result<(u64, u64), i64> {
+    Ok((user(at)?, user(at + 8)?))
+}
+
+/// A `u64` of the current task's memory; a fault is an error.
+#[inline(always)]
+fn user(at: u64) -> Result<u64, i64> {
+    // SAFETY: the helper checks the address and fails on a fault.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const u64) }.map_err(i64::from)
 }
 
 /// Whether the writing task is in a cgroup capture covers (the agent sets
@@ -613,11 +778,11 @@ fn in_capture_cgroups() -> bool {
 /// seen; that this side sent anything since (`snd_nxt` moved) says the other
 /// side may speak again.
 #[inline(always)]
-fn answered_unseen<P: Payload>(src: &P, sk: *mut bpf_sock, slot: &TraceSlot, dir: u8) -> bool {
+fn answered_unseen(slot: &TraceSlot, dir: u8, snd_nxt: impl FnOnce() -> Option<u32>) -> bool {
     if dir != DIR_RECEIVED || VIGIL_CAPTURE_SENT.load() != 0 {
         return false;
     }
-    src.snd_nxt(sk).is_some_and(|n| n != slot.recv_mark)
+    snd_nxt().is_some_and(|n| n != slot.recv_mark)
 }
 
 #[inline(always)]

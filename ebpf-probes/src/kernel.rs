@@ -11,12 +11,41 @@ use vigil_abi::{KernelLayout, SockOwner, SockTuple, AF_INET, AF_INET6};
 
 /// Field offsets of the running kernel, written by the agent before load.
 #[unsafe(no_mangle)]
-static VIGIL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
+pub static VIGIL_LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
 
 #[inline(always)]
 pub fn layout() -> Option<KernelLayout> {
     let l = VIGIL_LAYOUT.load();
     (l.ready == 1).then_some(l)
+}
+
+/// One field of the layout, without copying the whole struct (a hot path's
+/// stack and time): `field!(tcp_write_seq)`; 0 while the layout is unset.
+macro_rules! field {
+    ($name:ident) => {{
+        let l =
+            ::core::ptr::addr_of!($crate::kernel::VIGIL_LAYOUT).cast::<::vigil_abi::KernelLayout>();
+        // SAFETY: `Global` is a transparent wrapper of the initialized value;
+        // volatile, so the compiled-in UNSET value is never assumed.
+        #[allow(unused_unsafe)]
+        let value = unsafe { ::core::ptr::read_volatile(::core::ptr::addr_of!((*l).$name)) };
+        value
+    }};
+}
+pub(crate) use field;
+
+/// A `T` at `base + offset` of a kernel object the verifier knows by its
+/// BTF type (a tracepoint's argument, a typed helper result), loaded
+/// directly, without a helper call: `offset` comes from the frozen layout,
+/// so the verifier sees a constant and checks the access against the
+/// kernel's BTF (a fault reads as 0).
+///
+/// # Safety
+/// `base` must be such a typed pointer, and `offset` a `field!` of it.
+#[inline(always)]
+pub unsafe fn load<T>(base: *const core::ffi::c_void, offset: u32) -> T {
+    // SAFETY: as the caller promised; the verifier checks it again.
+    unsafe { core::ptr::read_volatile(base.cast::<u8>().add(offset as usize).cast::<T>()) }
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; faults become `Err`.
@@ -82,4 +111,23 @@ pub fn current_owner(l: &KernelLayout) -> SockOwner {
             .or_else(|_| bpf_get_current_comm().map_err(i64::from))
             .unwrap_or([0; 16]),
     }
+}
+
+/// The socket an open file descriptor of the current task names
+/// (`current->files->fdt->fd[fd]->private_data->sk`); meaningful only for
+/// a descriptor known to be a socket, or compared with one.
+#[inline(always)]
+pub fn socket_of_fd(l: &KernelLayout, fd: u64) -> Result<Option<u64>, i64> {
+    // SAFETY: plain helper call without pointer arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task, l.task_files)?;
+    let fdt: u64 = read(files, l.files_fdt)?;
+    let max_fds: u32 = read(fdt, l.fdtable_max_fds)?;
+    if fd >= u64::from(max_fds) {
+        return Ok(None);
+    }
+    let fd_array: u64 = read(fdt, l.fdtable_fd)?;
+    let file: u64 = read(fd_array + fd * 8, 0)?;
+    let socket: u64 = read(file, l.file_private_data)?;
+    read(socket, l.socket_sk).map(Some)
 }

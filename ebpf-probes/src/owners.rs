@@ -13,7 +13,6 @@
 //! after the last event (which no tracepoint reported) are sent as one record.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_task,
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
@@ -24,7 +23,7 @@ use vigil_abi::{
 };
 
 use crate::{
-    kernel::{current_owner, family, layout, read},
+    kernel::{current_owner, family, layout, read, socket_of_fd},
     retransmit::{emit, Sample},
 };
 
@@ -136,19 +135,9 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     if fd < 0 {
         return Ok(());
     }
-    // current->files->fdt->fd[fd]->private_data is the struct socket.
-    // SAFETY: plain helper call without pointer arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read(task, l.task_files)?;
-    let fdt: u64 = read(files, l.files_fdt)?;
-    let max_fds: u32 = read(fdt, l.fdtable_max_fds)?;
-    if fd as u64 >= u64::from(max_fds) {
+    let Some(sk) = socket_of_fd(&l, fd as u64)? else {
         return Ok(());
-    }
-    let fd_array: u64 = read(fdt, l.fdtable_fd)?;
-    let file: u64 = read(fd_array + (fd as u64) * 8, 0)?;
-    let socket: u64 = read(file, l.file_private_data)?;
-    let sk: u64 = read(socket, l.socket_sk)?;
+    };
     let fam = family(&l, sk)?;
     let protocol: u16 = read(sk, l.sk_protocol)?;
     if (fam == AF_INET || fam == AF_INET6) && protocol == IPPROTO_TCP {

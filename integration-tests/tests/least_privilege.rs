@@ -1,7 +1,8 @@
 //! The Helm chart's capabilities are enough, and each is there for a reason:
 //! the agent runs with exactly the set helm/vigil/values.yaml adds (read from
 //! the chart, so the two cannot drift) and attaches every hook; without
-//! NET_ADMIN the kernel refuses to attach the trace-context capture.
+//! NET_ADMIN the kernel refuses to attach the trace-context capture's
+//! packet programs, which kernels without its tracepoints fall back to.
 
 use anyhow::{ensure, Context};
 use vigil_integration_tests::{bpf_available, metric_sum, vigil_cli, Agent};
@@ -9,19 +10,18 @@ use vigil_integration_tests::{bpf_available, metric_sum, vigil_cli, Agent};
 const VALUES_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/vigil/values.yaml");
 
 /// The hooks of the HTTP trace-context capture.
-const CAPTURE_HOOKS: [&str; 4] = [
-    INGRESS,
-    "tp_btf/tcp_sendmsg_locked",
-    SUPERSEDED,
-    BEHIND_INGRESS,
-];
-/// The capture hook the kernel links only with CAP_NET_ADMIN (cgroup_skb).
+const CAPTURE_HOOKS: [&str; 5] = [RECV, SEND, INGRESS, EGRESS, BEHIND_INGRESS];
+/// Where this kernel reads messages: the applications' reads and writes.
+const RECV: &str = "tp_btf/sock_recv_length";
+const SEND: &str = "tp_btf/tcp_sendmsg_locked";
+/// The fallbacks on kernels without `RECV` and `SEND`: every packet, with
+/// cgroup_skb programs, which the kernel links only with CAP_NET_ADMIN.
 const INGRESS: &str = "cgroup_skb/ingress";
+const EGRESS: &str = "cgroup_skb/egress";
 /// Of use only behind `INGRESS`, so not attached without it.
 const BEHIND_INGRESS: &str = "tp_btf/inet_sock_set_state";
-/// Not attached on this kernel: `tp_btf/tcp_sendmsg_locked` reads messages
-/// sent instead of every packet.
-const SUPERSEDED: &str = "cgroup_skb/egress";
+/// Not attached on this kernel: `RECV` and `SEND` do their work.
+const SUPERSEDED: [&str; 3] = [INGRESS, EGRESS, BEHIND_INGRESS];
 
 /// The one-line `add: [...]` list under `capabilities:` in the top-level
 /// `securityContext:` of a values file.
@@ -148,8 +148,11 @@ fn chart_capabilities_attach_every_hook() -> anyhow::Result<()> {
         unavailable.is_empty(),
         "with the chart's capabilities {granted:?}, unavailable: {unavailable:?}\n{log}"
     );
-    let superseded = hooks_logged(&agent, "hook not needed: another does its work");
-    assert_eq!(superseded, [SUPERSEDED], "{log}");
+    let mut superseded = hooks_logged(&agent, "hook not needed: another does its work");
+    superseded.sort();
+    let mut want = SUPERSEDED.map(str::to_owned).to_vec();
+    want.sort();
+    assert_eq!(superseded, want, "{log}");
     let attached = hooks_logged(&agent, "hook attached");
     let metrics = agent.scrape()?;
     for hook in hooks.iter().filter(|h| !superseded.contains(h)) {
@@ -168,18 +171,21 @@ fn chart_capabilities_attach_every_hook() -> anyhow::Result<()> {
 }
 
 /// Why the chart adds NET_ADMIN: CAP_BPF loads a cgroup_skb program, but the
-/// kernel checks CAP_NET_ADMIN when one is attached. Without it, messages
-/// received go unread (and the hand-off from listeners behind them); those
-/// sent are still read, at `tcp_sendmsg_locked`.
+/// kernel checks CAP_NET_ADMIN when one is attached. On this kernel the
+/// capture needs none (it reads at `sock_recv_length` and
+/// `tcp_sendmsg_locked`): without NET_ADMIN every hook attaches. Where the
+/// capture falls back to the packets (forced here with `--disable-hook`, as
+/// on kernels without those tracepoints), exactly the packet programs fail
+/// (and the hand-off from listeners behind them).
 #[test]
-fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
-    if !bpf_available("without_net_admin_the_capture_is_unavailable") {
+fn without_net_admin_only_the_packet_capture_is_unavailable() -> anyhow::Result<()> {
+    if !bpf_available("without_net_admin_only_the_packet_capture_is_unavailable") {
         return Ok(());
     }
     let capabilities = chart_capabilities()?;
     assert!(
         capabilities.iter().any(|c| c == "NET_ADMIN"),
-        "the chart must add NET_ADMIN (the capture hooks need it): {capabilities:?}"
+        "the chart must add NET_ADMIN (the packet capture hooks need it): {capabilities:?}"
     );
     let hooks = agent_hooks()?;
     let granted: Vec<&str> = capabilities
@@ -187,16 +193,40 @@ fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
         .map(String::as_str)
         .filter(|c| *c != "NET_ADMIN")
         .collect();
-    let mut agent = Agent::start_with_capabilities(&granted, &[])?;
-    let log = agent.log_text();
 
+    let mut agent = Agent::start_with_capabilities(&granted, &[])?;
+    let unavailable = hooks_logged(&agent, "hook unavailable");
+    assert!(
+        unavailable.is_empty(),
+        "without NET_ADMIN ({granted:?}) the tracepoint capture needs nothing more: {unavailable:?}\n{}",
+        agent.log_text()
+    );
+    let metrics = agent.scrape()?;
+    for hook in [RECV, SEND] {
+        assert_eq!(
+            hook_active(&metrics, hook),
+            1,
+            "vigil_hook_active of {hook}"
+        );
+    }
+    stops_cleanly(&mut agent)?;
+
+    let mut agent = Agent::start_with_capabilities(
+        &granted,
+        &["--disable-hook", RECV, "--disable-hook", SEND],
+    )?;
+    let log = agent.log_text();
     let mut unavailable = hooks_logged(&agent, "hook unavailable");
     unavailable.sort();
-    let mut want = vec![INGRESS.to_owned(), BEHIND_INGRESS.to_owned()];
+    let mut want = vec![
+        INGRESS.to_owned(),
+        EGRESS.to_owned(),
+        BEHIND_INGRESS.to_owned(),
+    ];
     want.sort();
     assert_eq!(
         unavailable, want,
-        "without NET_ADMIN ({granted:?}) exactly the ingress capture fails\n{log}"
+        "without NET_ADMIN ({granted:?}) exactly the packet capture fails\n{log}"
     );
     let reason = |hook: &str| -> String {
         agent
@@ -206,10 +236,12 @@ fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
             .and_then(|v| v["reason"].as_str().map(str::to_owned))
             .unwrap_or_default()
     };
-    assert!(
-        reason(INGRESS).contains("Operation not permitted"),
-        "the kernel refused {INGRESS} with EPERM\n{log}"
-    );
+    for hook in [INGRESS, EGRESS] {
+        assert!(
+            reason(hook).contains("Operation not permitted"),
+            "the kernel refused {hook} with EPERM\n{log}"
+        );
+    }
     assert!(
         reason(BEHIND_INGRESS).contains(INGRESS),
         "{BEHIND_INGRESS} names what it needs\n{log}"
@@ -217,7 +249,7 @@ fn without_net_admin_the_capture_is_unavailable() -> anyhow::Result<()> {
     let attached = hooks_logged(&agent, "hook attached");
     let metrics = agent.scrape()?;
     for hook in &hooks {
-        let off = [INGRESS, BEHIND_INGRESS, SUPERSEDED].contains(&hook.as_str());
+        let off = CAPTURE_HOOKS.contains(&hook.as_str());
         assert_eq!(attached.contains(hook), !off, "{hook} attached?\n{log}");
         assert_eq!(
             hook_active(&metrics, hook),

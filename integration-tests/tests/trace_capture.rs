@@ -123,8 +123,9 @@ fn retransmitted_segments_carry_their_requests_trace() -> anyhow::Result<()> {
     attribution(Capture::Both, "tc", 80)
 }
 
-/// Messages sent read from the packets (`cgroup_skb/egress`), as on kernels
-/// without the `tcp_sendmsg_locked` tracepoint.
+/// Both directions read from the packets (`cgroup_skb/ingress` and
+/// `egress`), as on kernels without the `sock_recv_length` and
+/// `tcp_sendmsg_locked` tracepoints.
 #[test]
 fn retransmitted_segments_carry_their_requests_trace_read_from_packets() -> anyhow::Result<()> {
     if !bpf_available("retransmitted_segments_carry_their_requests_trace_read_from_packets") {
@@ -146,9 +147,10 @@ fn received_only_capture_stamps_server_sockets_only() -> anyhow::Result<()> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Capture {
-    /// Messages sent read where they are written (`tcp_sendmsg_locked`).
+    /// Messages read where the applications read and write them
+    /// (`sock_recv_length`, `tcp_sendmsg_locked`).
     Both,
-    /// Messages sent read from the packets (`cgroup_skb/egress`).
+    /// Both directions read from the packets (`cgroup_skb/ingress`, `egress`).
     BothFromPackets,
     ReceivedOnly,
 }
@@ -162,7 +164,12 @@ fn attribution(capture: Capture, scenario_tag: &str, index: u8) -> anyhow::Resul
     let mut args = vec!["--event-log", log_arg.as_str()];
     match capture {
         Capture::Both => {}
-        Capture::BothFromPackets => args.extend(["--disable-hook", "tp_btf/tcp_sendmsg_locked"]),
+        Capture::BothFromPackets => args.extend([
+            "--disable-hook",
+            "tp_btf/tcp_sendmsg_locked",
+            "--disable-hook",
+            "tp_btf/sock_recv_length",
+        ]),
         Capture::ReceivedOnly => args.push("--capture-received-only"),
     }
     let agent = Agent::start_with_env(
@@ -178,21 +185,17 @@ fn attribution(capture: Capture, scenario_tag: &str, index: u8) -> anyhow::Resul
     // The capture programs passed the verifier and are attached where this
     // mode reads.
     let metrics = agent.scrape()?;
+    let by_packets = capture == Capture::BothFromPackets;
     for (hook, attached) in [
-        ("cgroup_skb/ingress", 1),
-        (
-            "tp_btf/tcp_sendmsg_locked",
-            u64::from(capture == Capture::Both),
-        ),
-        (
-            "cgroup_skb/egress",
-            u64::from(capture == Capture::BothFromPackets),
-        ),
-        ("tp_btf/inet_sock_set_state", 1),
+        ("tp_btf/sock_recv_length", !by_packets),
+        ("cgroup_skb/ingress", by_packets),
+        ("tp_btf/inet_sock_set_state", by_packets),
+        ("tp_btf/tcp_sendmsg_locked", capture == Capture::Both),
+        ("cgroup_skb/egress", by_packets),
     ] {
         assert_eq!(
             vigil_integration_tests::metric_sum(&metrics, "vigil_hook_active", &[("hook", hook)]),
-            attached,
+            u64::from(attached),
             "{hook} attached: {attached}\n{metrics}"
         );
     }

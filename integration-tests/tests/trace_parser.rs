@@ -282,69 +282,75 @@ fn kernel_parser_reports_exactly_what_each_header_carries() -> anyhow::Result<()
     if !bpf_available("kernel_parser_reports_exactly_what_each_header_carries") {
         return Ok(());
     }
-    parser_cases(Sent::Written)
+    parser_cases(Via::Calls, Some(Via::Calls))
 }
 
-/// The same cases with messages sent read from the packets
-/// (`cgroup_skb/egress`), as on kernels without the `tcp_sendmsg_locked`
-/// tracepoint: the reports must not change.
+/// The same cases with both directions read from the packets
+/// (`cgroup_skb/ingress` and `egress`), as on kernels without the
+/// `sock_recv_length` and `tcp_sendmsg_locked` tracepoints: the reports
+/// must not change.
 #[test]
-fn capture_of_sent_packets_reports_the_same() -> anyhow::Result<()> {
-    if !bpf_available("capture_of_sent_packets_reports_the_same") {
+fn capture_from_packets_reports_the_same() -> anyhow::Result<()> {
+    if !bpf_available("capture_from_packets_reports_the_same") {
         return Ok(());
     }
-    parser_cases(Sent::Packets)
+    parser_cases(Via::Packets, Some(Via::Packets))
 }
 
 /// The same cases with messages sent not read (`--capture-received-only`):
 /// the server never sees its own responses, so a new request is told from
-/// the last one's body by the server having sent something since. The
-/// reports must not change.
+/// the last one's body by the server having written something since. The
+/// reports must not change, whether requests are read from the server's
+/// reads or from the packets.
 #[test]
 fn received_only_capture_reports_the_same() -> anyhow::Result<()> {
     if !bpf_available("received_only_capture_reports_the_same") {
         return Ok(());
     }
-    parser_cases(Sent::Unread)
+    parser_cases(Via::Calls, None)?;
+    parser_cases(Via::Packets, None)
 }
 
-/// Where the capture reads messages sent.
+/// Where the capture reads a direction's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sent {
-    /// From the application's write (`tp_btf/tcp_sendmsg_locked`).
-    Written,
-    /// From the packets (`cgroup_skb/egress`), the tracepoint disabled.
+enum Via {
+    /// The application's own calls: its reads (`tp_btf/sock_recv_length`)
+    /// and writes (`tp_btf/tcp_sendmsg_locked`).
+    Calls,
+    /// The packets (`cgroup_skb/ingress`, `cgroup_skb/egress`), the
+    /// tracepoint disabled.
     Packets,
-    /// Nowhere (`--capture-received-only`).
-    Unread,
 }
 
-fn parser_cases(sent: Sent) -> anyhow::Result<()> {
-    let log = TempPath::new(&format!("trace-parser-{sent:?}-events.jsonl"));
+/// `sent`: None for `--capture-received-only`.
+fn parser_cases(received: Via, sent: Option<Via>) -> anyhow::Result<()> {
+    let log = TempPath::new(&format!("trace-parser-{received:?}-{sent:?}-events.jsonl"));
     let log_arg = log.0.display().to_string();
     let mut args = vec!["--event-log", log_arg.as_str()];
+    if received == Via::Packets {
+        args.extend(["--disable-hook", "tp_btf/sock_recv_length"]);
+    }
     match sent {
-        Sent::Written => {}
-        Sent::Packets => args.extend(["--disable-hook", "tp_btf/tcp_sendmsg_locked"]),
-        Sent::Unread => args.push("--capture-received-only"),
+        Some(Via::Calls) => {}
+        Some(Via::Packets) => args.extend(["--disable-hook", "tp_btf/tcp_sendmsg_locked"]),
+        None => args.push("--capture-received-only"),
     }
     let agent = Agent::start(&args)?;
     let before = agent.scrape()?;
     // The capture programs passed the verifier and are attached where this
     // mode reads.
     let metrics = agent.scrape()?;
+    let by_packets = received == Via::Packets;
     for (hook, attached) in [
-        ("cgroup_skb/ingress", 1),
-        (
-            "tp_btf/tcp_sendmsg_locked",
-            u64::from(sent == Sent::Written),
-        ),
-        ("cgroup_skb/egress", u64::from(sent == Sent::Packets)),
-        ("tp_btf/inet_sock_set_state", 1),
+        ("tp_btf/sock_recv_length", !by_packets),
+        ("cgroup_skb/ingress", by_packets),
+        ("tp_btf/inet_sock_set_state", by_packets),
+        ("tp_btf/tcp_sendmsg_locked", sent == Some(Via::Calls)),
+        ("cgroup_skb/egress", sent == Some(Via::Packets)),
     ] {
         assert_eq!(
             vigil_integration_tests::metric_sum(&metrics, "vigil_hook_active", &[("hook", hook)]),
-            attached,
+            u64::from(attached),
             "{hook} attached: {attached}\n{metrics}"
         );
     }
@@ -637,18 +643,39 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
 
 /// A request in the segment that completes a handshake (`TCP_DEFER_ACCEPT`,
 /// as nginx's `deferred` sets; also a lost final ACK, or TCP Fast Open) is
-/// filtered against the listener, before the connection's own socket
-/// exists. It is read there and handed to the socket once it is
-/// established: recorded once, on the connection (never on the listener, a
-/// bogus connection of its trace), also when its header goes on in the
-/// connection's next segment.
+/// recorded once, on the connection (never on the listener, a bogus
+/// connection of its trace), also when its header goes on in the
+/// connection's next segment. Read from the server's reads, it is like any
+/// other; read from the packets, it is filtered against the listener before
+/// the connection's own socket exists, and handed to the socket once that
+/// is established (`tp_btf/inet_sock_set_state`).
 #[test]
 fn a_request_that_completes_the_handshake_is_read_for_its_connection() -> anyhow::Result<()> {
     if !bpf_available("a_request_that_completes_the_handshake_is_read_for_its_connection") {
         return Ok(());
     }
-    let log = TempPath::new("trace-parser-deferred.jsonl");
-    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    handshake_case(Via::Calls)?;
+    handshake_case(Via::Packets)
+}
+
+fn handshake_case(received: Via) -> anyhow::Result<()> {
+    let log = TempPath::new(&format!("trace-parser-deferred-{received:?}.jsonl"));
+    let log_arg = log.0.display().to_string();
+    let mut args = vec!["--event-log", log_arg.as_str()];
+    if received == Via::Packets {
+        args.extend(["--disable-hook", "tp_btf/sock_recv_length"]);
+    }
+    let agent = Agent::start(&args)?;
+    let metrics = agent.scrape()?;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "vigil_hook_active",
+            &[("hook", "tp_btf/inet_sock_set_state")]
+        ),
+        u64::from(received == Via::Packets),
+        "the handoff is attached behind the ingress hook only\n{metrics}"
+    );
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let server = listener.local_addr()?;
     let secs: libc::c_int = 5;
@@ -723,8 +750,130 @@ fn a_request_that_completes_the_handshake_is_read_for_its_connection() -> anyhow
     want.sort();
     assert_eq!(
         seen, want,
-        "every request once at each end, on its own connection"
+        "every request once at each end, on its own connection (received: {received:?})"
     );
     drop(agent);
+    Ok(())
+}
+
+/// How the server of `every_read_call_is_read` reads a request.
+#[derive(Debug, Clone, Copy)]
+enum ReadCall {
+    Read,
+    Recv,
+    Readv,
+    Recvmsg,
+    /// A `MSG_PEEK` look at the bytes first (not the stream's next bytes
+    /// yet: not taken as read), then `recv`.
+    PeekThenRecv,
+}
+
+impl ReadCall {
+    const ALL: [ReadCall; 5] = [
+        ReadCall::Read,
+        ReadCall::Recv,
+        ReadCall::Readv,
+        ReadCall::Recvmsg,
+        ReadCall::PeekThenRecv,
+    ];
+
+    /// One call into `buf`; the bytes read (0: closed).
+    fn call(self, fd: libc::c_int, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (p, n) = (buf.as_mut_ptr().cast::<libc::c_void>(), buf.len());
+        let mut iov = libc::iovec {
+            iov_base: p,
+            iov_len: n,
+        };
+        // SAFETY: `buf` (and `iov`, the message header pointing at it) live
+        // through each call, which writes at most `n` bytes.
+        let rc = unsafe {
+            match self {
+                ReadCall::Read => libc::read(fd, p, n),
+                ReadCall::Recv => libc::recv(fd, p, n, 0),
+                ReadCall::Readv => libc::readv(fd, &iov, 1),
+                ReadCall::Recvmsg => {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = &mut iov;
+                    msg.msg_iovlen = 1;
+                    libc::recvmsg(fd, &mut msg, 0)
+                }
+                ReadCall::PeekThenRecv => match libc::recv(fd, p, n, libc::MSG_PEEK) {
+                    rc if rc <= 0 => rc,
+                    _ => libc::recv(fd, p, n, 0),
+                },
+            }
+        };
+        usize::try_from(rc).map_err(|_| std::io::Error::last_os_error())
+    }
+}
+
+/// Messages received are read where the application reads them: whichever
+/// read-family call it uses, the request's trace is recorded at the server
+/// socket, once.
+#[test]
+fn every_read_call_is_read() -> anyhow::Result<()> {
+    if !bpf_available("every_read_call_is_read") {
+        return Ok(());
+    }
+    let log = TempPath::new("trace-parser-read-calls.jsonl");
+    let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
+    let metrics = agent.scrape()?;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "vigil_hook_active",
+            &[("hook", "tp_btf/sock_recv_length")]
+        ),
+        1,
+        "{metrics}"
+    );
+    let mut clients = Vec::new();
+    for (i, call) in ReadCall::ALL.into_iter().enumerate() {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let server = listener.local_addr()?;
+        let answer = thread::spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = listener.accept()?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match call.call(fd, &mut buf)? {
+                    0 => return Ok(()),
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        });
+        let mut client = TcpStream::connect(server)?;
+        client.set_read_timeout(Some(Duration::from_secs(5)))?;
+        send_traced(&mut client, 500 + i as u32)?;
+        answer
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        clients.push((call, server, client.local_addr()?, trace(500 + i as u32)));
+    }
+    // The server end's records of each connection.
+    let at_server = |events: &[Value], server: SocketAddr, client: SocketAddr| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "trace_context" && e["direction"] == "received")
+            .filter(|e| e["local"] == server.to_string() && e["remote"] == client.to_string())
+            .filter_map(|e| e["trace_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let events = wait_for(Duration::from_secs(10), "a record per call", || {
+        let events = read_event_log(&log.0)?;
+        let all = clients
+            .iter()
+            .all(|(_, s, c, _)| !at_server(&events, *s, *c).is_empty());
+        Ok(all.then_some(events))
+    })?;
+    for (call, server, client, trace) in &clients {
+        assert_eq!(
+            at_server(&events, *server, *client),
+            [trace.clone()],
+            "read with {call:?}"
+        );
+    }
     Ok(())
 }

@@ -26,10 +26,7 @@ use vigil_testbed::{
     prom::{metric_sum, scrape},
 };
 
-use crate::{
-    bpf_attach::{Attached, Hook},
-    workspace_root,
-};
+use crate::{bpf_attach::Attached, workspace_root};
 
 use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 /// Subnet index of the benchmark's link pair (198.18.202.0/24).
@@ -418,7 +415,7 @@ fn drop_filter_phase(
         predicate.join(" || ")
     );
     let (peer, mut peer_ids) = start_bpftrace(&script, not_peer)?;
-    let floor = Attached::empty(EMPTY_PROBE, Hook::RawTracepoint("kfree_skb"))?;
+    let floor = Attached::empty(EMPTY_PROBE, "kfree_skb")?;
     peer_ids.push(floor.id);
     let vigil_drop = |progs: Vec<ProgCost>| progs.into_iter().find(|p| p.name == "vigil_drop");
     let before = (

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`, capture phase: what the HTTP trace-context capture
-//! hooks (`vigil_http_in` on `cgroup_skb/ingress` on the cgroup v2 root,
-//! `vigil_http_send` on `tp_btf/tcp_sendmsg_locked`) cost.
+//! hooks (`vigil_http_recv` on `tp_btf/sock_recv_length`, `vigil_http_send`
+//! on `tp_btf/tcp_sendmsg_locked`) cost.
 //!
 //! - Kernel cost per run from bpf_stats (`kernel.bpf_stats_enabled`, turned
 //!   on by `bench::run`), next to an empty program on the same
@@ -13,8 +13,8 @@
 //!   programs' time over the requests completed).
 //! - Throughput drop of the same HTTP traffic, saturated, with capture
 //!   switched on and off every half second inside one run
-//!   (`bench_interleaved`): the agent's capture programs attached against
-//!   detached, and the empty programs against none.
+//!   (`bench_interleaved`): the agent's capture programs running against
+//!   paused, and the empty programs against none.
 //! - CPU per request at a fixed rate (`bench_paced`) with the agent running
 //!   with capture on, with capture on the origin's cgroup only
 //!   (`--capture-cgroup`: the load generator's sockets are not captured),
@@ -45,7 +45,7 @@ use crate::{
     bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
     bench_interleaved::{self, Traffic},
     bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
-    bpf_attach::{self, Attached, Hook},
+    bpf_attach::Attached,
 };
 
 pub const SECTION: &str = "## HTTP trace-context capture: cost and throughput";
@@ -59,12 +59,12 @@ const BULK_PORT: u16 = 19082;
 const CONNECTIONS: u32 = 8;
 /// The origins' cgroup, below the cgroup v2 root.
 const ORIGIN_CGROUP: &str = "vigil-bench-origin";
-const HOOK_IN: &str = "cgroup_skb/ingress";
+const HOOK_IN: &str = "tp_btf/sock_recv_length";
 const HOOK_OUT: &str = "tp_btf/tcp_sendmsg_locked";
-/// Where messages sent are read on kernels without `HOOK_OUT`: disabled
-/// with the others when capture is off.
-const HOOK_EGRESS: &str = "cgroup_skb/egress";
-const PROG_IN: &str = "vigil_http_in";
+/// Where messages are read on kernels without `HOOK_IN` and `HOOK_OUT`:
+/// disabled with the others when capture is off.
+const FALLBACK_HOOKS: [&str; 2] = ["cgroup_skb/ingress", "cgroup_skb/egress"];
+const PROG_IN: &str = "vigil_http_recv";
 const PROG_OUT: &str = "vigil_http_send";
 
 /// HTTP traffic shapes, each served by its own origin in the server namespace.
@@ -136,15 +136,6 @@ impl Capture {
             Capture::Off | Capture::Empty => &[],
         }
     }
-
-    /// Where its capture programs are attached: the cgroup v2 root, or the
-    /// origins' cgroup.
-    fn attached_at<'a>(self, root: &'a Path, origin_cgroup: &'a Path) -> &'a Path {
-        match self {
-            Capture::OriginOnly | Capture::OriginReceived => origin_cgroup,
-            Capture::On | Capture::Off | Capture::Empty => root,
-        }
-    }
 }
 
 /// A cgroup below the cgroup v2 root for the origins, removed on drop (once
@@ -209,7 +200,7 @@ impl Agent {
                 cmd.arg("--capture-received-only");
             }
             Capture::Off | Capture::Empty => {
-                for hook in [HOOK_IN, HOOK_OUT, HOOK_EGRESS] {
+                for hook in [HOOK_IN, HOOK_OUT].into_iter().chain(FALLBACK_HOOKS) {
                     cmd.args(["--disable-hook", hook]);
                 }
             }
@@ -298,24 +289,6 @@ impl Agent {
             .with_context(|| format!("the agent has no program {name}"))
     }
 
-    /// Takes the agent's ingress capture program off its cgroup and hands
-    /// it, with the agent's pause switch, to a switch that turns capture on
-    /// and off.
-    fn capture_switch(&self, at: &Path) -> anyhow::Result<CaptureSwitch> {
-        let ingress = self.program_id(PROG_IN)?;
-        let links = links_of(self.pid(), &[ingress])?;
-        if links.len() != 1 {
-            bail!("the agent holds {} links of {PROG_IN}, not 1", links.len());
-        }
-        bpf_attach::detach_link(links[0])?;
-        Ok(CaptureSwitch {
-            ingress,
-            at: at.to_path_buf(),
-            link: None,
-            pause: self.pause_switch()?,
-        })
-    }
-
     /// The agent's capture switch (`VIGIL_PAUSE`), found among its own maps.
     fn pause_switch(&self) -> anyhow::Result<PauseSwitch> {
         let ours = bpf_ids_of(self.pid(), "map")?;
@@ -332,35 +305,6 @@ impl Agent {
             .find_map(|m| m["id"].as_u64().filter(|id| ours.contains(id)))
             .map(|id| PauseSwitch { id })
             .context("the agent holds no VIGIL_PAUSE map")
-    }
-}
-
-/// Capture on and off while the agent runs. Off: the ingress program is off
-/// its cgroup (its link here dropped), and the send program, whose
-/// tracepoint link cannot be detached from outside the agent, is paused: it
-/// returns at its first instructions, what an empty program on that
-/// tracepoint costs (measured with the floor).
-struct CaptureSwitch {
-    ingress: u64,
-    at: PathBuf,
-    link: Option<Attached>,
-    pause: PauseSwitch,
-}
-
-impl CaptureSwitch {
-    fn set(&mut self, on: bool) -> anyhow::Result<()> {
-        if on {
-            if self.link.is_none() {
-                let hook = Hook::CgroupSkb {
-                    cgroup: &self.at,
-                    egress: false,
-                };
-                self.link = Some(Attached::existing(self.ingress, hook)?);
-            }
-        } else {
-            self.link = None;
-        }
-        self.pause.set(!on)
     }
 }
 
@@ -383,16 +327,6 @@ impl PauseSwitch {
         }
         Ok(())
     }
-}
-
-/// Ids of the links process `pid` holds a file descriptor of whose program
-/// is one of `programs`.
-fn links_of(pid: u32, programs: &[u64]) -> anyhow::Result<Vec<u64>> {
-    Ok(bpf_fdinfo(pid, "anon_inode:bpf_link")?
-        .iter()
-        .filter(|info| fdinfo_field(info, "prog_id:").is_some_and(|p| programs.contains(&p)))
-        .filter_map(|info| fdinfo_field(info, "link_id:"))
-        .collect())
 }
 
 /// Ids of the BPF programs process `pid` holds a file descriptor of.
@@ -539,25 +473,16 @@ fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<Stri
         .collect())
 }
 
-/// A cgroup_skb ingress program that only passes the packet, on `cgroup`:
-/// the floor bpf_stats reports on that hook, and the hook's own price.
-fn empty_skb(cgroup: &Path) -> anyhow::Result<Attached> {
-    Attached::empty(
-        "vigil_empty_in",
-        Hook::CgroupSkb {
-            cgroup,
-            egress: false,
-        },
-    )
+/// A program that does nothing on `sock_recv_length`, where
+/// `vigil_http_recv` runs: the floor bpf_stats reports there.
+fn empty_recv() -> anyhow::Result<Attached> {
+    Attached::empty("vigil_empty_recv", "sock_recv_length")
 }
 
 /// A program that does nothing on `tcp_sendmsg_locked`, where
 /// `vigil_http_send` runs.
 fn empty_send() -> anyhow::Result<Attached> {
-    Attached::empty(
-        "vigil_empty_send",
-        Hook::RawTracepoint("tcp_sendmsg_locked"),
-    )
+    Attached::empty("vigil_empty_send", "tcp_sendmsg_locked")
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -749,7 +674,7 @@ fn traced(metrics: &str) -> u64 {
 /// Kernel cost of one kind of traffic: capture and empty programs, both hooks.
 struct CostRow {
     traffic: String,
-    /// vigil_http_in, vigil_http_send, empty in, empty send.
+    /// vigil_http_recv, vigil_http_send, empty recv, empty send.
     costs: Vec<Cost>,
 }
 
@@ -789,7 +714,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
 
     // Kernel cost, capture on, next to the empty programs.
     let agent = Agent::start(bin, Capture::On, &origin_cgroup.dir)?;
-    let empty_in = empty_skb(&root).context("empty ingress program")?;
+    let empty_in = empty_recv().context("empty receive program")?;
     let empty_out = empty_send().context("empty send program")?;
     let measured = Measured {
         ids: [
@@ -847,7 +772,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     } else {
         args.capture_blocks.max(2)
     };
-    let interleaved = interleaved(bin, &link, &root, &origin_cgroup.dir, &origins, blocks)?;
+    let (interleaved, floors) = interleaved(bin, &link, &origin_cgroup.dir, &origins, blocks)?;
 
     // Half of what capture on carried: far enough below saturation in every mode.
     let paced_rates: Vec<u32> = per_request
@@ -865,7 +790,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             let agent = Agent::start(bin, mode, &origin_cgroup.dir)?;
             let mut ours: Vec<u64> = agent.programs()?.into_iter().map(|p| p.0).collect();
             let empty = match mode {
-                Capture::Empty => Some((empty_skb(&root)?, empty_send()?)),
+                Capture::Empty => Some((empty_recv()?, empty_send()?)),
                 Capture::On | Capture::OriginOnly | Capture::OriginReceived | Capture::Off => None,
             };
             if let Some((i, o)) = &empty {
@@ -927,7 +852,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     let load = [load_at_start, load_average()];
 
     let mut report = render(args, &rows, &per_request, &foreign, &root, load);
-    bench_interleaved::render(&mut report, &interleaved, blocks);
+    bench_interleaved::render(&mut report, &interleaved, &floors, blocks);
     let agent_cost = crate::bench_agent::measure(bin, args.smoke)?;
     // What the testbed carried with capture on (in the bpf_stats runs).
     let rates: Vec<(&str, f64)> = per_request
@@ -956,26 +881,33 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How capture is measured interleaved: everywhere (both hooks on the
-/// root), and as an origin would run it economically (its cgroup, received
-/// messages only).
+/// Blocks of the floor measure (empty programs against none) for `blocks`
+/// of capture on against off.
+pub fn floor_blocks(blocks: u32) -> u32 {
+    (blocks / 4).max(2)
+}
+
+/// How capture is measured interleaved: everywhere (both ends of the
+/// testbed), and as an origin would run it economically (its cgroup,
+/// received messages only).
 const INTERLEAVED: [Capture; 2] = [Capture::On, Capture::OriginReceived];
 
-/// The interleaved throughput runs (`bench_interleaved`), per capture mode
-/// and workload: the agent's capture programs attached against detached,
-/// then empty programs (same cgroup, same hooks) against none.
+/// The interleaved throughput runs (`bench_interleaved`): per capture mode
+/// and workload, the agent's capture programs running against paused; then
+/// per workload, empty programs on both tracepoints against none (what
+/// the paused programs still cost; the same in every mode, as a tracepoint
+/// program runs for every socket of the node).
 fn interleaved(
     bin: &Path,
     link: &LinkPair,
-    root: &Path,
     origin_cgroup: &Path,
     origins: &[(ChildGuard, u32)],
     blocks: u32,
-) -> anyhow::Result<Vec<bench_interleaved::Row>> {
+) -> anyhow::Result<(Vec<bench_interleaved::Row>, Vec<bench_interleaved::Floor>)> {
     // Far longer than the warm-up and the blocks, whatever their switching
-    // takes (a debug agent on a busy machine slows bpftool down): the run is
-    // stopped after the last block, or at a failure.
-    let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64() + 600.0;
+    // takes (attaching to a tracepoint takes up to seconds under load): the
+    // run is stopped after the last block, or at a failure.
+    let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64() + 3600.0;
     let traffic = |i: usize| -> Traffic<'_> {
         Traffic {
             server_pid: origins[i].1,
@@ -985,57 +917,59 @@ fn interleaved(
     };
     let mut rows = Vec::new();
     for mode in INTERLEAVED {
-        let at = mode.attached_at(root, origin_cgroup);
-        let mut capture = Vec::new();
-        {
-            let agent = Agent::start(bin, mode, origin_cgroup)?;
-            thread::sleep(Duration::from_secs(1));
-            let mut switch = agent.capture_switch(at)?;
-            for (i, w) in WORKLOADS.iter().enumerate() {
-                let drops = bench_interleaved::measure(traffic(i), blocks, |on| switch.set(on))
-                    .with_context(|| format!("capture {} on vs off, {}", mode.label(), w.label))?;
-                eprintln!(
-                    "bench: {} capture {}: on vs off {:.1}% ± {:.1}",
-                    w.label,
-                    mode.label(),
-                    100.0 * drops.mean(),
-                    100.0 * drops.half_width()
-                );
-                capture.push(drops);
-            }
-        }
-        let _agent = Agent::start(bin, Capture::Off, origin_cgroup)?;
+        let agent = Agent::start(bin, mode, origin_cgroup)?;
         thread::sleep(Duration::from_secs(1));
-        for ((i, w), capture) in WORKLOADS.iter().enumerate().zip(capture) {
-            let mut empty: Vec<Attached> = Vec::new();
-            let floor = bench_interleaved::measure(traffic(i), blocks, |on| {
-                if !on {
-                    empty.clear();
-                } else if empty.is_empty() {
-                    // Only the cgroup hook: attaching to a tracepoint waits for
-                    // RCU, seconds under this load, too slow to switch; the
-                    // send program stays paused in the off state instead.
-                    empty.push(empty_skb(at)?);
-                }
-                Ok(())
-            })
-            .with_context(|| format!("empty programs vs none, {}", w.label))?;
+        let pause = agent.pause_switch()?;
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            let drops = bench_interleaved::measure(traffic(i), blocks, |on| pause.set(!on))
+                .with_context(|| format!("capture {} on vs off, {}", mode.label(), w.label))?;
             eprintln!(
-                "bench: {} capture {}: floor {:.1}% ± {:.1}",
+                "bench: {} capture {}: on vs off {:.1}% ± {:.1}",
                 w.label,
                 mode.label(),
-                100.0 * floor.mean(),
-                100.0 * floor.half_width()
+                100.0 * drops.mean(),
+                100.0 * drops.half_width()
             );
             rows.push(bench_interleaved::Row {
                 workload: w.label,
                 capture: mode.label(),
-                on_vs_off: capture,
-                floor,
+                on_vs_off: drops,
             });
         }
     }
-    Ok(rows)
+    let _agent = Agent::start(bin, Capture::Off, origin_cgroup)?;
+    thread::sleep(Duration::from_secs(1));
+    let mut floors = Vec::new();
+    // Attaching to a tracepoint waits for the kernel to patch and
+    // synchronize every CPU: seconds per switch under load (25 s a block at
+    // 16 KiB), so the floor gets a quarter of the blocks.
+    let floor_blocks = floor_blocks(blocks);
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let mut empty: Vec<Attached> = Vec::new();
+        let started = Instant::now();
+        let drops = bench_interleaved::measure(traffic(i), floor_blocks, |on| {
+            if !on {
+                empty.clear();
+            } else if empty.is_empty() {
+                empty.push(empty_recv()?);
+                empty.push(empty_send()?);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("empty programs vs none, {}", w.label))?;
+        eprintln!(
+            "bench: {}: empty programs vs none {:.1}% ± {:.1} ({:.0} s)",
+            w.label,
+            100.0 * drops.mean(),
+            100.0 * drops.half_width(),
+            started.elapsed().as_secs_f64()
+        );
+        floors.push(bench_interleaved::Floor {
+            workload: w.label,
+            empty_vs_none: drops,
+        });
+    }
+    Ok((rows, floors))
 }
 
 fn render(
@@ -1049,26 +983,27 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "`vigil_http_in` ({HOOK_IN}) runs on every packet every socket of the node receives \
-         (attached to the cgroup v2 root, {}); `vigil_http_send` ({HOOK_OUT}) runs where an \
-         application's write is queued, once per chunk of up to 64 KB, and reads only a \
-         write's first chunk (later ones continue it). A packet without payload leaves after \
-         the TCP header (read in place); a packet or write with payload costs a lookup of its \
-         socket's capture state: in the direction of the socket's last HTTP message it is that \
-         message's body and is not read; otherwise its first 8 bytes tell whether it starts a \
-         message. A message start (or a header being continued) has 512 bytes copied and \
-         scanned for `traceparent` (a `bpf_loop` step per header line), up to 2 KiB if the \
-         header goes on, except a response to a request that carried one: its start is noted \
-         and its header left unread; the first message of a trace on a socket is sent to the \
-         agent (88 bytes; the socket's endpoints and owner go once per socket). Both ends of \
-         the testbed run on this node, so each request is seen written by the client and \
-         entering the origin, and each response written by the origin and entering the \
-         client. `empty` is a program that does nothing on the same hook at the same time \
-         (cgroup_skb: passes the packet): what bpf_stats reports for doing nothing, the floor \
-         under every number. Received only (`--capture-received-only`, \
-         `correlate.capture_sent = false`) attaches the ingress program alone: requests \
-         arriving at servers are read, and a new one is told from the last one's body by the \
-         server having sent something since.\n",
+        "`{PROG_IN}` ({HOOK_IN}) runs at the end of every read-family call (read, recv, \
+         readv, recvmsg) on any socket of the node, and `{PROG_OUT}` ({HOOK_OUT}) where an \
+         application's write is queued, once per chunk of up to 64 KB (it reads only a \
+         write's first chunk: later ones continue it). Both leave at once for what is not a \
+         TCP socket in a capture cgroup (the whole node here: {}). Otherwise the socket's \
+         capture state is looked up: bytes in the direction of the socket's last HTTP \
+         message are that message's body and are not read; else their first 8 bytes, read \
+         from the application's buffer, tell whether they start a message. A message start \
+         (or a header being continued; a read's file descriptor is checked to name its \
+         socket first) has 512 bytes copied and scanned for `traceparent` (a `bpf_loop` step \
+         per header line), up to 2 KiB if the header goes on, except a response to a request \
+         that carried one: its start is noted and its header left unread; the first message \
+         of a trace on a socket is sent to the agent (88 bytes; the socket's endpoints and \
+         owner go once per socket). No program runs on any packet. Both ends of the testbed \
+         run on this node, so each request is seen written by the client and read by the \
+         origin, and each response written by the origin and read by the client. `empty` is \
+         a program that does nothing on the same tracepoint at the same time: what bpf_stats \
+         reports for doing nothing, the floor under every number. Received only \
+         (`--capture-received-only`, `correlate.capture_sent = false`) attaches the read \
+         program alone: requests read by servers are read, and a new one is told from the \
+         last one's body by the server having written something since.\n",
         root.display()
     );
     let _ = writeln!(
@@ -1108,9 +1043,9 @@ fn render(
     let _ = writeln!(out, "### Kernel cost per run (bpf_stats, capture on)\n");
     let _ = writeln!(
         out,
-        "A run of {PROG_IN} is one packet (skb) received; with GRO/GSO on the veth a data \
-         skb holds up to 64 KB; runs include pure ACKs. A run of {PROG_OUT} is one chunk of \
-         a write being queued. Runs include everything else the node did meanwhile.\n"
+        "A run of {PROG_IN} is one read-family call on a socket (of any kind; one that \
+         returned nothing too). A run of {PROG_OUT} is one chunk of a write being queued. \
+         Runs include everything else the node did meanwhile.\n"
     );
     let _ = writeln!(
         out,
@@ -1139,8 +1074,8 @@ fn render(
     let _ = writeln!(
         out,
         "Both programs' run time over the requests completed meanwhile: the request and \
-         response seen at both ends, plus every body packet and ACK received and every \
-         chunk written of the exchange. Traced headers: what the hooks read with a `traceparent` (2 per request: \
+         response seen at both ends, plus every read and every chunk written of the \
+         exchange. Traced headers: what the hooks read with a `traceparent` (2 per request: \
          the request seen sent and received; the responses are counted as answered, unread).\n"
     );
     let _ = writeln!(

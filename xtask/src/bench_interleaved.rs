@@ -163,22 +163,26 @@ pub fn measure(
     }
 }
 
-/// One workload's interleaved results in one capture mode.
+/// One workload's interleaved result in one capture mode.
 pub struct Row {
     pub workload: &'static str,
     pub capture: &'static str,
-    /// The agent's capture programs attached against detached.
     pub on_vs_off: Drops,
-    /// Empty programs where capture attaches against none (the agent's
-    /// capture off).
-    pub floor: Drops,
+}
+
+/// What the off state still costs, per workload: empty programs where the
+/// capture programs run (paused), against none.
+pub struct Floor {
+    pub workload: &'static str,
+    pub empty_vs_none: Drops,
 }
 
 fn cell(mean: f64, half: f64) -> String {
     format!("{:.1}% ± {:.1}", 100.0 * mean, 100.0 * half)
 }
 
-pub fn render(out: &mut String, rows: &[Row], blocks: u32) {
+pub fn render(out: &mut String, rows: &[Row], floors: &[Floor], blocks: u32) {
+    let floor_blocks = crate::bench_capture::floor_blocks(blocks);
     let _ = writeln!(out, "\n### Throughput, capture on vs off, interleaved\n");
     let _ = writeln!(
         out,
@@ -188,32 +192,41 @@ pub fn render(out: &mut String, rows: &[Row], blocks: u32) {
          veth sent in it after the first {} ms (what was queued before the switch drains \
          there). Each block gives one drop, 1 − (on + on) / (off + off); the table has their \
          mean ± the half-width of its 95% interval. Capture on vs off: the agent runs in that \
-         capture mode throughout; its ingress program is taken off the cgroup at the start \
-         and attached and detached again through a link of the bench's own, and its send \
-         program (whose tracepoint link only the agent can detach) is paused and resumed \
-         through `VIGIL_PAUSE` (paused, it returns at its first instructions, about what an \
-         empty program there costs: see its ns per run above, which stays out of this \
-         measure). The hooks' own price: the agent with capture off, and a cgroup_skb \
-         program that only passes the packet attached and detached where that mode's capture \
-         attaches (the cgroup v2 root or the origin's cgroup). Capture's own work is roughly \
-         the difference.\n",
+         capture mode throughout, and its capture programs are paused and resumed through \
+         `VIGIL_PAUSE` (tracepoint links can be detached only by their owner; paused, a \
+         program returns at its first instructions).\n",
         INTERVAL.as_millis(),
         SETTLE.as_millis()
     );
-    let _ = writeln!(
-        out,
-        "| workload | capture | capture on vs off | the hooks' own price: empty programs vs none |"
-    );
-    let _ = writeln!(out, "| --- | --- | ---: | ---: |");
+    let _ = writeln!(out, "| workload | capture | capture on vs off (paused) |");
+    let _ = writeln!(out, "| --- | --- | ---: |");
     for r in rows {
-        let (c, f) = (&r.on_vs_off, &r.floor);
+        let c = &r.on_vs_off;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} |",
             r.workload,
             r.capture,
-            cell(c.mean(), c.half_width()),
-            cell(f.mean(), f.half_width()),
+            cell(c.mean(), c.half_width())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhat the off state still costs: the agent with capture off, and programs that do \
+         nothing attached to both tracepoints and detached again ({floor_blocks} blocks: each \
+         attach waits for the kernel to patch and synchronize every CPU, seconds under load; \
+         the same in every capture mode, as a tracepoint program runs for every socket of \
+         the node). Capture against no capture at all is about the sum of the two.\n"
+    );
+    let _ = writeln!(out, "| workload | empty programs vs none |");
+    let _ = writeln!(out, "| --- | ---: |");
+    for f in floors {
+        let d = &f.empty_vs_none;
+        let _ = writeln!(
+            out,
+            "| {} | {} |",
+            f.workload,
+            cell(d.mean(), d.half_width())
         );
     }
     let _ = writeln!(

@@ -104,8 +104,58 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         // u8 before 6.x, u16 since; the programs read its low (first) byte.
         tcp_skb_cb_tcp_flags: sized(btf, "tcp_skb_cb.tcp_flags", 2)
             .or_else(|_| sized(btf, "tcp_skb_cb.tcp_flags", 1))?,
-        ..send_fields(btf).unwrap_or(KernelLayout::UNSET)
+        ..merge(
+            send_fields(btf).unwrap_or(KernelLayout::UNSET),
+            recv_fields(btf).unwrap_or(KernelLayout::UNSET),
+        )
     })
+}
+
+/// The optional groups together: each sets only its own fields.
+fn merge(send: KernelLayout, recv: KernelLayout) -> KernelLayout {
+    KernelLayout {
+        recv_ready: recv.recv_ready,
+        tcp_copied_seq: recv.tcp_copied_seq,
+        icsk_ulp_ops: recv.icsk_ulp_ops,
+        pt_regs_nr: recv.pt_regs_nr,
+        pt_regs_arg1: recv.pt_regs_arg1,
+        pt_regs_arg2: recv.pt_regs_arg2,
+        nr_read: recv.nr_read,
+        nr_readv: recv.nr_readv,
+        nr_recvfrom: recv.nr_recvfrom,
+        nr_recvmsg: recv.nr_recvmsg,
+        ..send
+    }
+}
+
+/// What `vigil_http_recv` reads at `sock_recv_length`: the calling task's
+/// syscall registers, whose names are per architecture (x86-64 only here;
+/// elsewhere the program stays off and messages received are read on
+/// cgroup_skb/ingress).
+#[cfg(target_arch = "x86_64")]
+fn recv_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
+    let nr = |n: libc::c_long| n as u32;
+    // The ULP pointer is read from the socket's address: a tcp_sock starts
+    // with its inet_connection_sock.
+    at(btf, "tcp_sock.inet_conn", 0)?;
+    Ok(KernelLayout {
+        recv_ready: 1,
+        tcp_copied_seq: sized(btf, "tcp_sock.copied_seq", 4)?,
+        icsk_ulp_ops: sized(btf, "inet_connection_sock.icsk_ulp_ops", 8)?,
+        pt_regs_nr: sized(btf, "pt_regs.orig_ax", 8)?,
+        pt_regs_arg1: sized(btf, "pt_regs.di", 8)?,
+        pt_regs_arg2: sized(btf, "pt_regs.si", 8)?,
+        nr_read: nr(libc::SYS_read),
+        nr_readv: nr(libc::SYS_readv),
+        nr_recvfrom: nr(libc::SYS_recvfrom),
+        nr_recvmsg: nr(libc::SYS_recvmsg),
+        ..KernelLayout::UNSET
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn recv_fields(_btf: &Btf) -> Result<KernelLayout, LayoutError> {
+    Ok(KernelLayout::UNSET)
 }
 
 /// What `vigil_http_send` reads at `tcp_sendmsg_locked`. Optional: kernels
@@ -170,5 +220,17 @@ mod tests {
         assert_eq!(layout.send_ready, 1);
         assert_eq!((layout.iter_ubuf, layout.iov_iter_type), (0, 0));
         assert_ne!(layout.iter_iovec, layout.iter_ubuf);
+        // x86-64 `struct pt_regs`: si, di and orig_ax are its 14th to 16th words.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(layout.recv_ready, 1);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            (layout.pt_regs_arg2, layout.pt_regs_arg1, layout.pt_regs_nr),
+            (13 * 8, 14 * 8, 15 * 8)
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!((layout.nr_read, layout.nr_readv), (0, 19));
+        #[cfg(target_arch = "x86_64")]
+        assert_ne!(layout.tcp_copied_seq, layout.tcp_write_seq);
     }
 }

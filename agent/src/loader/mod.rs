@@ -144,6 +144,14 @@ const HOOKS: &[HookSpec] = &[
         },
     },
     HookSpec {
+        name: CAPTURE_RECV,
+        signal: Signal::TraceContext,
+        program: "vigil_http_recv",
+        attach: Attach::BtfTracepoint {
+            function: "sock_recv_length",
+        },
+    },
+    HookSpec {
         name: CAPTURE_INGRESS,
         signal: Signal::TraceContext,
         program: "vigil_http_in",
@@ -185,7 +193,12 @@ const HOOKS: &[HookSpec] = &[
     },
 ];
 
-/// The capture hook messages received pass through.
+/// Where messages received are read: the buffer an application reads them
+/// into, once per read, no program on any packet.
+const CAPTURE_RECV: &str = "tp_btf/sock_recv_length";
+/// Where messages received are read on kernels without `CAPTURE_RECV`
+/// (before 6.3, or registers not in BTF): every packet received (listed
+/// after it).
 const CAPTURE_INGRESS: &str = "cgroup_skb/ingress";
 /// Where messages sent are read (`correlate.capture_sent`): the buffer an
 /// application writes, once per write, no program on any packet.
@@ -195,7 +208,7 @@ const CAPTURE_SEND: &str = "tp_btf/tcp_sendmsg_locked";
 const CAPTURE_EGRESS: &str = "cgroup_skb/egress";
 /// Where a request read at a listener (it completed the handshake) moves to
 /// its connection's socket: of use only behind the ingress hook (listed
-/// after it).
+/// after it); a read needs no handoff.
 const CAPTURE_HANDOFF: &str = "tp_btf/inet_sock_set_state";
 
 /// The program the socket sampler instantiates.
@@ -402,10 +415,19 @@ impl Probes {
                     "kernel BTF lacks iov_iter.ubuf or tcp_sock.write_seq (kernel older than 6.0)"
                         .to_owned(),
                 )
+            } else if spec.name == CAPTURE_RECV && layout.recv_ready != 1 {
+                HookStatus::Unavailable(
+                    "kernel BTF lacks tcp_sock.copied_seq or this architecture's syscall registers (pt_regs; x86-64 only)"
+                        .to_owned(),
+                )
             } else if spec.name == CAPTURE_EGRESS
                 && earlier(CAPTURE_SEND) == Some(HookStatus::Active)
             {
                 HookStatus::Superseded(CAPTURE_SEND)
+            } else if (spec.name == CAPTURE_INGRESS || spec.name == CAPTURE_HANDOFF)
+                && earlier(CAPTURE_RECV) == Some(HookStatus::Active)
+            {
+                HookStatus::Superseded(CAPTURE_RECV)
             } else if spec.name == CAPTURE_HANDOFF
                 && earlier(CAPTURE_INGRESS) != Some(HookStatus::Active)
             {

@@ -450,6 +450,23 @@ pub struct KernelLayout {
     // enum iter_type
     pub iter_ubuf: u32,
     pub iter_iovec: u32,
+    /// 1 when every field below resolved: messages received can be read at
+    /// `sock_recv_length`, from the buffer the application read them into
+    /// (else on cgroup_skb/ingress).
+    pub recv_ready: u32,
+    // struct tcp_sock: the next byte a read copies to the application
+    pub tcp_copied_seq: u32,
+    // struct inet_connection_sock: upper-layer protocol (kTLS) when set
+    pub icsk_ulp_ops: u32,
+    // struct pt_regs of the calling task: syscall number, first and second argument
+    pub pt_regs_nr: u32,
+    pub pt_regs_arg1: u32,
+    pub pt_regs_arg2: u32,
+    // this architecture's numbers of the read-family system calls
+    pub nr_read: u32,
+    pub nr_readv: u32,
+    pub nr_recvfrom: u32,
+    pub nr_recvmsg: u32,
 }
 
 /// Cgroups `correlate.capture_cgroups` may list (the size of the kernel's
@@ -508,6 +525,16 @@ impl KernelLayout {
         iov_iter_count: 0,
         iter_ubuf: 0,
         iter_iovec: 0,
+        recv_ready: 0,
+        tcp_copied_seq: 0,
+        icsk_ulp_ops: 0,
+        pt_regs_nr: 0,
+        pt_regs_arg1: 0,
+        pt_regs_arg2: 0,
+        nr_read: 0,
+        nr_readv: 0,
+        nr_recvfrom: 0,
+        nr_recvmsg: 0,
     };
 }
 
@@ -568,7 +595,7 @@ mod tests {
             4 * 2 + 8 * 2 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 49);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 59);
         assert_eq!(
             size_of::<DropRecord>(),
             4 * 2
