@@ -187,11 +187,13 @@ pub struct CorrelateConfig {
     pub ledger_retention_secs: u64,
     /// Traces `vigil explain` can answer for (the least recently seen go first).
     pub trace_index_entries: usize,
-    /// cgroup v2 directories where the HTTP trace-context capture attaches,
-    /// each absolute (`/sys/fs/cgroup/kubepods.slice`) or relative to the
-    /// cgroup v2 root (`kubepods.slice/kubepods-burstable.slice`). A cgroup's
-    /// capture sees the sockets of every cgroup below it; sockets elsewhere
-    /// pay nothing for it, and their kernel events carry no trace ids. No
+    /// cgroup v2 directories the HTTP trace-context capture covers, each
+    /// absolute (`/sys/fs/cgroup/kubepods.slice`) or relative to the cgroup
+    /// v2 root (`kubepods.slice/kubepods-burstable.slice`). A cgroup's
+    /// capture covers the processes (and, on kernels where it reads
+    /// packets, the sockets) of every cgroup below it; reads and writes
+    /// elsewhere pay only that check, and their kernel events carry no
+    /// trace ids. No
     /// entry may be inside another (its packets would be captured twice);
     /// one that is missing, outside the hierarchy or not a cgroup v2
     /// directory stops the agent at start. Empty: the cgroup v2 root, every
@@ -201,8 +203,10 @@ pub struct CorrelateConfig {
     /// responses of servers): where the application writes them
     /// (`tp_btf/tcp_sendmsg_locked`), or on kernels without that tracepoint
     /// from every packet sent (`cgroup_skb/egress`). false: only messages
-    /// received are read; servers keep the trace context of each request
-    /// they receive, client sockets carry none.
+    /// received are read (where the application reads them,
+    /// `tp_btf/sock_recv_length`, or from the packets, `cgroup_skb/ingress`);
+    /// servers keep the trace context of each request they receive, client
+    /// sockets carry none.
     pub capture_sent: bool,
 }
 

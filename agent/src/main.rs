@@ -95,9 +95,9 @@ struct AgentArgs {
     /// Do not attach this hook (repeatable); see `vigil hooks` for names.
     #[arg(long = "disable-hook", value_name = "HOOK")]
     disable_hooks: Vec<String>,
-    /// Attach the HTTP trace-context capture to this cgroup v2 directory
-    /// (repeatable; absolute, or relative to the cgroup v2 root) instead of
-    /// the root; added to correlate.capture_cgroups.
+    /// Limit the HTTP trace-context capture to this cgroup v2 directory and
+    /// those below it (repeatable; absolute, or relative to the cgroup v2
+    /// root) instead of the whole node; added to correlate.capture_cgroups.
     #[arg(long = "capture-cgroup", value_name = "PATH")]
     capture_cgroups: Vec<String>,
     /// Capture trace context from received messages only (requests arriving

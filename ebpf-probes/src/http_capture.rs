@@ -24,6 +24,9 @@
 //!   the other side speaks, so a request body that looks like a request
 //!   cannot forge a trace context, and body bytes cost no copy. Pipelined
 //!   requests share the first one's context.
+//! - After a request whose trace context is known, the other side's next
+//!   bytes are taken as its response without being read (HTTP/1.1 answers
+//!   each request): their start is noted, so what follows is their body.
 //! - A header may span reads (writes, segments) that follow each other, up
 //!   to `MAX_HEADER` bytes, `WINDOW` bytes each; a `traceparent` line split
 //!   across two is joined (the partial line, up to `TRACE_CARRY` bytes, is
@@ -85,7 +88,7 @@ use vigil_abi::{
 };
 
 use crate::{
-    kernel::{current_owner, field, layout, load, netns_inode, read, socket_of_fd, tuple},
+    kernel::{current_owner, fd_is_socket, field, layout, load, netns_inode, read, tuple},
     owners::VIGIL_SOCKS,
     ring::{copy_words, submit_in_place, zero},
 };
@@ -417,6 +420,9 @@ enum Next {
     Body,
     /// More of a header being read.
     Header(&'static mut TraceSlot),
+    /// The answer to a request whose context governs the exchange: a
+    /// response, noted where it starts and not read (see `start_message`).
+    Answer(&'static mut TraceSlot),
     /// The other side spoke last, or nobody yet: perhaps a new message.
     Start(Option<&'static mut TraceSlot>),
 }
@@ -428,8 +434,31 @@ fn next_bytes(sk: *mut bpf_sock, dir: u8, snd_nxt: impl FnOnce() -> Option<u32>)
     match slot_of(sk, false) {
         Some(slot) if slot.open_dir == dir => Next::Header(slot),
         Some(slot) if slot.last_dir == dir && !answered_unseen(slot, dir, snd_nxt) => Next::Body,
+        // HTTP/1.1 answers a request with a response: after a request (of
+        // either side) whose context is known, the other side's bytes are
+        // that response, and reading them would tell nothing new.
+        Some(slot)
+            if slot.last_kind == MSG_REQUEST && slot.last_dir != dir && context_known(slot) =>
+        {
+            Next::Answer(slot)
+        }
         found => Next::Start(found),
     }
+}
+
+/// The exchange's trace context is settled: its request carried one, or
+/// (capturing received messages only) the answer goes unseen anyway.
+#[inline(always)]
+fn context_known(slot: &TraceSlot) -> bool {
+    (slot.cur.valid == 1 && slot.cur.stamp.present == 1) || VIGIL_CAPTURE_SENT.load() == 0
+}
+
+/// Notes the start of the answer to a traced request at `seq`, unread.
+/// `boundary`: as in `start_message`, for a message received.
+#[inline(always)]
+fn note_answer(slot: &mut TraceSlot, dir: u8, seq: u32, boundary: u32) {
+    note_start(slot, dir, seq, MSG_RESPONSE, boundary);
+    count(CaptureOutcome::Answered);
 }
 
 /// Payload of a socket's stream in `seg.dir`, as `next` found it.
@@ -442,6 +471,18 @@ fn on_segment<P: Payload>(
 ) -> Result<(), i64> {
     match next {
         Next::Body => Ok(()),
+        Next::Answer(slot) => {
+            let boundary = if seg.dir == DIR_RECEIVED {
+                match src.snd_nxt(sk) {
+                    Some(n) => n,
+                    None => return Ok(()),
+                }
+            } else {
+                seg.seq
+            };
+            note_answer(slot, seg.dir, seg.seq, boundary);
+            Ok(())
+        }
         Next::Header(slot) if src.ours(sk) => continue_header(src, sk, slot, seg),
         // The bytes are looked at before they are known to be the socket's
         // (what most reads and writes are not: a message start), and taken
@@ -544,11 +585,9 @@ impl Payload for AppBuffer {
 
     #[inline(always)]
     fn ours(&self, sk: *mut bpf_sock) -> bool {
-        match (self.read_fd, layout()) {
-            (None, _) => true,
-            (Some(fd), Some(l)) => socket_of_fd(&l, fd) == Ok(Some(sk as u64)),
-            (Some(_), None) => false,
-        }
+        // `sk`: the tracepoint's typed socket.
+        self.read_fd
+            .is_none_or(|fd| fd_is_socket(fd, sk.cast_const().cast()))
     }
 
     #[inline(always)]
@@ -601,11 +640,15 @@ fn try_send(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if matches!(next, Next::Body) || !in_capture_cgroups() {
         return Ok(());
     }
+    // The first byte of this call goes out at `write_seq`.
+    let seq: u32 = read(sk as u64, field!(tcp_write_seq))?;
+    if let Next::Answer(slot) = next {
+        note_answer(slot, DIR_SENT, seq, seq);
+        return Ok(());
+    }
     let Some((buf, len)) = written(msg, iter)? else {
         return Ok(());
     };
-    // The first byte of this call goes out at `write_seq`.
-    let seq: u32 = read(sk as u64, field!(tcp_write_seq))?;
     let mut seg = Segment {
         seq,
         payload: len.min(u64::from(u32::MAX >> 1)) as u32,
@@ -690,14 +733,21 @@ fn try_recv(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if matches!(next, Next::Body) || !in_capture_cgroups() {
         return Ok(());
     }
+    // The read's bytes end at `copied_seq`, which it advanced.
+    // SAFETY: as above.
+    let seq = unsafe { load::<u32>(tp, field!(tcp_copied_seq)) }.wrapping_sub(ret as u32);
+    if let Next::Answer(slot) = next {
+        // SAFETY: as above.
+        note_answer(slot, DIR_RECEIVED, seq, unsafe {
+            load(tp, field!(tcp_write_seq))
+        });
+        return Ok(());
+    }
     let Some((fd, buf, len)) = read_call() else {
         return Ok(());
     };
-    // The read's bytes end at `copied_seq`, which it advanced.
-    // SAFETY: as above.
-    let copied: u32 = unsafe { load(tp, field!(tcp_copied_seq)) };
     let mut seg = Segment {
-        seq: copied.wrapping_sub(ret as u32),
+        seq,
         payload: len.min(ret as u64) as u32,
         dir: DIR_RECEIVED,
         kind: 0,
@@ -847,24 +897,14 @@ fn start_message<P: Payload>(
             None => return Ok(()),
         }
     };
-    slot.msg_seen |= bit;
-    slot.msg_seq[d] = seq;
-    slot.last_dir = dir;
-    if dir == DIR_RECEIVED {
-        slot.recv_mark = boundary;
-    }
-    slot.open_dir = 0;
-    slot.open_scanned = 0;
-    slot.carry_len = 0;
+    note_start(slot, dir, seq, seg.kind, boundary);
     // A response to a request with trace context is not read: the exchange
     // already has its context, and a response rarely carries one (reading a
     // header that has none means scanning all of it). A response to a
     // request without one is read: it may be where the trace starts. A
     // response received while sent messages go unseen is not read either:
     // its context would govern the next request, which this side sends unseen.
-    if seg.kind == MSG_RESPONSE
-        && ((slot.cur.valid == 1 && slot.cur.stamp.present == 1) || VIGIL_CAPTURE_SENT.load() == 0)
-    {
+    if seg.kind == MSG_RESPONSE && context_known(slot) {
         count(CaptureOutcome::Answered);
         return Ok(());
     }
@@ -897,6 +937,23 @@ fn continue_header<P: Payload>(
     seg.boundary = slot.open_boundary;
     seg.at_line = slot.at_line_start != 0;
     scan_segment(src, sk, slot, seg)
+}
+
+/// A message starts at `seq` in `dir`: its bytes are read from here, and
+/// those after it in the same direction are its body.
+#[inline(always)]
+fn note_start(slot: &mut TraceSlot, dir: u8, seq: u32, kind: u8, boundary: u32) {
+    let d = usize::from(dir - 1) & 1;
+    slot.msg_seen |= 1u8 << d;
+    slot.msg_seq[d] = seq;
+    slot.last_dir = dir;
+    slot.last_kind = kind;
+    if dir == DIR_RECEIVED {
+        slot.recv_mark = boundary;
+    }
+    slot.open_dir = 0;
+    slot.open_scanned = 0;
+    slot.carry_len = 0;
 }
 
 /// A new message governs what this side sends from `boundary` on.

@@ -131,3 +131,25 @@ pub fn socket_of_fd(l: &KernelLayout, fd: u64) -> Result<Option<u64>, i64> {
     let socket: u64 = read(file, l.file_private_data)?;
     read(socket, l.socket_sk).map(Some)
 }
+
+/// Whether file descriptor `fd` of the current task is the open file of
+/// socket `sk` (a typed `struct sock`): what a read's registers name is the
+/// socket read. Typed loads all the way but the descriptor table's slot.
+#[inline(always)]
+pub fn fd_is_socket(fd: u64, sk: *const core::ffi::c_void) -> bool {
+    // SAFETY: the current task and the socket are typed objects, and each
+    // pointer loaded from them is one of the kernel's typed fields (a NULL
+    // one reads as 0); the table slot is read through the helper.
+    unsafe {
+        let task = aya_ebpf::helpers::generated::bpf_get_current_task_btf().cast_const();
+        let files: *const core::ffi::c_void = load(task.cast(), field!(task_files));
+        let fdt: *const core::ffi::c_void = load(files, field!(files_fdt));
+        if fd >= u64::from(load::<u32>(fdt, field!(fdtable_max_fds))) {
+            return false;
+        }
+        let table: u64 = load(fdt, field!(fdtable_fd));
+        let socket: *const core::ffi::c_void = load(sk, field!(sk_socket));
+        let file: u64 = load(socket, field!(socket_file));
+        file != 0 && read::<u64>(table + fd * 8, 0) == Ok(file)
+    }
+}

@@ -871,7 +871,7 @@ fn every_read_call_is_read() -> anyhow::Result<()> {
     for (call, server, client, trace) in &clients {
         assert_eq!(
             at_server(&events, *server, *client),
-            [trace.clone()],
+            std::slice::from_ref(trace),
             "read with {call:?}"
         );
     }

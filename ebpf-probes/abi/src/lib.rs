@@ -214,7 +214,9 @@ pub struct TraceSlot {
     /// new message even though no message sent was seen (capture of received
     /// messages only).
     pub recv_mark: u32,
-    pub _pad: u32,
+    /// `MSG_*` of the last accepted message start (0: none yet).
+    pub last_kind: u8,
+    pub _pad: [u8; 3],
     /// Header bytes read so far of the open message.
     pub open_scanned: u16,
     /// Bit `dir - 1` set once a message start was accepted in that direction;
@@ -458,6 +460,9 @@ pub struct KernelLayout {
     pub tcp_copied_seq: u32,
     // struct inet_connection_sock: upper-layer protocol (kTLS) when set
     pub icsk_ulp_ops: u32,
+    // struct sock -> sk_socket (struct socket) -> file: the socket's open file
+    pub sk_socket: u32,
+    pub socket_file: u32,
     // struct pt_regs of the calling task: syscall number, first and second argument
     pub pt_regs_nr: u32,
     pub pt_regs_arg1: u32,
@@ -528,6 +533,8 @@ impl KernelLayout {
         recv_ready: 0,
         tcp_copied_seq: 0,
         icsk_ulp_ops: 0,
+        sk_socket: 0,
+        socket_file: 0,
         pt_regs_nr: 0,
         pt_regs_arg1: 0,
         pt_regs_arg2: 0,
@@ -595,7 +602,7 @@ mod tests {
             4 * 2 + 8 * 2 + size_of::<SockTuple>() + size_of::<SockOwner>()
         );
         assert_eq!(size_of::<SockState>(), size_of::<SockOwner>() + 8);
-        assert_eq!(size_of::<KernelLayout>(), 4 * 59);
+        assert_eq!(size_of::<KernelLayout>(), 4 * 61);
         assert_eq!(
             size_of::<DropRecord>(),
             4 * 2
