@@ -484,9 +484,8 @@ fn on_segment<P: Payload>(
             Ok(())
         }
         Next::Header(slot) if src.ours(sk) => continue_header(src, sk, slot, seg),
-        // The bytes are looked at before they are known to be the socket's
-        // (what most reads and writes are not: a message start), and taken
-        // as its message only then.
+        // The first bytes are looked at before the descriptor check, which
+        // only a message start (what most reads and writes are not) pays.
         Next::Start(found) if seg.payload >= 8 => match message_start(src.head()?) {
             Some(kind) if src.ours(sk) => {
                 seg.kind = kind;
@@ -603,8 +602,8 @@ impl Payload for AppBuffer {
         read(sk as u64, field!(tcp_write_seq)).ok()
     }
 
-    /// The reader: a request read from a socket not yet accepted is
-    /// impossible, so the reader owns it.
+    /// The reading process: a socket is read only once accepted, so its
+    /// reader owns it.
     #[inline(always)]
     fn listener_owner(&self) -> SockOwner {
         layout().map_or(SockOwner::default(), |l| current_owner(&l))
@@ -802,9 +801,10 @@ fn user(at: u64) -> Result<u64, i64> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const u64) }.map_err(i64::from)
 }
 
-/// Whether the writing task is in a cgroup capture covers (the agent sets
-/// `VIGIL_CAPTURE_CGROUPS` when `correlate.capture_cgroups` is not the root;
-/// the cgroup_skb programs are attached to those cgroups instead).
+/// Whether the reading or writing task is in a cgroup capture covers (the
+/// agent sets `VIGIL_CAPTURE_CGROUPS` when `correlate.capture_cgroups` is
+/// not the root; the cgroup_skb programs are attached to those cgroups
+/// instead).
 #[inline(always)]
 fn in_capture_cgroups() -> bool {
     let n = VIGIL_CAPTURE_SCOPE.load();

@@ -564,6 +564,7 @@ fn hook_of(program: &str) -> &'static str {
         "vigil_accept4" | "vigil_accept" => "tracepoint/syscalls/sys_exit_accept*",
         "vigil_drop" => "tp_btf/kfree_skb",
         "vigil_sock_iter" => "iter/task_file (per open file)",
+        "vigil_http_recv" => "tp_btf/sock_recv_length",
         "vigil_http_in" => "cgroup_skb/ingress",
         "vigil_http_out" => "cgroup_skb/egress",
         "vigil_http_send" => "tp_btf/tcp_sendmsg_locked",
