@@ -404,6 +404,16 @@ impl Config {
                     .into(),
             );
         }
+        let listed = self.correlate.capture_cgroups.len();
+        if listed > vigil_abi::MAX_CAPTURE_CGROUPS as usize {
+            return invalid(
+                "correlate.capture_cgroups",
+                format!(
+                    "{listed} cgroups listed; at most {} are supported (list a common parent instead)",
+                    vigil_abi::MAX_CAPTURE_CGROUPS
+                ),
+            );
+        }
         if !(10..=3_600_000).contains(&self.sampler.interval_ms) {
             return invalid("sampler.interval_ms", "must be 10..=3600000".into());
         }
@@ -496,6 +506,20 @@ mod tests {
             .expect_err("empty capture cgroup")
             .to_string();
         assert!(err.contains("correlate.capture_cgroups"), "{err}");
+        let mut c = Config::default();
+        c.correlate.capture_cgroups = (0..=vigil_abi::MAX_CAPTURE_CGROUPS)
+            .map(|i| format!("kubepods.slice/pod{i}"))
+            .collect();
+        let err = c
+            .validate(HOOKS.iter().copied())
+            .expect_err("one capture cgroup too many")
+            .to_string();
+        assert!(
+            err.contains("correlate.capture_cgroups") && err.contains("at most 16"),
+            "{err}"
+        );
+        c.correlate.capture_cgroups.pop();
+        assert!(c.validate(HOOKS.iter().copied()).is_ok(), "16 are fine");
     }
 
     #[test]

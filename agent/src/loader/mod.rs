@@ -366,6 +366,7 @@ impl Probes {
             Ok(dirs) if !opts.capture_cgroups.is_empty() => dirs.clone(),
             _ => Vec::new(),
         };
+        // The config refuses more (exit status 2); this guards other callers.
         if scope.len() > MAX_CAPTURE_CGROUPS as usize {
             return Err(LoadError::TooManyCaptureCgroups(scope.len()));
         }
