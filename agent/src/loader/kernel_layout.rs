@@ -61,7 +61,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         "sock_common.skc_net.net",
         btf.field("sock_common.skc_net")?.offset,
     )?;
-    Ok(KernelLayout {
+    let core = KernelLayout {
         ready: 1,
         skc_daddr: sized(btf, "sock_common.skc_daddr", 4)?,
         skc_rcv_saddr: sized(btf, "sock_common.skc_rcv_saddr", 4)?,
@@ -104,30 +104,12 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         // u8 before 6.x, u16 since; the programs read its low (first) byte.
         tcp_skb_cb_tcp_flags: sized(btf, "tcp_skb_cb.tcp_flags", 2)
             .or_else(|_| sized(btf, "tcp_skb_cb.tcp_flags", 1))?,
-        ..merge(
-            send_fields(btf).unwrap_or(KernelLayout::UNSET),
-            recv_fields(btf).unwrap_or(KernelLayout::UNSET),
-        )
-    })
-}
-
-/// The optional groups together: each sets only its own fields.
-fn merge(send: KernelLayout, recv: KernelLayout) -> KernelLayout {
-    KernelLayout {
-        recv_ready: recv.recv_ready,
-        tcp_copied_seq: recv.tcp_copied_seq,
-        icsk_ulp_ops: recv.icsk_ulp_ops,
-        sk_socket: recv.sk_socket,
-        socket_file: recv.socket_file,
-        pt_regs_nr: recv.pt_regs_nr,
-        pt_regs_arg1: recv.pt_regs_arg1,
-        pt_regs_arg2: recv.pt_regs_arg2,
-        nr_read: recv.nr_read,
-        nr_readv: recv.nr_readv,
-        nr_recvfrom: recv.nr_recvfrom,
-        nr_recvmsg: recv.nr_recvmsg,
-        ..send
-    }
+        ..KernelLayout::UNSET
+    };
+    // Each optional group adds its fields, or leaves them unset (0: its
+    // program stays off).
+    let with_send = send_fields(btf, core).unwrap_or(core);
+    Ok(recv_fields(btf, with_send).unwrap_or(with_send))
 }
 
 /// What `vigil_http_recv` reads at `sock_recv_length`: the calling task's
@@ -135,7 +117,7 @@ fn merge(send: KernelLayout, recv: KernelLayout) -> KernelLayout {
 /// elsewhere the program stays off and messages received are read on
 /// cgroup_skb/ingress).
 #[cfg(target_arch = "x86_64")]
-fn recv_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
+fn recv_fields(btf: &Btf, base: KernelLayout) -> Result<KernelLayout, LayoutError> {
     let nr = |n: libc::c_long| n as u32;
     // The ULP pointer is read from the socket's address: a tcp_sock starts
     // with its inet_connection_sock.
@@ -153,19 +135,19 @@ fn recv_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         nr_readv: nr(libc::SYS_readv),
         nr_recvfrom: nr(libc::SYS_recvfrom),
         nr_recvmsg: nr(libc::SYS_recvmsg),
-        ..KernelLayout::UNSET
+        ..base
     })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn recv_fields(_btf: &Btf) -> Result<KernelLayout, LayoutError> {
-    Ok(KernelLayout::UNSET)
+fn recv_fields(_btf: &Btf, base: KernelLayout) -> Result<KernelLayout, LayoutError> {
+    Ok(base)
 }
 
 /// What `vigil_http_send` reads at `tcp_sendmsg_locked`. Optional: kernels
 /// older than 6.0 have no ITER_UBUF, and the program then stays off
 /// (`send_ready` 0; messages sent are read on cgroup_skb/egress).
-fn send_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
+fn send_fields(btf: &Btf, base: KernelLayout) -> Result<KernelLayout, LayoutError> {
     let iter_type = |name: &str| -> Result<u32, LayoutError> {
         btf.enum_values("iter_type")?
             .into_iter()
@@ -190,7 +172,7 @@ fn send_fields(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         iov_iter_count: sized(btf, "iov_iter.count", 8)?,
         iter_ubuf: iter_type("ITER_UBUF")?,
         iter_iovec: iter_type("ITER_IOVEC")?,
-        ..KernelLayout::UNSET
+        ..base
     })
 }
 
