@@ -85,8 +85,9 @@ pub struct BenchArgs {
     /// Capture phase: seconds of each run.
     #[arg(long, default_value_t = 5)]
     pub capture_secs: u64,
-    /// Capture phase: ABBA blocks of the interleaved throughput runs (2 s
-    /// each; the 95% interval narrows with the square root of this).
+    /// Capture phase: ABBA blocks of the interleaved throughput runs (four
+    /// 500 ms intervals; about 6 s where the agent is restarted at each
+    /// switch). The 95% interval narrows with the square root of this.
     #[arg(long, default_value_t = 30)]
     pub capture_blocks: u32,
 }

@@ -43,7 +43,7 @@ use vigil_testbed::{
 
 use crate::{
     bench::{all_programs, proc_usage, uname, wait_until, BenchArgs},
-    bench_interleaved::{self, Traffic},
+    bench_interleaved::{self, Drops, Switching, Traffic},
     bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
     bpf_attach::Attached,
 };
@@ -268,6 +268,19 @@ impl Agent {
 
     fn pid(&self) -> u32 {
         self.guard.pid()
+    }
+
+    /// SIGTERM, and the agent must exit cleanly: every kernel object it
+    /// made goes with it.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let status = self.guard.terminate(Duration::from_secs(60))?;
+        if !status.success() {
+            bail!(
+                "the agent exited with {status} when stopped; its log: {}",
+                self.log.display()
+            );
+        }
+        Ok(())
     }
 
     /// The agent's own programs (id, name), found through its file
@@ -772,7 +785,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     } else {
         args.capture_blocks.max(2)
     };
-    let (interleaved, floors) = interleaved(bin, &link, &origin_cgroup.dir, &origins, blocks)?;
+    let (restarted, paused_rows) = interleaved(bin, &link, &origin_cgroup.dir, &origins, blocks)?;
 
     // Half of what capture on carried: far enough below saturation in every mode.
     let paced_rates: Vec<u32> = per_request
@@ -852,7 +865,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     let load = [load_at_start, load_average()];
 
     let mut report = render(args, &rows, &per_request, &foreign, &root, load);
-    bench_interleaved::render(&mut report, &interleaved, &floors, blocks);
+    bench_interleaved::render(&mut report, &paused_rows, &restarted);
     let agent_cost = crate::bench_agent::measure(bin, args.smoke)?;
     // What the testbed carried with capture on (in the bpf_stats runs).
     let rates: Vec<(&str, f64)> = per_request
@@ -881,10 +894,10 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks of the floor measure (empty programs against none) of workload
-/// `i`, for `blocks` of capture on against off: all of them for the
-/// testbed's default (the first), a quarter for the others.
-fn floor_blocks(i: usize, blocks: u32) -> u32 {
+/// Blocks of the measure with the agent restarted at each switch, for
+/// workload `i`: all of them for the testbed's default (the first), a
+/// quarter for the others (a switch takes about a second).
+fn restarted_blocks(i: usize, blocks: u32) -> u32 {
     if i == 0 {
         blocks
     } else {
@@ -897,21 +910,23 @@ fn floor_blocks(i: usize, blocks: u32) -> u32 {
 /// received messages only).
 const INTERLEAVED: [Capture; 2] = [Capture::On, Capture::OriginReceived];
 
-/// The interleaved throughput runs (`bench_interleaved`): per capture mode
-/// and workload, the agent's capture programs running against paused; then
-/// per workload, empty programs on both tracepoints against none (what
-/// the paused programs still cost; the same in every mode, as a tracepoint
-/// program runs for every socket of the node).
+/// Start-up work of a new agent (its first /proc scan and socket sample)
+/// happens in this time, with the load held, before the load resumes.
+const AGENT_WARM_UP: Duration = Duration::from_millis(500);
+
+/// The interleaved throughput runs (`bench_interleaved`), per capture mode
+/// and workload: the agent with capture on against the agent with capture
+/// off (restarted at each switch), and one agent's capture programs running
+/// against paused.
 fn interleaved(
     bin: &Path,
     link: &LinkPair,
     origin_cgroup: &Path,
     origins: &[(ChildGuard, u32)],
     blocks: u32,
-) -> anyhow::Result<(Vec<bench_interleaved::Row>, Vec<bench_interleaved::Floor>)> {
+) -> anyhow::Result<(Vec<bench_interleaved::Row>, Vec<bench_interleaved::Row>)> {
     // Far longer than the warm-up and the blocks, whatever their switching
-    // takes (attaching to a tracepoint takes up to seconds under load): the
-    // run is stopped after the last block, or at a failure.
+    // takes: the run is stopped after the last block, or at a failure.
     let run_secs = (bench_interleaved::INTERVAL * 4 * (blocks + 2)).as_secs_f64() + 3600.0;
     let traffic = |i: usize| -> Traffic<'_> {
         Traffic {
@@ -920,62 +935,81 @@ fn interleaved(
             loadgen: loadgen(link, bin, &WORKLOADS[i], run_secs),
         }
     };
-    let mut rows = Vec::new();
+    let report = |w: &Workload, mode: Capture, measure: &str, drops: &Drops, secs: f64| {
+        eprintln!(
+            "bench: {} capture {}: {measure} {:.1}% ± {:.1} ({secs:.0} s)",
+            w.label,
+            mode.label(),
+            100.0 * drops.mean(),
+            100.0 * drops.half_width()
+        );
+    };
+    let mut restarted = Vec::new();
+    for mode in INTERLEAVED {
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            let started = Instant::now();
+            let n = restarted_blocks(i, blocks);
+            let mut running: Option<(bool, Agent)> = None;
+            let drops = bench_interleaved::measure(traffic(i), n, Switching::LoadHeld, |on| {
+                if running.as_ref().is_some_and(|(state, _)| *state == on) {
+                    return Ok(());
+                }
+                if let Some((_, agent)) = running.take() {
+                    agent.stop()?;
+                }
+                let agent = Agent::start(bin, if on { mode } else { Capture::Off }, origin_cgroup)?;
+                thread::sleep(AGENT_WARM_UP);
+                running = Some((on, agent));
+                Ok(())
+            })
+            .with_context(|| format!("capture {} on vs off, {}", mode.label(), w.label))?;
+            if let Some((_, agent)) = running {
+                agent.stop()?;
+            }
+            report(
+                w,
+                mode,
+                "on vs off",
+                &drops,
+                started.elapsed().as_secs_f64(),
+            );
+            restarted.push(bench_interleaved::Row {
+                workload: w.label,
+                capture: mode.label(),
+                blocks: n,
+                on_vs_off: drops,
+            });
+        }
+    }
+    let mut paused = Vec::new();
     for mode in INTERLEAVED {
         let agent = Agent::start(bin, mode, origin_cgroup)?;
         thread::sleep(Duration::from_secs(1));
         let pause = agent.pause_switch()?;
         for (i, w) in WORKLOADS.iter().enumerate() {
-            let drops = bench_interleaved::measure(traffic(i), blocks, |on| pause.set(!on))
-                .with_context(|| format!("capture {} on vs off, {}", mode.label(), w.label))?;
-            eprintln!(
-                "bench: {} capture {}: on vs off {:.1}% ± {:.1}",
-                w.label,
-                mode.label(),
-                100.0 * drops.mean(),
-                100.0 * drops.half_width()
+            let started = Instant::now();
+            let drops =
+                bench_interleaved::measure(traffic(i), blocks, Switching::UnderLoad, |on| {
+                    pause.set(!on)
+                })
+                .with_context(|| format!("capture {} on vs paused, {}", mode.label(), w.label))?;
+            report(
+                w,
+                mode,
+                "on vs paused",
+                &drops,
+                started.elapsed().as_secs_f64(),
             );
-            rows.push(bench_interleaved::Row {
+            paused.push(bench_interleaved::Row {
                 workload: w.label,
                 capture: mode.label(),
+                blocks,
                 on_vs_off: drops,
             });
         }
+        agent.stop()?;
     }
-    let _agent = Agent::start(bin, Capture::Off, origin_cgroup)?;
-    thread::sleep(Duration::from_secs(1));
-    let mut floors = Vec::new();
-    // Attaching to a tracepoint waits for the kernel to patch and
-    // synchronize every CPU: seconds per switch under load (8 s a block at
-    // 1 MiB, 34 s at 16 KiB here), hence `floor_blocks`.
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        let mut empty: Vec<Attached> = Vec::new();
-        let started = Instant::now();
-        let floor_blocks = floor_blocks(i, blocks);
-        let drops = bench_interleaved::measure(traffic(i), floor_blocks, |on| {
-            if !on {
-                empty.clear();
-            } else if empty.is_empty() {
-                empty.push(empty_recv()?);
-                empty.push(empty_send()?);
-            }
-            Ok(())
-        })
-        .with_context(|| format!("empty programs vs none, {}", w.label))?;
-        eprintln!(
-            "bench: {}: empty programs vs none {:.1}% ± {:.1} ({:.0} s)",
-            w.label,
-            100.0 * drops.mean(),
-            100.0 * drops.half_width(),
-            started.elapsed().as_secs_f64()
-        );
-        floors.push(bench_interleaved::Floor {
-            workload: w.label,
-            blocks: floor_blocks,
-            empty_vs_none: drops,
-        });
-    }
-    Ok((rows, floors))
+    Ok((restarted, paused))
 }
 
 fn render(

@@ -32,20 +32,38 @@ pub enum ParseError {
 /// Length of a version-00 value: `vv-<32 hex>-<16 hex>-ff`.
 pub const VERSION_00_LEN: usize = 55;
 
-fn hex_nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// Value of each lowercase hex digit; `NOT_HEX` for every other byte.
+const NOT_HEX: u8 = 0xff;
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
-/// Lowercase hex into `out`; `text` is exactly twice as long.
+/// Lowercase hex into `out`; `text` is exactly twice as long. Checked once
+/// at the end, not per digit: every record the kernel sends comes here.
 fn hex_into(text: &[u8], out: &mut [u8]) -> Result<(), ParseError> {
+    let mut seen = 0u8;
     for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        let hi = hex_nibble(pair[0]).ok_or(ParseError::NotHex)?;
-        let lo = hex_nibble(pair[1]).ok_or(ParseError::NotHex)?;
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        seen |= hi | lo;
         *byte = hi << 4 | lo;
+    }
+    // A digit's value fits 4 bits; NOT_HEX does not.
+    if seen > 0x0f {
+        return Err(ParseError::NotHex);
     }
     Ok(())
 }
