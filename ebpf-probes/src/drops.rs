@@ -23,7 +23,7 @@ use vigil_abi::{
 
 use crate::{
     http_capture::current_stamp,
-    kernel::{layout, netns_inode, read, tuple},
+    kernel::{layout, netns_inode, read, tuple, Probed},
     owners::VIGIL_SOCKS,
     ring::{count_loss, submit_in_place},
 };
@@ -81,8 +81,8 @@ fn try_drop(ctx: &BtfTracePointContext, reason: u32) -> Result<(), i64> {
             return Ok(());
         }
         record.state = u32::from(read::<u8>(sk, l.skc_state)?);
-        record.netns = netns_inode(&l, sk)?;
-        record.tuple = tuple(&l, sk)?;
+        record.netns = netns_inode(Probed(sk))?;
+        record.tuple = tuple(Probed(sk))?;
         // Request and time-wait sockets end with sock_common: no protocol field.
         if record.state != TCP_NEW_SYN_RECV && record.state != TCP_TIME_WAIT {
             record.protocol = u32::from(read::<u16>(sk, l.sk_protocol)?);

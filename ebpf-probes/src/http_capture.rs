@@ -81,14 +81,14 @@ use aya_ebpf::{
     Global,
 };
 use vigil_abi::{
-    CaptureOutcome, EventKind, KernelLayout, LossSlot, SockOwner, TraceRecord, TraceSlot,
-    TraceSocketRecord, TraceStamp, AF_INET6, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, IPPROTO_TCP,
-    MSG_REQUEST, MSG_RESPONSE, SOCKET_ANNOUNCED, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV,
-    TRACEPARENT_LEN, TRACE_CARRY, TRACE_PENDING,
+    CaptureOutcome, EventKind, LossSlot, SockOwner, TraceRecord, TraceSlot, TraceSocketRecord,
+    TraceStamp, AF_INET6, CAPTURE_OUTCOMES, DIR_RECEIVED, DIR_SENT, IPPROTO_TCP, MSG_REQUEST,
+    MSG_RESPONSE, SOCKET_ANNOUNCED, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TRACEPARENT_LEN,
+    TRACE_CARRY, TRACE_PENDING,
 };
 
 use crate::{
-    kernel::{current_owner, fd_is_socket, field, layout, load, netns_inode, read, tuple},
+    kernel::{current_owner, fd_is_socket, field, layout, load, netns_inode, read, tuple, Probed},
     owners::VIGIL_SOCKS,
     ring::{copy_words, submit_in_place, zero},
 };
@@ -1410,9 +1410,9 @@ fn announce(
     at_listener: bool,
     listener: impl FnOnce() -> SockOwner,
 ) -> Result<Announced, i64> {
-    let Some(l) = layout() else {
+    if field!(ready) != 1 {
         return Ok(Announced::Lost);
-    };
+    }
     // The verifier forbids arithmetic on a socket pointer but allows field
     // reads through the same socket as a BTF-typed `tcp_sock`.
     // SAFETY: helper on a full socket; NULL when it is not TCP.
@@ -1426,8 +1426,8 @@ fn announce(
         r.kind = EventKind::TraceSocket as u32;
         r.cookie = cookie;
         r.sk_addr = addr;
-        r.netns = netns_inode(&l, addr)?;
-        r.tuple = tuple(&l, addr)?;
+        r.netns = netns_inode(Probed(addr))?;
+        r.tuple = tuple(Probed(addr))?;
         // Recorded in process context at connect/listen/accept.
         // SAFETY: the value is copied out before the map can change it.
         match unsafe { VIGIL_SOCKS.get(addr) } {
@@ -1493,15 +1493,15 @@ fn packet_key(
     listener: *mut bpf_sock,
     key: &mut HandshakeKey,
 ) -> Result<Option<u32>, i64> {
-    let Some(l) = layout() else {
+    if field!(ready) != 1 {
         return Ok(None);
-    };
+    }
     // SAFETY: helper on a full socket; NULL when it is not TCP.
     let tp = unsafe { bpf_skc_to_tcp_sock(listener.cast()) };
     if tp.is_null() {
         return Ok(None);
     }
-    key.netns = netns_inode(&l, tp as u64)?;
+    key.netns = netns_inode(Probed(tp as u64))?;
     key.ip = 4;
     let vihl: u8 = ctx.load(0)?;
     let tcp = match vihl >> 4 {
@@ -1526,10 +1526,10 @@ fn packet_key(
 
 /// The key of an established socket's connection (see `HandshakeKey`).
 #[inline(always)]
-fn socket_key(l: &KernelLayout, sk: u64) -> Result<HandshakeKey, i64> {
-    let t = tuple(l, sk)?;
+fn socket_key(sk: u64) -> Result<HandshakeKey, i64> {
+    let t = tuple(Probed(sk))?;
     let mut key = HandshakeKey {
-        netns: netns_inode(l, sk)?,
+        netns: netns_inode(Probed(sk))?,
         ip: 4,
         local_port: t.local_port,
         remote_port: t.remote_port,
@@ -1572,7 +1572,7 @@ fn try_handoff(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if read::<u16>(sk, l.sk_protocol)? != IPPROTO_TCP {
         return Ok(());
     }
-    let key = socket_key(&l, sk)?;
+    let key = socket_key(sk)?;
     let Some(h) = VIGIL_HANDSHAKES.get_ptr_mut(key) else {
         return Ok(());
     };

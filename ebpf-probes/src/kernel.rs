@@ -58,40 +58,97 @@ pub fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
 }
 
+/// A kernel object whose fields a program reads at `field!` offsets.
+pub trait Object: Copy {
+    /// The `T` at `offset` of the object.
+    fn get<T>(self, offset: u32) -> Result<T, i64>;
+    /// The object the pointer at `offset` names, read the same way.
+    fn follow(self, offset: u32) -> Result<Self, i64>;
+}
+
+/// Any kernel address: each field through bpf_probe_read_kernel.
+#[derive(Clone, Copy)]
+pub struct Probed(pub u64);
+
+impl Object for Probed {
+    #[inline(always)]
+    fn get<T>(self, offset: u32) -> Result<T, i64> {
+        read(self.0, offset)
+    }
+
+    #[inline(always)]
+    fn follow(self, offset: u32) -> Result<Probed, i64> {
+        read::<u64>(self.0, offset).map(Probed)
+    }
+}
+
+/// A pointer the verifier knows by its BTF type (see `load`): each field a
+/// direct load, without a helper call (~70 ns each on this VM); a field
+/// that faults reads as 0.
+#[derive(Clone, Copy)]
+pub struct Typed(*const core::ffi::c_void);
+
+impl Typed {
+    /// # Safety
+    /// `p` must be a pointer the verifier knows by its BTF type, as `load`.
+    #[inline(always)]
+    pub unsafe fn new(p: *const core::ffi::c_void) -> Typed {
+        Typed(p)
+    }
+}
+
+impl Object for Typed {
+    #[inline(always)]
+    fn get<T>(self, offset: u32) -> Result<T, i64> {
+        // SAFETY: a typed pointer (`new`), at a `field!` offset.
+        Ok(unsafe { load(self.0, offset) })
+    }
+
+    #[inline(always)]
+    fn follow(self, offset: u32) -> Result<Typed, i64> {
+        // SAFETY: as above; a pointer field loaded from a typed object is
+        // typed by the field's BTF type.
+        let p: *const core::ffi::c_void = unsafe { load(self.0, offset) };
+        if p.is_null() {
+            return Err(-14); // EFAULT, as `read` of NULL.
+        }
+        Ok(Typed(p))
+    }
+}
+
 /// Address family of a `struct sock_common` (also the head of a request socket).
 #[inline(always)]
-pub fn family(l: &KernelLayout, skc: u64) -> Result<u16, i64> {
-    read::<u16>(skc, l.skc_family)
+pub fn family<O: Object>(skc: O) -> Result<u16, i64> {
+    skc.get::<u16>(field!(skc_family))
 }
 
 /// 4-tuple of a `struct sock_common`; `local` is this host's side.
 #[inline(always)]
-pub fn tuple(l: &KernelLayout, skc: u64) -> Result<SockTuple, i64> {
-    let family = family(l, skc)?;
+pub fn tuple<O: Object>(skc: O) -> Result<SockTuple, i64> {
+    let family = family(skc)?;
     let mut t = SockTuple {
         family,
-        local_port: read::<u16>(skc, l.skc_num)?,
-        remote_port: u16::from_be(read::<u16>(skc, l.skc_dport)?),
+        local_port: skc.get::<u16>(field!(skc_num))?,
+        remote_port: u16::from_be(skc.get::<u16>(field!(skc_dport))?),
         ..SockTuple::default()
     };
     if family == AF_INET {
-        let local: [u8; 4] = read(skc, l.skc_rcv_saddr)?;
-        let remote: [u8; 4] = read(skc, l.skc_daddr)?;
+        let local: [u8; 4] = skc.get(field!(skc_rcv_saddr))?;
+        let remote: [u8; 4] = skc.get(field!(skc_daddr))?;
         t.local_addr[..4].copy_from_slice(&local);
         t.remote_addr[..4].copy_from_slice(&remote);
     } else if family == AF_INET6 {
-        t.local_addr = read(skc, l.skc_v6_rcv_saddr)?;
-        t.remote_addr = read(skc, l.skc_v6_daddr)?;
+        t.local_addr = skc.get(field!(skc_v6_rcv_saddr))?;
+        t.remote_addr = skc.get(field!(skc_v6_daddr))?;
     }
     Ok(t)
 }
 
 /// Inode number of the network namespace a socket lives in.
 #[inline(always)]
-pub fn netns_inode(l: &KernelLayout, skc: u64) -> Result<u32, i64> {
+pub fn netns_inode<O: Object>(skc: O) -> Result<u32, i64> {
     // possible_net_t is a struct holding one `struct net *`.
-    let net: u64 = read(skc, l.skc_net)?;
-    read::<u32>(net, l.net_ns_inum)
+    skc.follow(field!(skc_net))?.get::<u32>(field!(net_ns_inum))
 }
 
 /// The current process as a socket owner. Only meaningful in process context.

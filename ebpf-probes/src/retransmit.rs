@@ -7,7 +7,7 @@
 //! for SYN-ACKs the kernel counted, one segment each.
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock},
     macros::{btf_tracepoint, map},
     maps::LruPerCpuHashMap,
     programs::BtfTracePointContext,
@@ -16,8 +16,8 @@ use aya_log_ebpf::debug;
 use core::ffi::c_void;
 
 use vigil_abi::{
-    EventKind, KernelLayout, LossReason, LossSlot, RetransmitRecord, SockOwner, SockState,
-    TraceStamp, COUNT_UNKNOWN,
+    EventKind, LossReason, LossSlot, RetransmitRecord, SockOwner, SockState, TraceStamp,
+    COUNT_UNKNOWN,
 };
 
 /// TCP header flags as `tcp_skb_cb.tcp_flags` holds them.
@@ -26,7 +26,7 @@ const TCPHDR_SYN: u8 = 0x02;
 
 use crate::{
     http_capture::stamp_for,
-    kernel::{layout, netns_inode, read, tuple},
+    kernel::{field, netns_inode, tuple, Object, Typed},
     owners::VIGIL_SOCKS,
     ring::{count_loss, submit},
 };
@@ -41,27 +41,38 @@ pub fn vigil_retx(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some(l) = layout() else { return Ok(()) };
-    let sk: u64 = ctx.arg(0);
-    let skb: u64 = ctx.arg(1);
+    if field!(ready) != 1 {
+        return Ok(());
+    }
+    let sk_ptr = ctx.arg::<*mut c_void>(0);
+    let sk_addr = sk_ptr as u64;
     let err: i32 = ctx.arg(2);
-    // SAFETY: `sk` is the tracepoint's own trusted `struct sock *` argument.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
-    let segs = u32::from(read::<u16>(skb, l.skb_cb + l.tcp_skb_cb_gso_segs)?);
-    let state = u32::from(read::<u8>(sk, l.skc_state)?);
-    let total_retrans: u32 = read(sk, l.tcp_total_retrans)?;
-    let (counted, owner) = look(sk, total_retrans);
+    // SAFETY: the tracepoint's own trusted `struct sock *` and `struct
+    // sk_buff *` arguments: their fields are loaded directly.
+    let (sk, skb) = unsafe { (Typed::new(sk_ptr), Typed::new(ctx.arg(1))) };
+    // SAFETY: as above; the helper checks what it is given.
+    let (cookie, tp) = unsafe { (bpf_get_socket_cookie(sk_ptr), bpf_skc_to_tcp_sock(sk_ptr)) };
+    if tp.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a typed TCP socket (NULL for anything else, handled above).
+    let tcp = unsafe { Typed::new(tp.cast_const().cast()) };
+    let cb = field!(skb_cb);
+    let segs = u32::from(skb.get::<u16>(cb + field!(tcp_skb_cb_gso_segs))?);
+    let state = u32::from(sk.get::<u8>(field!(skc_state))?);
+    let total_retrans: u32 = tcp.get(field!(tcp_total_retrans))?;
+    let (counted, owner) = look(sk_addr, total_retrans);
     // The request whose bytes the segment carries (SYN and FIN carry none).
-    let seq: u32 = read(skb, l.skb_cb + l.tcp_skb_cb_seq)?;
-    let end_seq: u32 = read(skb, l.skb_cb + l.tcp_skb_cb_end_seq)?;
-    let flags: u8 = read(skb, l.skb_cb + l.tcp_skb_cb_tcp_flags)?;
+    let seq: u32 = skb.get(cb + field!(tcp_skb_cb_seq))?;
+    let end_seq: u32 = skb.get(cb + field!(tcp_skb_cb_end_seq))?;
+    let flags: u8 = skb.get(cb + field!(tcp_skb_cb_tcp_flags))?;
     let control = u32::from(flags & TCPHDR_FIN != 0) + u32::from(flags & TCPHDR_SYN != 0);
     let bytes = end_seq.wrapping_sub(seq).saturating_sub(control);
-    let trace = stamp_for(sk as *mut c_void, seq, bytes > 0);
+    let trace = stamp_for(sk_ptr, seq, bytes > 0);
     let sample = Sample {
         kind: EventKind::Retransmit,
         slot: LossSlot::Retransmit,
-        owner_sk: sk,
+        owner_sk: sk_addr,
         tuple_skc: sk,
         cookie,
         state,
@@ -81,10 +92,10 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
         bytes,
         trace,
     };
-    if emit(&l, &sample)? {
+    if emit(&sample)? {
         // Only a delivered record moves the baseline: the segments of a lost
         // one stay in the delta the socket's next record (or its close) carries.
-        advance(sk, total_retrans);
+        advance(sk_addr, total_retrans);
     }
     Ok(())
 }
@@ -135,45 +146,47 @@ pub fn vigil_synack(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some(l) = layout() else { return Ok(()) };
-    let listener: u64 = ctx.arg(0);
-    // A request_sock starts with a sock_common holding the connection's tuple.
-    let req: u64 = ctx.arg(1);
-    let state = u32::from(read::<u8>(listener, l.skc_state)?);
+    if field!(ready) != 1 {
+        return Ok(());
+    }
+    let listener_ptr = ctx.arg::<*const c_void>(0);
+    // SAFETY: the tracepoint's own trusted arguments, the listener and the
+    // request socket (which starts with a sock_common holding the
+    // connection's tuple).
+    let (listener, req) = unsafe { (Typed::new(listener_ptr), Typed::new(ctx.arg(1))) };
+    let state = u32::from(listener.get::<u8>(field!(skc_state))?);
     debug!(ctx, "SYN-ACK retransmit by a listener in state {}", state);
+    let listener_addr = listener_ptr as u64;
     // SAFETY: the value is copied out before the map can change it.
-    let owner = unsafe { VIGIL_SOCKS.get(listener) }.map_or(SockOwner::default(), |s| s.owner);
-    emit(
-        &l,
-        &Sample {
-            kind: EventKind::SynAckRetransmit,
-            slot: LossSlot::SynAckRetransmit,
-            owner_sk: listener,
-            tuple_skc: req,
-            cookie: 0,
-            state,
-            segs: 1,
-            err: 0,
-            total_retrans: 0,
-            counted: 1,
-            owner,
-            lost_for_good: 1,
-            seq: 0,
-            bytes: 0,
-            trace: TraceStamp::NONE,
-        },
-    )?;
+    let owner = unsafe { VIGIL_SOCKS.get(listener_addr) }.map_or(SockOwner::default(), |s| s.owner);
+    emit(&Sample {
+        kind: EventKind::SynAckRetransmit,
+        slot: LossSlot::SynAckRetransmit,
+        owner_sk: listener_addr,
+        tuple_skc: req,
+        cookie: 0,
+        state,
+        segs: 1,
+        err: 0,
+        total_retrans: 0,
+        counted: 1,
+        owner,
+        lost_for_good: 1,
+        seq: 0,
+        bytes: 0,
+        trace: TraceStamp::NONE,
+    })?;
     Ok(())
 }
 
 /// What a hook learnt, before the common fields are added.
-pub struct Sample {
+pub struct Sample<O> {
     pub kind: EventKind,
     pub slot: LossSlot,
     /// The socket the event is about (for SYN-ACKs: the listener).
     pub owner_sk: u64,
     /// Where the tuple and netns are read (for SYN-ACKs: the request socket).
-    pub tuple_skc: u64,
+    pub tuple_skc: O,
     pub cookie: u64,
     pub state: u32,
     pub segs: u32,
@@ -191,7 +204,7 @@ pub struct Sample {
 
 /// Fills and submits one retransmit record; whether it reached the ring.
 #[inline(always)]
-pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
+pub fn emit<O: Object>(s: &Sample<O>) -> Result<bool, i64> {
     let record = RetransmitRecord {
         kind: s.kind as u32,
         state: s.state,
@@ -199,7 +212,7 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cookie: s.cookie,
         sk_addr: s.owner_sk,
-        netns: netns_inode(l, s.tuple_skc)?,
+        netns: netns_inode(s.tuple_skc)?,
         segs: s.segs,
         err: s.err,
         total_retrans: s.total_retrans,
@@ -207,7 +220,7 @@ pub fn emit(l: &KernelLayout, s: &Sample) -> Result<bool, i64> {
         seq: s.seq,
         bytes: s.bytes,
         _pad: 0,
-        tuple: tuple(l, s.tuple_skc)?,
+        tuple: tuple(s.tuple_skc)?,
         owner: s.owner,
         trace: s.trace,
     };

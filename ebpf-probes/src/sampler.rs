@@ -18,7 +18,7 @@ use vigil_abi::{
     TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
 };
 
-use crate::kernel::{family, layout, netns_inode, read, tuple};
+use crate::kernel::{family, layout, netns_inode, read, tuple, Probed};
 
 /// `struct bpf_iter_meta` (include/linux/bpf.h); only `seq` is used.
 #[repr(C)]
@@ -82,7 +82,7 @@ fn tcp_socket(l: &KernelLayout, file: *mut c_void) -> Result<Option<*mut c_void>
         return Ok(None);
     }
     let sk = sk_ptr as u64;
-    let fam = family(l, sk)?;
+    let fam = family(Probed(sk))?;
     let is_tcp = (fam == AF_INET || fam == AF_INET6)
         && read::<u16>(sk, l.sk_protocol)? == IPPROTO_TCP
         && read::<u16>(sk, l.sk_type)? == SOCK_STREAM;
@@ -121,8 +121,8 @@ fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
         sk_addr: sk,
         // SAFETY: `sk_ptr` is a full socket held open by the file being visited.
         cookie: unsafe { bpf_get_socket_cookie(sk_ptr) },
-        netns: netns_inode(&l, sk)?,
-        tuple: tuple(&l, sk)?,
+        netns: netns_inode(Probed(sk))?,
+        tuple: tuple(Probed(sk))?,
         drops: read(sk, l.sk_drops)?,
         owner: owner(&l, task)?,
         ..SocketSample::default()
