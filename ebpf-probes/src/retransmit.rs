@@ -53,7 +53,8 @@ fn try_retx(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: as above; the helper checks what it is given.
     let (cookie, tp) = unsafe { (bpf_get_socket_cookie(sk_ptr), bpf_skc_to_tcp_sock(sk_ptr)) };
     if tp.is_null() {
-        return Ok(());
+        // Never for this tracepoint (a full TCP socket); counted if it were.
+        return Err(-22);
     }
     // SAFETY: a typed TCP socket (NULL for anything else, handled above).
     let tcp = unsafe { Typed::new(tp.cast_const().cast()) };

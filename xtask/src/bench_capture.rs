@@ -935,14 +935,27 @@ fn interleaved(
             loadgen: loadgen(link, bin, &WORKLOADS[i], run_secs),
         }
     };
-    let report = |w: &Workload, mode: Capture, measure: &str, drops: &Drops, secs: f64| {
+    // Prints a result as it comes (the runs take minutes) and makes its row.
+    let row = |w: &Workload,
+               mode: Capture,
+               measure: &str,
+               blocks: u32,
+               drops: Drops,
+               started: Instant| {
         eprintln!(
-            "bench: {} capture {}: {measure} {:.1}% ± {:.1} ({secs:.0} s)",
+            "bench: {} capture {}: {measure} {:.1}% ± {:.1} ({:.0} s)",
             w.label,
             mode.label(),
             100.0 * drops.mean(),
-            100.0 * drops.half_width()
+            100.0 * drops.half_width(),
+            started.elapsed().as_secs_f64()
         );
+        bench_interleaved::Row {
+            workload: w.label,
+            capture: mode.label(),
+            blocks,
+            on_vs_off: drops,
+        }
     };
     let mut restarted = Vec::new();
     for mode in INTERLEAVED {
@@ -966,19 +979,7 @@ fn interleaved(
             if let Some((_, agent)) = running {
                 agent.stop()?;
             }
-            report(
-                w,
-                mode,
-                "on vs off",
-                &drops,
-                started.elapsed().as_secs_f64(),
-            );
-            restarted.push(bench_interleaved::Row {
-                workload: w.label,
-                capture: mode.label(),
-                blocks: n,
-                on_vs_off: drops,
-            });
+            restarted.push(row(w, mode, "on vs off", n, drops, started));
         }
     }
     let mut paused = Vec::new();
@@ -993,19 +994,7 @@ fn interleaved(
                     pause.set(!on)
                 })
                 .with_context(|| format!("capture {} on vs paused, {}", mode.label(), w.label))?;
-            report(
-                w,
-                mode,
-                "on vs paused",
-                &drops,
-                started.elapsed().as_secs_f64(),
-            );
-            paused.push(bench_interleaved::Row {
-                workload: w.label,
-                capture: mode.label(),
-                blocks,
-                on_vs_off: drops,
-            });
+            paused.push(row(w, mode, "on vs paused", blocks, drops, started));
         }
         agent.stop()?;
     }
