@@ -17,23 +17,34 @@ fn bpftool_shows(kind: &str, id: u64) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Program ids some BPF link still points at.
+/// Program ids some BPF link still points at. bpftool fails the whole
+/// listing when a link it is reading goes away meanwhile (another test's
+/// agent exiting, as CI runs two test binaries at once): tried again then.
 fn linked_program_ids() -> anyhow::Result<Vec<u64>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool link show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["prog_id"].as_u64())
-        .collect())
+    let mut failure = String::new();
+    for _ in 0..5 {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()?;
+        if !out.status.success() {
+            // In JSON mode bpftool writes its error to stdout.
+            failure = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        return Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["prog_id"].as_u64())
+            .collect());
+    }
+    anyhow::bail!("bpftool link show failed 5 times; last: {failure}")
 }
 
 /// All created objects exist while the agent runs (so the check below can fail).
