@@ -395,9 +395,9 @@ fn ss_rtts(ns: &Netns, port: u16) -> anyhow::Result<Vec<(String, String, f64, St
 /// Checks: (1) without the qdisc, ≥ 95% of the origin's RTT observations are
 /// ≤ 5 ms; (2) with it, ≥ 80% of the new observations are > 25 ms; (3) each
 /// connection's RTT in `vigil sockets` agrees with `ss -ti` for the same
-/// connection read right before and after: all > 20 ms, and the agent's within
-/// a factor of two of the span of the two ss readings (its sample is up to one
-/// interval old, and the queue oscillates).
+/// connection read over the agent's last sample interval and right after:
+/// all > 20 ms, and the agent's within a factor of two of the span of the ss
+/// readings (the queue oscillates).
 #[test]
 fn rtt_follows_tbf_queueing() -> anyhow::Result<()> {
     let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
@@ -444,23 +444,29 @@ fn rtt_follows_tbf_queueing() -> anyhow::Result<()> {
     ])?;
     let mut load = scenario.spawn_load(false, 2, 1_000_000, 8.0)?;
     std::thread::sleep(Duration::from_secs(3));
-    // ss right before and right after the agent's table: the agent's sample
-    // (up to one interval old) must sit within those readings, give or take
-    // a factor of two (the sawtooth of a loss-based sender moves the queue).
-    let ss_before = ss_rtts(server, scenario.port)?;
+    // ss every 50 ms over more than the agent's last sample interval (200 ms)
+    // before its table, and once after: the agent's sample, taken in that
+    // window, must sit within the span ss saw, give or take a factor of two
+    // (the sawtooth of a loss-based sender moves the queue: srtt halves
+    // within 200 ms after a loss).
+    let mut ss_window = Vec::new();
+    let window = std::time::Instant::now();
+    while window.elapsed() < Duration::from_millis(300) {
+        ss_window.extend(ss_rtts(server, scenario.port)?);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let sockets = agent.sockets()?;
     let ss = ss_rtts(server, scenario.port)?;
+    ss_window.extend(ss.iter().cloned());
     let mut compared = 0;
-    for (local, remote, ss_after_ms, cc) in &ss {
+    for (local, remote, _, cc) in &ss {
         assert_eq!(cc, "reno", "the namespace's congestion control applies");
-        let ss_before_ms = ss_before
+        let (lo, hi) = ss_window
             .iter()
-            .find(|(l, r, _, _)| l == local && r == remote)
-            .map_or(*ss_after_ms, |(_, _, rtt, _)| *rtt);
-        let (lo, hi) = (
-            ss_before_ms.min(*ss_after_ms),
-            ss_before_ms.max(*ss_after_ms),
-        );
+            .filter(|(l, r, _, _)| l == local && r == remote)
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), (_, _, rtt, _)| {
+                (lo.min(*rtt), hi.max(*rtt))
+            });
         let Some(row) = sockets["connections"].as_array().and_then(|rows| {
             rows.iter().find(|r| {
                 r["local"].as_str() == Some(local) && r["remote"].as_str() == Some(remote)
