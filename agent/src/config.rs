@@ -462,63 +462,54 @@ mod tests {
         assert!(err.contains("metrics_addr"), "{err}");
     }
 
+    /// The default config changed by `change` must fail validation with a
+    /// message naming `field`; the message, for further checks.
+    fn rejected(change: impl FnOnce(&mut Config), field: &str) -> String {
+        let mut c = Config::default();
+        change(&mut c);
+        let err = match c.validate(HOOKS.iter().copied()) {
+            Ok(()) => panic!("accepted, expected an error naming {field}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(field), "{err}");
+        err
+    }
+
     #[test]
     fn validation_names_the_field() {
-        let mut c = Config::default();
-        c.probes.ring_buffer_bytes = 5000;
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("not a power of two")
-            .to_string();
-        assert!(err.contains("probes.ring_buffer_bytes"), "{err}");
-        let mut c = Config::default();
-        c.probes.disable_hooks = vec!["kprobe/nope".into()];
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("unknown hook")
-            .to_string();
-        assert!(
-            err.contains("probes.disable_hooks") && err.contains("tp_btf/tcp_retransmit_skb"),
-            "{err}"
+        rejected(
+            |c| c.probes.ring_buffer_bytes = 5000,
+            "probes.ring_buffer_bytes",
         );
+        let err = rejected(
+            |c| c.probes.disable_hooks = vec!["kprobe/nope".into()],
+            "probes.disable_hooks",
+        );
+        // The message lists the hooks that exist.
+        assert!(err.contains("tp_btf/tcp_retransmit_skb"), "{err}");
     }
 
     #[test]
     fn drop_reasons_and_sampler_are_checked() {
-        let mut c = Config::default();
-        c.probes.drop_reasons = vec!["tcp_listen_overflow".into()];
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("lower case is not a reason")
-            .to_string();
-        assert!(err.contains("probes.drop_reasons"), "{err}");
-        let mut c = Config::default();
-        c.sampler.interval_ms = 0;
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("zero interval")
-            .to_string();
-        assert!(err.contains("sampler.interval_ms"), "{err}");
-        let mut c = Config::default();
-        c.correlate.capture_cgroups = vec!["kubepods.slice".into(), String::new()];
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("empty capture cgroup")
-            .to_string();
-        assert!(err.contains("correlate.capture_cgroups"), "{err}");
-        let mut c = Config::default();
-        c.correlate.capture_cgroups = (0..=vigil_abi::MAX_CAPTURE_CGROUPS)
-            .map(|i| format!("kubepods.slice/pod{i}"))
-            .collect();
-        let err = c
-            .validate(HOOKS.iter().copied())
-            .expect_err("one capture cgroup too many")
-            .to_string();
-        assert!(
-            err.contains("correlate.capture_cgroups") && err.contains("at most 16"),
-            "{err}"
+        rejected(
+            |c| c.probes.drop_reasons = vec!["tcp_listen_overflow".into()],
+            "probes.drop_reasons",
         );
-        c.correlate.capture_cgroups.pop();
+        rejected(|c| c.sampler.interval_ms = 0, "sampler.interval_ms");
+        rejected(
+            |c| c.correlate.capture_cgroups = vec!["kubepods.slice".into(), String::new()],
+            "correlate.capture_cgroups",
+        );
+        let cgroups =
+            |n: u32| -> Vec<String> { (0..n).map(|i| format!("kubepods.slice/pod{i}")).collect() };
+        let max = vigil_abi::MAX_CAPTURE_CGROUPS;
+        let err = rejected(
+            |c| c.correlate.capture_cgroups = cgroups(max + 1),
+            "correlate.capture_cgroups",
+        );
+        assert!(err.contains("at most 16"), "{err}");
+        let mut c = Config::default();
+        c.correlate.capture_cgroups = cgroups(max);
         assert!(c.validate(HOOKS.iter().copied()).is_ok(), "16 are fine");
     }
 

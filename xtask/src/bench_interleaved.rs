@@ -102,10 +102,13 @@ pub fn measure(
     let loadgen_pid = i32::try_from(loadgen.id()).context("vigil-loadgen pid")?;
     // SAFETY: plain signals to our own child, not yet waited for.
     let signal = |sig: i32| unsafe { libc::kill(loadgen_pid, sig) };
+    let held = switching == Switching::LoadHeld;
+    // Resumes the load even when the switch fails, so it can stop cleanly.
     let mut switch_held = |state: bool| -> anyhow::Result<()> {
-        if switching == Switching::LoadHeld {
-            signal(libc::SIGSTOP);
+        if !held {
+            return switch(state);
         }
+        signal(libc::SIGSTOP);
         let r = switch(state);
         signal(libc::SIGCONT);
         r
