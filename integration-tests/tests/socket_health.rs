@@ -396,8 +396,9 @@ fn ss_rtts(ns: &Netns, port: u16) -> anyhow::Result<Vec<(String, String, f64, St
 /// ≤ 5 ms; (2) with it, ≥ 80% of the new observations are > 25 ms; (3) each
 /// connection's RTT in `vigil sockets` agrees with `ss -ti` for the same
 /// connection read over the agent's last sample interval and right after:
-/// all > 20 ms, and the agent's within a factor of two of the span of the ss
-/// readings (the queue oscillates).
+/// the agent's and ss right before and after its table > 20 ms, and the
+/// agent's within a factor of two of the span of all the ss readings (the
+/// queue oscillates).
 #[test]
 fn rtt_follows_tbf_queueing() -> anyhow::Result<()> {
     let _serial = vigil_integration_tests::one_namespace_test_at_a_time();
