@@ -47,6 +47,9 @@ pub enum RetransmitKind {
     /// Segments the socket's own counter added after the last event Vigil saw,
     /// found when the socket closed (no tracepoint reported them).
     Unseen,
+    /// SYN-ACKs the handshake's request counted that no SYN-ACK event
+    /// reported, found when the child socket was accepted.
+    SynAckUnseen,
 }
 
 /// Without a per-socket baseline (a socket older than the agent), which
@@ -96,6 +99,7 @@ impl RetransmitEvent {
     pub fn counted_segments(&self) -> u32 {
         match (self.kind, self.counted) {
             (RetransmitKind::SynAck, _) => 1,
+            (RetransmitKind::SynAckUnseen, counted) => counted.unwrap_or(self.segs),
             (_, Some(counted)) => counted,
             (_, None) if NOT_COUNTED_ERRNOS.iter().any(|&errno| -errno == self.err) => 0,
             (_, None) => self.segs,
@@ -105,10 +109,25 @@ impl RetransmitEvent {
     /// Counted segments that no tracepoint event carried.
     pub fn unreported_segments(&self) -> u32 {
         match self.kind {
-            RetransmitKind::Unseen => self.counted_segments(),
+            RetransmitKind::Unseen | RetransmitKind::SynAckUnseen => self.counted_segments(),
             RetransmitKind::Segment => self.counted_segments().saturating_sub(self.segs),
             RetransmitKind::SynAck => 0,
         }
+    }
+
+    /// Counted segments that were SYN-ACKs (the kernel's TCPSynRetrans, for
+    /// a namespace that only listens).
+    pub fn synack_segments(&self) -> u32 {
+        match self.kind {
+            RetransmitKind::SynAck | RetransmitKind::SynAckUnseen => self.counted_segments(),
+            RetransmitKind::Segment | RetransmitKind::Unseen => 0,
+        }
+    }
+
+    /// Whether a tracepoint reported this retransmission as it happened (not
+    /// a count found later from a socket's own counter).
+    pub fn reported(&self) -> bool {
+        matches!(self.kind, RetransmitKind::Segment | RetransmitKind::SynAck)
     }
 }
 
@@ -180,6 +199,7 @@ impl RetransmitEvent {
             k if k == EventKind::Retransmit as u32 => RetransmitKind::Segment,
             k if k == EventKind::SynAckRetransmit as u32 => RetransmitKind::SynAck,
             k if k == EventKind::RetransmitUnseen as u32 => RetransmitKind::Unseen,
+            k if k == EventKind::SynAckUnseen as u32 => RetransmitKind::SynAckUnseen,
             other => return Err(DecodeError::Kind(other)),
         };
         Ok(RetransmitEvent {

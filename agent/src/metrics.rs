@@ -18,7 +18,7 @@ use crate::{
     cardinality::SeriesBudget,
     correlate::traces::TraceIndex,
     enrich::Identity,
-    events::{DropEvent, OwnerSource, RetransmitEvent, RetransmitKind},
+    events::{DropEvent, OwnerSource, RetransmitEvent},
     export::otlp::OtlpStats,
     exposition::Exemplar,
     kube_pods::KubeStats,
@@ -202,7 +202,7 @@ impl Registry {
         }
         let series = self.budget.admit(Series::of(e.netns, who), Instant::now());
         let c = self.retransmits.entry(series).or_default();
-        if e.kind != RetransmitKind::Unseen {
+        if e.reported() {
             c.events += 1;
         }
         c.segments += u64::from(counted);
@@ -215,9 +215,7 @@ impl Registry {
                 value: f64::from(counted),
             });
         }
-        if e.kind == RetransmitKind::SynAck {
-            c.synack += 1;
-        }
+        c.synack += u64::from(e.synack_segments());
     }
 
     pub fn record_drop(&mut self, e: &DropEvent, who: &Identity) {
@@ -597,7 +595,7 @@ pub type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Endpoints, Owner};
+    use crate::events::{Endpoints, Owner, RetransmitKind};
     use std::time::Duration;
 
     fn event(segs: u32, err: i32, kind: RetransmitKind) -> RetransmitEvent {
@@ -745,11 +743,15 @@ mod tests {
         r.record_retransmit(&event(2, 0, RetransmitKind::Segment), &who, 0);
         r.record_retransmit(&event(1, 0, RetransmitKind::SynAck), &who, 0);
         r.record_retransmit(&event(5, -libc::EBUSY, RetransmitKind::Segment), &who, 0);
+        // Two SYN-ACKs no event reported, found at accept().
+        let mut found = event(2, 0, RetransmitKind::SynAckUnseen);
+        found.counted = Some(2);
+        r.record_retransmit(&found, &who, 0);
         let text = r.render(&PipelineStats::default());
         let labels = r#"netns="7",cgroup="/pods/a\"b",process="origin""#;
         assert!(
             text.contains(&format!(
-                "vigil_tcp_retransmitted_segments_total{{{labels}}} 7"
+                "vigil_tcp_retransmitted_segments_total{{{labels}}} 9"
             )),
             "{text}"
         );
@@ -758,7 +760,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(&format!("vigil_tcp_synack_retransmits_total{{{labels}}} 1")),
+            text.contains(&format!("vigil_tcp_synack_retransmits_total{{{labels}}} 3")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "vigil_tcp_retransmit_unreported_segments_total{{{labels}}} 2"
+            )),
             "{text}"
         );
         assert!(

@@ -119,7 +119,7 @@ impl RecordDecoder {
         let counter = match &event {
             KernelEvent::Retransmit(r) => match r.kind {
                 RetransmitKind::Segment | RetransmitKind::Unseen => &stats.received_retransmit,
-                RetransmitKind::SynAck => &stats.received_synack,
+                RetransmitKind::SynAck | RetransmitKind::SynAckUnseen => &stats.received_synack,
             },
             KernelEvent::Drop(_) => &stats.received_drop,
             KernelEvent::Trace(_) => &stats.received_trace,

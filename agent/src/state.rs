@@ -605,6 +605,7 @@ impl StateOwner {
                                 RetransmitKind::Segment => "retransmit",
                                 RetransmitKind::SynAck => "synack_retransmit",
                                 RetransmitKind::Unseen => "retransmit_unseen",
+                                RetransmitKind::SynAckUnseen => "synack_retransmit_unseen",
                             }
                             .into(),
                         ),

@@ -1,9 +1,12 @@
 //! Vigil's kernel programs. One module per hook; each entry point is a thin
 //! wrapper over a `try_` function so no path can panic.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod drops;
+mod handshakes;
 mod http_capture;
 mod kernel;
 mod owners;

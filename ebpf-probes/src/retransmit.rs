@@ -25,8 +25,9 @@ const TCPHDR_FIN: u8 = 0x01;
 const TCPHDR_SYN: u8 = 0x02;
 
 use crate::{
+    handshakes::synack_seen,
     http_capture::stamp_for,
-    kernel::{field, netns_inode, tuple, Object, Typed},
+    kernel::{field, netns_inode, tuple, Object, Probed, Typed},
     owners::VIGIL_SOCKS,
     ring::{count_loss, submit},
 };
@@ -151,10 +152,18 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let listener_ptr = ctx.arg::<*const c_void>(0);
+    let req_ptr = ctx.arg::<*mut c_void>(1);
+    // SAFETY: the tracepoint's trusted request socket (it starts with a
+    // sock_common); the helper checks what it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(req_ptr) };
+    // Before anything can fail: a run that fails is counted as lost, not as
+    // one no probe saw.
+    if !synack_seen(cookie) {
+        return Ok(());
+    }
     // SAFETY: the tracepoint's own trusted arguments, the listener and the
-    // request socket (which starts with a sock_common holding the
-    // connection's tuple).
-    let (listener, req) = unsafe { (Typed::new(listener_ptr), Typed::new(ctx.arg(1))) };
+    // request socket (which holds the connection's tuple).
+    let (listener, req) = unsafe { (Typed::new(listener_ptr), Typed::new(req_ptr.cast_const())) };
     let state = u32::from(listener.get::<u8>(field!(skc_state))?);
     debug!(ctx, "SYN-ACK retransmit by a listener in state {}", state);
     let listener_addr = listener_ptr as u64;
@@ -165,7 +174,7 @@ fn try_synack(ctx: &BtfTracePointContext) -> Result<(), i64> {
         slot: LossSlot::SynAckRetransmit,
         owner_sk: listener_addr,
         tuple_skc: req,
-        cookie: 0,
+        cookie,
         state,
         segs: 1,
         err: 0,
@@ -201,6 +210,44 @@ pub struct Sample<O> {
     pub seq: u32,
     pub bytes: u32,
     pub trace: TraceStamp,
+}
+
+impl Sample<Probed> {
+    /// Segments a socket's own counter shows that no event carried, found at
+    /// its close (`RetransmitUnseen`) or its accept (`SynAckUnseen`): the
+    /// socket's last word on them, so nothing later can carry them if lost.
+    #[inline(always)]
+    pub fn found_unseen(
+        kind: EventKind,
+        sk: u64,
+        cookie: u64,
+        state: u32,
+        total_retrans: u32,
+        unseen: u32,
+        owner: SockOwner,
+    ) -> Self {
+        Sample {
+            kind,
+            slot: if kind == EventKind::SynAckUnseen {
+                LossSlot::SynAckRetransmit
+            } else {
+                LossSlot::Retransmit
+            },
+            owner_sk: sk,
+            tuple_skc: Probed(sk),
+            cookie,
+            state,
+            segs: unseen,
+            err: 0,
+            total_retrans,
+            counted: unseen,
+            owner,
+            lost_for_good: unseen,
+            seq: 0,
+            bytes: 0,
+            trace: TraceStamp::NONE,
+        }
+    }
 }
 
 /// Fills and submits one retransmit record; whether it reached the ring.

@@ -201,6 +201,30 @@ impl Agent {
             .collect()
     }
 
+    /// Sets entry 0 of the agent's array map `name` (a u32) with bpftool, as
+    /// an operator would.
+    pub fn set_map_u32(&self, name: &str, value: u32) -> anyhow::Result<()> {
+        let id = self
+            .kernel_objects()
+            .into_iter()
+            .find(|(kind, _, n)| kind == "map" && n == name)
+            .map(|(_, id, _)| id.to_string())
+            .ok_or_else(|| anyhow::anyhow!("the agent reported no {name} map"))?;
+        let bytes = value.to_ne_bytes().map(|b| b.to_string());
+        let out = Command::new("bpftool")
+            .args([
+                "map", "update", "id", &id, "key", "0", "0", "0", "0", "value",
+            ])
+            .args(&bytes)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bpftool map update {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     pub fn scrape(&self) -> anyhow::Result<String> {
         scrape(self.metrics_addr)
     }

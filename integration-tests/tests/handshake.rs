@@ -1,8 +1,14 @@
 //! SYN and SYN-ACK retransmits against the kernel's counters. A binary of its
 //! own: cargo runs test binaries one after another, so the heavy-loss tests
-//! of retransmit.rs never share the CPUs with it (see the session notes: under
-//! that load the kernel once counted SYN-ACK retransmits no tracepoint event
-//! reported).
+//! of retransmit.rs never share the CPUs with it.
+//!
+//! The kernel does not always run tracepoint programs: on these machines a
+//! softirq served on one foreign thread reached ftrace's handler for
+//! tcp_retransmit_synack but neither Vigil's programs nor bpftrace's (no
+//! recursion miss recorded) in some runs of this test. Vigil finds
+//! such SYN-ACKs when the connection is accepted (the child socket's
+//! `total_retrans` starts at its request's SYN-ACK count), and such SYN
+//! retransmits when the client socket closes.
 
 use std::time::Duration;
 
@@ -19,13 +25,30 @@ fn handshake_retransmits_equal_kernel_counters() -> anyhow::Result<()> {
     if !bpf_available("handshake_retransmits_equal_kernel_counters") {
         return Ok(());
     }
-    handshake_retransmits(false, 32)?;
-    handshake_retransmits(true, 33)
+    handshake_retransmits(false, 32, 0)?;
+    handshake_retransmits(true, 33, 0)
 }
 
-fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
+/// The same with the probe made blind to every second SYN-ACK of each
+/// handshake (`VIGIL_FAULTS`), as the kernel sometimes leaves it: the counts
+/// still equal the kernel's, the hidden ones found when each connection is
+/// accepted and reported as unreported segments.
+#[test]
+fn synacks_no_probe_saw_are_found_at_accept() -> anyhow::Result<()> {
+    if !bpf_available("synacks_no_probe_saw_are_found_at_accept") {
+        return Ok(());
+    }
+    handshake_retransmits(false, 34, 2)
+}
+
+/// `hide_every`: the SYN-ACK probe acts as if it never ran for every Nth
+/// SYN-ACK of a handshake (0: never).
+fn handshake_retransmits(v6: bool, index: u8, hide_every: u32) -> anyhow::Result<()> {
     let agent = Agent::start(&[])?;
-    let mut scenario = Scenario::start(&format!("{}{}", tag("hs"), u8::from(v6)), index, v6)?;
+    if hide_every != 0 {
+        agent.set_map_u32("VIGIL_FAULTS", hide_every)?;
+    }
+    let mut scenario = Scenario::start(&format!("{}{index}", tag("hs")), index, v6)?;
     let segs_before = scenario.mib("Tcp", "RetransSegs")?;
     let syn_before = scenario.mib("TcpExt", "TCPSynRetrans")?;
     scenario.link.set_loss(scenario.port, 100)?;
@@ -74,6 +97,25 @@ fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
         segs_after.1 - segs_before.1,
         "{kernel}\n{text}"
     );
+    // SYN-ACKs no probe run saw: none unless hidden (the kernel's own misses
+    // are rare), and then some, all found (the totals above are equal).
+    let unreported = metric_sum(
+        &text,
+        "vigil_tcp_retransmit_unreported_segments_total",
+        &[("netns", &server_ns)],
+    );
+    let reported = metric_sum(
+        &text,
+        "vigil_tcp_retransmit_events_total",
+        &[("netns", &server_ns)],
+    );
+    assert_eq!(reported + unreported, server_synack, "{kernel}\n{text}");
+    if hide_every != 0 {
+        assert!(
+            unreported > 0 && reported > 0,
+            "some SYN-ACKs hidden and found, some seen: {kernel}\n{text}"
+        );
+    }
     // The SYN-ACKs belong to the listener's owner; the SYNs to the load generator.
     assert!(
         text.contains(&format!(
@@ -94,7 +136,8 @@ fn handshake_retransmits(v6: bool, index: u8) -> anyhow::Result<()> {
         "client side attributed: {text}"
     );
     eprintln!(
-        "{server_synack} SYN-ACK and {client_syn} SYN retransmits, equal to the kernel's counters"
+        "{server_synack} SYN-ACK ({unreported} found at accept) and {client_syn} SYN \
+         retransmits, equal to the kernel's counters"
     );
     Ok(())
 }

@@ -584,24 +584,7 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
     }
     let log = TempPath::new("trace-parser-pause.jsonl");
     let agent = Agent::start(&["--event-log", &log.0.display().to_string()])?;
-    let pause = agent
-        .kernel_objects()
-        .into_iter()
-        .find(|(kind, _, name)| kind == "map" && name == "VIGIL_PAUSE")
-        .map(|(_, id, _)| id.to_string())
-        .ok_or_else(|| anyhow::anyhow!("the agent reported no VIGIL_PAUSE map"))?;
-    let set = |value: &str| -> anyhow::Result<()> {
-        let out = std::process::Command::new("bpftool")
-            .args(["map", "update", "id", &pause, "key", "0", "0", "0", "0"])
-            .args(["value", value, "0", "0", "0"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "bpftool map update: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let set = |value: u32| agent.set_map_u32("VIGIL_PAUSE", value);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let server = listener.local_addr()?;
     thread::spawn(move || serve(listener));
@@ -609,10 +592,10 @@ fn a_paused_capture_reads_nothing_until_resumed() -> anyhow::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(5)))?;
     let local = client.local_addr()?;
     let mut request = |n: u32| send_traced(&mut client, n);
-    set("1")?;
+    set(1)?;
     request(301)?;
     request(302)?;
-    set("0")?;
+    set(0)?;
     request(303)?;
     // Records of this connection reach the log in order: once 303's are
     // there (sent and received), 301's and 302's would be too.

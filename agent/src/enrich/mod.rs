@@ -66,7 +66,8 @@ impl SocketKey {
 
     pub fn of_retransmit(e: &RetransmitEvent) -> SocketKey {
         match e.kind {
-            RetransmitKind::Segment | RetransmitKind::Unseen => {
+            // Found at accept(): the child connection, owned by the acceptor.
+            RetransmitKind::Segment | RetransmitKind::Unseen | RetransmitKind::SynAckUnseen => {
                 SocketKey::connection(e.netns, e.endpoints)
             }
             // SYN-ACKs carry the request's tuple; the owner is the listener's.

@@ -36,6 +36,10 @@ pub enum EventKind {
     TraceContext = 5,
     /// The socket of the `TraceContext` records with its cookie that follow.
     TraceSocket = 6,
+    /// Found when a child socket was accepted: SYN-ACK retransmits its
+    /// handshake counted (`request_sock.num_retrans`, inherited as the
+    /// child's `total_retrans`) that no SYN-ACK probe run saw.
+    SynAckUnseen = 7,
 }
 
 /// `RetransmitRecord::counted` when the kernel side had no baseline for the socket.
