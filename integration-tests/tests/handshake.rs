@@ -97,8 +97,8 @@ fn handshake_retransmits(v6: bool, index: u8, hide_every: u32) -> anyhow::Result
         segs_after.1 - segs_before.1,
         "{kernel}\n{text}"
     );
-    // SYN-ACKs no probe run saw: none unless hidden (the kernel's own misses
-    // are rare), and then some, all found (the totals above are equal).
+    // Every SYN-ACK either reported as it happened or found at accept (the
+    // kernel's own misses are rare, so only the fault makes sure of both).
     let unreported = metric_sum(
         &text,
         "vigil_tcp_retransmit_unreported_segments_total",
