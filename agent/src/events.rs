@@ -99,7 +99,6 @@ impl RetransmitEvent {
     pub fn counted_segments(&self) -> u32 {
         match (self.kind, self.counted) {
             (RetransmitKind::SynAck, _) => 1,
-            (RetransmitKind::SynAckUnseen, counted) => counted.unwrap_or(self.segs),
             (_, Some(counted)) => counted,
             (_, None) if NOT_COUNTED_ERRNOS.iter().any(|&errno| -errno == self.err) => 0,
             (_, None) => self.segs,

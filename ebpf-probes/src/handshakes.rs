@@ -26,8 +26,8 @@ use crate::{
     retransmit::{emit, Sample},
 };
 
-/// SYN-ACK probe runs per handshake (by the request's cookie) that had a
-/// record built for them: delivered or counted as lost.
+/// SYN-ACK probe runs per handshake, by the request's cookie (each run's
+/// record was then delivered or counted as lost).
 #[map]
 static VIGIL_SYNACKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -45,24 +45,8 @@ static VIGIL_HS_RUNS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1_024,
 /// hides this run; otherwise the run is tallied for its handshake.
 #[inline(always)]
 pub fn synack_seen(cookie: u64) -> bool {
-    let every = VIGIL_FAULTS.get(0).copied().unwrap_or(0);
-    if every != 0 {
-        let runs = VIGIL_HS_RUNS.get_ptr_mut(cookie);
-        let n = match runs {
-            // SAFETY: a valid map value; a test knob, so a race only moves
-            // which run is hidden.
-            Some(p) => unsafe {
-                *p += 1;
-                *p
-            },
-            None => {
-                let _ = VIGIL_HS_RUNS.insert(cookie, 1, 0);
-                1
-            }
-        };
-        if n % every == 0 {
-            return false;
-        }
+    if hidden_by_fault(cookie) {
+        return false;
     }
     let seen = VIGIL_SYNACKS.get_ptr_mut(cookie).or_else(|| {
         // BPF_NOEXIST: two CPUs retransmitting the same request's SYN-ACK at
@@ -77,6 +61,29 @@ pub fn synack_seen(cookie: u64) -> bool {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(seen, 1) };
     }
     true
+}
+
+/// The `VIGIL_FAULTS` test switch: whether this is a run to hide. One array
+/// lookup when the switch is off.
+#[inline(always)]
+fn hidden_by_fault(cookie: u64) -> bool {
+    let every = VIGIL_FAULTS.get(0).copied().unwrap_or(0);
+    if every == 0 {
+        return false;
+    }
+    let runs = match VIGIL_HS_RUNS.get_ptr_mut(cookie) {
+        // SAFETY: a valid map value; a test knob, so a race only moves which
+        // run is hidden.
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => {
+            let _ = VIGIL_HS_RUNS.insert(cookie, 1, 0);
+            1
+        }
+    };
+    runs % every == 0
 }
 
 /// At accept(): reports the child's SYN-ACK retransmits no probe run saw.
