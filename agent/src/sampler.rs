@@ -126,6 +126,10 @@ pub fn netstat_counter(text: &str, name: &str) -> Option<u64> {
 }
 
 /// Decodes the output of one iterator pass: back-to-back `SocketSample`s.
+/// A socket held by several processes (inherited across fork, passed over
+/// a unix socket) is kept once, for the first holder the kernel visited. It
+/// is told apart by its kernel address, not its cookie: a socket nothing
+/// asked a cookie for has none yet (0).
 pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, DecodeError> {
     let size = std::mem::size_of::<SocketSample>();
     if !bytes.len().is_multiple_of(size) {
@@ -134,11 +138,13 @@ pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, DecodeError> {
             expected: size,
         });
     }
+    let mut seen = HashSet::new();
     bytes
         .chunks_exact(size)
-        .map(|chunk| {
-            // SAFETY: exact size; SocketSample is plain old data.
-            let s: SocketSample = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+        // SAFETY: exact size; SocketSample is plain old data.
+        .map(|chunk| unsafe { std::ptr::read_unaligned::<SocketSample>(chunk.as_ptr().cast()) })
+        .filter(|s| seen.insert(s.sk_addr))
+        .map(|s| {
             let ep = endpoints(&s.tuple)?;
             let owner = Owner::from_kernel(&s.owner);
             match s.kind {
@@ -218,21 +224,15 @@ impl Sampler {
         debug!("socket sampler stopped");
     }
 
-    /// One iterator pass. A socket held by several processes (inherited
-    /// across fork, passed over a unix socket) is reported once, for the
-    /// first holder the kernel visits.
+    /// One iterator pass.
     fn pass(&self) -> Result<Snapshot, String> {
         let mut bytes = Vec::new();
         self.link
             .open()
             .and_then(|mut pass| pass.read_to_end(&mut bytes))
             .map_err(|e| format!("reading the socket iterator: {e}"))?;
-        let mut seen = HashSet::new();
-        let samples: Vec<Sample> = decode_samples(&bytes)
-            .map_err(|e| format!("decoding the socket iterator: {e}"))?
-            .into_iter()
-            .filter(|s| seen.insert(s.cookie()))
-            .collect();
+        let samples = decode_samples(&bytes)
+            .map_err(|e| format!("decoding the socket iterator: {e}"))?;
         let mut listen_overflows = HashMap::new();
         for s in &samples {
             let Sample::Listener(l) = s else { continue };
@@ -265,7 +265,7 @@ mod tests {
         SocketSample {
             kind,
             state: if kind == 1 { 10 } else { 1 },
-            sk_addr: 1,
+            sk_addr: 0xffff_8881_0000_0000 + u64::from(kind) * 0x1000,
             cookie: 9,
             netns: 4026531840,
             queue_len: 5,
@@ -314,6 +314,29 @@ mod tests {
         assert_eq!((c.srtt_us, c.rttvar_us, c.cwnd), (1500, 300, 10));
         assert_eq!(c.state_name(), "ESTAB");
         assert!(l.owner.is_none(), "owner unknown to the kernel");
+    }
+
+    #[test]
+    fn keeps_a_socket_held_twice_once_whatever_its_cookie() {
+        let mut shared = raw(2);
+        shared.cookie = 0;
+        shared.owner.known = 1;
+        shared.owner.tgid = 40;
+        let mut held_again = shared;
+        held_again.owner.tgid += 1;
+        let mut other = raw(2);
+        other.cookie = 0;
+        other.sk_addr += 0x800;
+        let out = decode_samples(&bytes(&[shared, held_again, other])).expect("decodes");
+        assert_eq!(out.len(), 2, "the second holder of one socket is dropped: {out:?}");
+        let Sample::Connection(first) = &out[0] else {
+            panic!("a connection: {out:?}");
+        };
+        assert_eq!(
+            first.owner.as_ref().map(|o| o.pid),
+            Some(shared.owner.tgid),
+            "the first holder is kept"
+        );
     }
 
     #[test]

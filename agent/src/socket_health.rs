@@ -98,6 +98,8 @@ pub struct ConnectionRow {
     pub cgroup: Option<String>,
     /// Kubernetes pod uid, when the cgroup is a pod's.
     pub pod_uid: Option<String>,
+    /// The socket's cookie; 0 while nothing has asked the kernel for one
+    /// (Vigil's probes do at a socket's first event or traced message).
     pub cookie: u64,
 }
 
@@ -115,6 +117,8 @@ pub struct ListenerRow {
     pub cgroup: Option<String>,
     /// Kubernetes pod uid, when the cgroup is a pod's.
     pub pod_uid: Option<String>,
+    /// The socket's cookie; 0 while nothing has asked the kernel for one
+    /// (Vigil's probes do at a socket's first event or traced message).
     pub cookie: u64,
 }
 

@@ -12,7 +12,7 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_seq_write, bpf_sock_from_file};
+use aya_ebpf::helpers::{bpf_seq_write, bpf_sock_from_file};
 use vigil_abi::{
     KernelLayout, SampleKind, SockOwner, SocketSample, AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN,
     TCP_NEW_SYN_RECV, TCP_TIME_WAIT,
@@ -63,30 +63,29 @@ pub extern "C" fn vigil_sock_iter(ctx: *mut IterTaskFile) -> i32 {
     0
 }
 
-/// The TCP socket behind `file`, if it is one, as the kernel-typed pointer the
-/// cookie helper requires.
+/// The `struct sock` behind `file`, if it is a TCP socket.
+///
+/// No helper that takes a socket may be called on it: `bpf_sock_from_file`
+/// returns a pointer the verifier does not trust, and on some kernel builds
+/// (6.18.44-fc-v1272 and -v1300) every pointer loaded from it is untrusted
+/// too, which `bpf_get_socket_cookie` and `bpf_skc_to_*` refuse. So every
+/// field is read, the cookie included (`cookie`).
 #[inline(always)]
-fn tcp_socket(l: &KernelLayout, file: *mut c_void) -> Result<Option<*mut c_void>, i64> {
+fn tcp_socket(l: &KernelLayout, file: *mut c_void) -> Result<Option<u64>, i64> {
     // SAFETY: `file` is the iterator's own; the helper checks it is a socket.
     let socket = unsafe { bpf_sock_from_file(file.cast()) };
     if socket.is_null() {
         return Ok(None);
     }
-    // A load through the typed pointer (offset from BTF, constant to the
-    // verifier) keeps `struct sock *` typed, unlike bpf_probe_read_kernel.
-    // SAFETY: `socket_sk` is the offset of `socket.sk` on this kernel.
-    let sk_ptr = unsafe {
-        core::ptr::read((socket as *const u8).add(l.socket_sk as usize) as *const *mut c_void)
-    };
-    if sk_ptr.is_null() {
+    let sk: u64 = read(socket as u64, l.socket_sk)?;
+    if sk == 0 {
         return Ok(None);
     }
-    let sk = sk_ptr as u64;
     let fam = family(Probed(sk))?;
     let is_tcp = (fam == AF_INET || fam == AF_INET6)
         && read::<u16>(sk, l.sk_protocol)? == IPPROTO_TCP
         && read::<u16>(sk, l.sk_type)? == SOCK_STREAM;
-    Ok(is_tcp.then_some(sk_ptr))
+    Ok(is_tcp.then_some(sk))
 }
 
 /// The task as a socket owner: its process, process name and cgroup v2 id.
@@ -107,10 +106,9 @@ fn owner(l: &KernelLayout, task: u64) -> Result<SockOwner, i64> {
 #[inline(always)]
 fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
     let Some(l) = layout() else { return Ok(None) };
-    let Some(sk_ptr) = tcp_socket(&l, file)? else {
+    let Some(sk) = tcp_socket(&l, file)? else {
         return Ok(None);
     };
-    let sk = sk_ptr as u64;
     let state = u32::from(read::<u8>(sk, l.skc_state)?);
     // Held sockets are full sockets; these states never are.
     if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
@@ -119,8 +117,11 @@ fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
     let mut s = SocketSample {
         state,
         sk_addr: sk,
-        // SAFETY: `sk_ptr` is a full socket held open by the file being visited.
-        cookie: unsafe { bpf_get_socket_cookie(sk_ptr) },
+        // The cookie as the kernel keeps it: the one `bpf_get_socket_cookie`
+        // returns, once anything asked for one (Vigil's probes do at every
+        // event and traced message; `ss` does); 0 before. The agent tells
+        // sockets apart by `sk_addr`, never by a cookie that may be 0.
+        cookie: read(sk, l.skc_cookie)?,
         netns: netns_inode(Probed(sk))?,
         tuple: tuple(Probed(sk))?,
         drops: read(sk, l.sk_drops)?,
