@@ -4,9 +4,12 @@
 //! Without bpf-linker (a machine where `cargo xtask setup` has not run) the
 //! build still succeeds with an empty object, so `cargo check` and unit tests
 //! work everywhere; the agent then refuses to start with a message saying how
-//! to fix it.
+//! to fix it. With it, the programs are built with exactly the toolchain
+//! `probes-toolchain.toml` pins (rustc and bpf-linker), or not at all.
 
 use std::{env, fs, path::PathBuf, process::Command};
+
+include!("../build-support/probes_toolchain.rs");
 
 fn main() -> anyhow::Result<()> {
     let out_dir =
@@ -19,36 +22,37 @@ fn main() -> anyhow::Result<()> {
         fs::write(&object, [])?;
         return Ok(());
     }
-    let have_linker = Command::new("bpf-linker")
+    let linker = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_linker {
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let Some(linker) = linker else {
         println!("cargo:warning=bpf-linker not found: building the agent WITHOUT its eBPF programs; run `cargo xtask setup`");
         fs::write(&object, [])?;
         // Rebuild once the linker appears.
         println!("cargo:rerun-if-changed=../ebpf-probes/src");
         return Ok(());
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    println!("cargo:rerun-if-changed=../probes-toolchain.toml");
+    let pin = ProbesToolchain::read(&root).map_err(anyhow::Error::msg)?;
+    // Exactly the pinned rustc, so the object is the one CI tested.
+    let toolchain = pin.installed().map_err(anyhow::Error::msg)?;
+    if !linker.contains(&pin.bpf_linker) {
+        anyhow::bail!(
+            "bpf-linker {} is pinned (probes-toolchain.toml), but `bpf-linker --version` says {}; run `cargo xtask setup`",
+            pin.bpf_linker,
+            linker.trim()
+        );
     }
     let probes = aya_build::Package {
         name: "vigil-probes",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf-probes"),
         ..Default::default()
     };
-    // Nightly when installed; otherwise stable with unstable features unlocked
-    // (verified on these machines, see shared/TOOLCHAIN.md).
-    let has_nightly = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let toolchain = if has_nightly {
-        aya_build::Toolchain::Nightly
-    } else {
-        // Read by the child cargo that aya-build spawns.
-        env::set_var("RUSTC_BOOTSTRAP", "1");
-        aya_build::Toolchain::Custom("stable")
-    };
-    aya_build::build_ebpf([probes], toolchain)?;
+    aya_build::build_ebpf([probes], aya_build::Toolchain::Custom(&toolchain))?;
     println!("cargo:rerun-if-changed=../ebpf-probes/abi/src");
     Ok(())
 }

@@ -28,6 +28,22 @@ use crate::{
     state::{EventLog, StateOwner},
 };
 
+/// What the loader takes from the config.
+pub fn load_options(config: &Config) -> LoadOptions {
+    LoadOptions {
+        ring_buffer_bytes: config.probes.ring_buffer_bytes,
+        socket_table_entries: config.probes.socket_table_entries,
+        wakeup_bytes: config.pipeline.wakeup_bytes,
+        disable_hooks: config.probes.disable_hooks.clone(),
+        capture_sent: config.correlate.capture_sent,
+        kernel_debug_logs: config.probes.kernel_debug_logs,
+        drop_reasons: config.probes.drop_reasons.clone(),
+        cgroup_root: config.probes.cgroup_root.clone(),
+        capture_cgroups: config.correlate.capture_cgroups.clone(),
+        probes_object: config.probes.object.clone(),
+    }
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a port in use must fail before any kernel object exists.
     let listener = prometheus::bind(config.agent.metrics_addr).await?;
@@ -57,17 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
 
-    let mut probes = Probes::load(&LoadOptions {
-        ring_buffer_bytes: config.probes.ring_buffer_bytes,
-        socket_table_entries: config.probes.socket_table_entries,
-        wakeup_bytes: config.pipeline.wakeup_bytes,
-        disable_hooks: config.probes.disable_hooks.clone(),
-        capture_sent: config.correlate.capture_sent,
-        kernel_debug_logs: config.probes.kernel_debug_logs,
-        drop_reasons: config.probes.drop_reasons.clone(),
-        cgroup_root: config.probes.cgroup_root.clone(),
-        capture_cgroups: config.correlate.capture_cgroups.clone(),
-    })?;
+    let mut probes = Probes::load(&load_options(&config))?;
     let maps = probes.take_maps()?;
     // After the ownership hooks are attached, so no socket falls between the two.
     let mut enricher = Enricher::bootstrap(

@@ -66,6 +66,11 @@ pub struct ProbesConfig {
     /// `correlate.capture_cgroups` names other cgroups). Unset: this
     /// process's cgroup2 mount (in a pod, mount the host's /sys/fs/cgroup).
     pub cgroup_root: Option<PathBuf>,
+    /// An eBPF object to load instead of the built-in one (`vigil agent
+    /// --probes-object`, hidden: for testing a build of ebpf-probes). Not a
+    /// config key.
+    #[serde(skip)]
+    pub object: Option<PathBuf>,
 }
 
 impl Default for ProbesConfig {
@@ -79,6 +84,7 @@ impl Default for ProbesConfig {
                 .map(String::from)
                 .to_vec(),
             cgroup_root: None,
+            object: None,
         }
     }
 }

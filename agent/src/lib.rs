@@ -10,6 +10,7 @@ pub mod enrich;
 pub mod events;
 pub mod export;
 pub mod exposition;
+pub mod health;
 pub mod kube_pods;
 pub mod loader;
 pub mod metrics;

@@ -26,12 +26,21 @@ enum Command {
     /// Example: vigil agent --metrics-addr 127.0.0.1:9464 --event-log /tmp/vigil-events.jsonl
     Agent(AgentArgs),
     /// List the kernel hooks this build can attach, by the names
-    /// `--disable-hook` and `probes.disable_hooks` accept.
-    Hooks,
+    /// `--disable-hook` and `probes.disable_hooks` accept; with `--check`,
+    /// load every program against the running kernel and say which it
+    /// verifies, which hooks the kernel lacks, and which programs it rejects.
+    ///
+    /// Example: sudo vigil hooks --check
+    Hooks(HooksArgs),
     /// Print the configuration with every default filled in, as TOML.
     DefaultConfig,
     /// Show a running agent's hooks and self-telemetry: events received and
-    /// lost per probe, queue drops, sampler passes, series budget, caches.
+    /// lost per probe, queue drops, sampler passes, series budget, caches,
+    /// and every signal it cannot deliver on this kernel, with why and what
+    /// to do.
+    ///
+    /// Exit status: 0 healthy; 3 degraded (a signal is missing: usable as a
+    /// readiness check); 1 the agent could not be asked.
     ///
     /// Example: vigil status --agent 10.0.3.7:9464
     Status(AgentAddr),
@@ -57,6 +66,25 @@ struct ExplainArgs {
     /// Print the agent's JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct HooksArgs {
+    /// Load (and so verify) every program against the running kernel, the
+    /// fallbacks this kernel would not need included, without attaching
+    /// any. Needs root (CAP_BPF, CAP_PERFMON). Exit status 1 when the kernel
+    /// has a hook but its verifier rejects Vigil's program (a hook the
+    /// kernel lacks is reported, not failed); the verifier's last lines are
+    /// printed.
+    #[arg(long)]
+    check: bool,
+    /// With --check: print JSON, with each rejected program's whole verifier log.
+    #[arg(long, requires = "check")]
+    json: bool,
+    /// With --check: this eBPF object instead of the built-in one (a build of
+    /// ebpf-probes under test).
+    #[arg(long, value_name = "FILE", requires = "check")]
+    probes_object: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,6 +143,10 @@ struct AgentArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Load the kernel programs from this eBPF object instead of the
+    /// built-in one (tests of a probes build only).
+    #[arg(long, value_name = "FILE", hide = true)]
+    probes_object: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -172,12 +204,16 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     if args.capture_received_only {
         config.correlate.capture_sent = false;
     }
+    config.probes.object.clone_from(&args.probes_object);
     if let Some(node) = &args.node_name {
         config.agent.node_name = Some(node.clone());
     }
     config.validate(loader::hook_names())?;
     Ok(config)
 }
+
+/// `vigil status`'s exit status when a signal is missing.
+const STATUS_DEGRADED: u8 = 3;
 
 /// Prints a command's output, or its error (exit status 1).
 fn print_or_fail<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
@@ -193,17 +229,114 @@ fn print_or_fail<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
     }
 }
 
+/// Verifier lines `vigil hooks --check` prints for a rejected program.
+const VERIFIER_TAIL_LINES: usize = 12;
+
+/// `vigil hooks --check`.
+fn check_hooks(args: &HooksArgs) -> ExitCode {
+    let mut config = Config::default();
+    config.probes.object.clone_from(&args.probes_object);
+    let check = match loader::check_object(&vigil::agent::load_options(&config)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vigil: {}", report(&anyhow::Error::new(e)));
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&check) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", render_check(&check));
+    }
+    if check.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn render_check(check: &loader::ObjectCheck) -> String {
+    use loader::CheckOutcome;
+    let mut out = format!("kernel {}\n", check.kernel);
+    for p in &check.programs {
+        let (word, reason) = match &p.outcome {
+            CheckOutcome::Verified => ("verified", None),
+            CheckOutcome::KernelLacks(r) => ("missing", Some(r)),
+            CheckOutcome::Rejected(r) => ("REJECTED", Some(r)),
+        };
+        out.push_str(&format!("{word:<9} {:<38} {}\n", p.hook, p.program));
+        match (&p.outcome, reason) {
+            (CheckOutcome::Rejected(r), _) => {
+                out.push_str("          the kernel has this hook; its verifier said:\n");
+                for line in loader::verifier_tail(r, VERIFIER_TAIL_LINES) {
+                    out.push_str(&format!("          | {line}\n"));
+                }
+            }
+            (_, Some(r)) => {
+                let first = r.lines().next().unwrap_or_default();
+                out.push_str(&format!("          this kernel lacks the hook: {first}\n"));
+            }
+            _ => {}
+        }
+    }
+    for name in &check.unlisted {
+        out.push_str(&format!(
+            "UNLISTED  {name}: in the object, but no hook loads it\n"
+        ));
+    }
+    let rejected = check
+        .programs
+        .iter()
+        .filter(|p| matches!(p.outcome, CheckOutcome::Rejected(_)))
+        .count();
+    out.push_str(&format!(
+        "{} programs: {} verified, {} hooks missing from this kernel, {rejected} rejected\n",
+        check.programs.len(),
+        check
+            .programs
+            .iter()
+            .filter(|p| p.outcome == CheckOutcome::Verified)
+            .count(),
+        check
+            .programs
+            .iter()
+            .filter(|p| matches!(p.outcome, CheckOutcome::KernelLacks(_)))
+            .count(),
+    ));
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Hooks => {
+        Command::Hooks(args) if args.check => check_hooks(&args),
+        Command::Hooks(_) => {
             for name in loader::hook_names() {
                 println!("{name}");
             }
             ExitCode::SUCCESS
         }
         Command::DefaultConfig => print_or_fail(toml::to_string(&Config::default())),
-        Command::Status(args) => print_or_fail(vigil::triage::status(args.agent)),
+        Command::Status(args) => match vigil::triage::status(args.agent) {
+            Ok((text, health)) => {
+                print!("{text}");
+                if health.is_degraded() {
+                    ExitCode::from(STATUS_DEGRADED)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Sockets(args) => {
             print_or_fail(vigil::triage::fetch(args.agent.agent).and_then(|table| {
                 if args.json {

@@ -157,6 +157,11 @@ const DEFAULT_TRACE_INDEX_ENTRIES: usize = 4096;
 const OVERFLOW: &str = "_overflow";
 
 impl Registry {
+    /// Which signals the agent delivers on this kernel (`/healthz`).
+    pub fn health_report(&self) -> crate::health::Health {
+        crate::health::Health::of(&self.hooks)
+    }
+
     pub fn new(
         hooks: Vec<HookReport>,
         lost: Option<LossMaps>,
@@ -504,6 +509,22 @@ impl Registry {
                 ("signal", h.signal.to_string()),
             ];
             x.sample(name, &labels, u8::from(h.status == HookStatus::Active));
+        }
+        let name = "vigil_signal_degraded";
+        x.family(
+            name,
+            "gauge",
+            "1 when a signal has no attached hook though no setting turned it off (see /healthz for why), else 0.",
+        );
+        let health = self.health_report();
+        let mut signals: Vec<String> = Vec::new();
+        for h in &self.hooks {
+            let signal = h.signal.to_string();
+            if !signals.contains(&signal) {
+                let degraded = health.degraded.iter().any(|d| d.signal == signal);
+                x.sample(name, &[("signal", signal.clone())], u8::from(degraded));
+                signals.push(signal);
+            }
         }
         let name = "vigil_cache_entries";
         x.family(name, "gauge", "Entries in the agent's bounded caches.");

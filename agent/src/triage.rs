@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     correlate::traceparent::TraceContext,
+    health::{Health, HEALTH_PATH},
     export::prometheus::{Explanation, TRACES_PATH},
     socket_health::{ConnectionRow, ListenerRow, SocketTable},
 };
@@ -144,7 +145,8 @@ pub fn fetch(addr: SocketAddr) -> Result<SocketTable, TriageError> {
 }
 
 /// GETs `path` from the agent; the body of a 200 answer.
-fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
+/// One GET to the agent: the status line and the body, whatever the status.
+fn exchange(addr: SocketAddr, path: &str) -> Result<(String, Vec<u8>), TriageError> {
     let io = |source| TriageError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
         .map_err(|source| TriageError::Connect { addr, source })?;
@@ -168,17 +170,22 @@ fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
         })?;
     let head = String::from_utf8_lossy(&response[..split]);
     let status = head.lines().next().unwrap_or_default().to_owned();
+    response.drain(..split + 4);
+    Ok((status, response))
+}
+
+fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
+    let (status, body) = exchange(addr, path)?;
     if !status.contains(" 200 ") {
         // The agent says why in the body (e.g. which trace it never saw).
-        let why = String::from_utf8_lossy(&response[split + 4..]);
+        let why = String::from_utf8_lossy(&body);
         let status = match why.trim() {
             "" => status,
             why => format!("{status}: {why}"),
         };
         return Err(TriageError::Status { addr, status });
     }
-    response.drain(..split + 4);
-    Ok(response)
+    Ok(body)
 }
 
 /// One sample of the exposition text: labels and value.
@@ -222,10 +229,37 @@ fn total(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
         .fold(0.0, |sum, s| sum + s.value) // `sum()` of nothing is -0 for floats
 }
 
-/// `vigil status`: the agent's hooks and self-telemetry, from its /metrics.
-pub fn status(addr: SocketAddr) -> Result<String, TriageError> {
+/// `vigil status`: the agent's hooks and self-telemetry, from its /metrics,
+/// and the signals it cannot deliver, from /healthz (200 or 503, both JSON).
+pub fn status(addr: SocketAddr) -> Result<(String, Health), TriageError> {
     let text = String::from_utf8_lossy(&get(addr, "/metrics")?).into_owned();
-    Ok(render_status(addr, &text))
+    let (line, body) = exchange(addr, HEALTH_PATH)?;
+    if !(line.contains(" 200 ") || line.contains(" 503 ")) {
+        return Err(TriageError::Status { addr, status: line });
+    }
+    let health: Health = serde_json::from_slice(&body)?;
+    Ok((render_status(addr, &text) + &render_health(&health), health))
+}
+
+/// The degraded signals, each with what is lost, why, and what to do.
+pub fn render_health(health: &Health) -> String {
+    if !health.is_degraded() {
+        return "\nsignals         all delivered\n".to_owned();
+    }
+    let mut out = format!(
+        "\nDEGRADED        {} signal(s) missing\n",
+        health.degraded.len()
+    );
+    for d in &health.degraded {
+        out.push_str(&format!("  {}: {}\n", d.signal, d.impact));
+        for h in &d.hooks {
+            // The first line of a reason; the verifier's log is in the agent's.
+            let reason = h.reason.lines().next().unwrap_or_default();
+            out.push_str(&format!("    {} {}: {reason}\n", h.hook, h.status));
+        }
+        out.push_str(&format!("    what to do: {}\n", d.remedy));
+    }
+    out
 }
 
 pub fn render_status(addr: SocketAddr, text: &str) -> String {

@@ -128,6 +128,13 @@ fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
         owner: owner(&l, task)?,
         ..SocketSample::default()
     };
+    // The fault build (see Cargo.toml): a load through a plain number.
+    #[cfg(feature = "fault-unverifiable-sampler")]
+    {
+        let not_a_pointer: u64 = read(sk, l.sk_drops)?;
+        // SAFETY: none, on purpose: the verifier must refuse this program.
+        s.drops = unsafe { core::ptr::read_volatile(not_a_pointer as *const u32) };
+    }
     if state == TCP_LISTEN {
         s.kind = SampleKind::Listener as u32;
         s.queue_len = read(sk, l.sk_ack_backlog)?;

@@ -99,8 +99,8 @@ fn missing_retransmit_hook_is_fatal_and_explained() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A missing auxiliary hook degrades its signal, not the agent: it runs and
-/// reports the hook as inactive.
+/// An auxiliary hook turned off costs its signal, not the agent: it runs,
+/// reports the hook as inactive and says what is lost.
 #[test]
 fn missing_synack_hook_degrades_only_that_signal() -> anyhow::Result<()> {
     if !bpf_available("missing_synack_hook_degrades_only_that_signal") {
@@ -121,10 +121,17 @@ fn missing_synack_hook_degrades_only_that_signal() -> anyhow::Result<()> {
         ),
         "{text}"
     );
+    // Turned off by the operator: said, but not degraded.
     assert!(
-        agent.log_text().contains("SYN-ACK retransmit hook missing"),
+        agent
+            .log_text()
+            .contains("signal turned off by config: SYN-ACK retransmits of listeners are not counted"),
         "{}",
         agent.log_text()
+    );
+    assert!(
+        text.contains(r#"vigil_signal_degraded{signal="synack_retransmit"} 0"#),
+        "{text}"
     );
     assert!(agent.terminate()?.success());
     Ok(())

@@ -8,20 +8,27 @@ use std::{
 
 use anyhow::{anyhow, bail};
 
-/// GET /metrics over plain HTTP.
-pub fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+/// GET `path` over plain HTTP: the status line and the body, whatever the status.
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("scrape failed: {head}");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    Ok((status, body.to_owned()))
+}
+
+/// GET /metrics over plain HTTP.
+pub fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = get(addr, "/metrics")?;
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {status}");
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// Sum of a metric's samples whose labels include every `(name, value)` given.

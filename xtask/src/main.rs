@@ -8,7 +8,10 @@ mod bench_interleaved;
 mod bench_paced;
 mod bpf_attach;
 mod demo;
+mod fault_probes;
 mod fuzz;
+#[path = "../../build-support/probes_toolchain.rs"]
+mod probes_toolchain;
 mod setup;
 
 use std::{
@@ -107,13 +110,9 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let mut kernel_clippy = Command::new("cargo");
-    if setup::has_nightly() {
-        kernel_clippy.arg("+nightly");
-    } else {
-        kernel_clippy.arg("+stable").env("RUSTC_BOOTSTRAP", "1");
-    }
-    run(kernel_clippy
+    let toolchain = setup::pin()?.installed().map_err(anyhow::Error::msg)?;
+    run(Command::new("cargo")
+        .arg(format!("+{toolchain}"))
         .args([
             "clippy",
             "-Z",
@@ -145,11 +144,14 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .args(&filter_args))?;
     fuzz::run_targets(CI_FUZZ_SECONDS, None)?;
     bench::run(&bench::BenchArgs::smoke())?;
+    // The load test shows it fails on a program no verifier accepts.
+    let fault_object = fault_probes::build()?;
     // Real-kernel integration tests: each builds its own namespaces, so two may
     // run at once; more would only fight over the machine's two cores.
     run(Command::new("cargo")
         .args(["test", "-p", "vigil-integration-tests", "--tests"])
         .env("VIGIL_BIN_DIR", &bin_dir)
+        .env(fault_probes::ENV, &fault_object)
         .arg("--")
         .args(["--test-threads", "2"])
         .args(&filter_args))

@@ -5,12 +5,11 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context};
 
-use crate::run;
+use crate::{probes_toolchain::ProbesToolchain, run};
 
-/// Debian packages: LLVM for bpf-linker, and the real peers the tests use.
+/// Debian packages: the real peers the tests use (LLVM for bpf-linker comes
+/// from the pin, `probes_apt_packages`).
 const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
     "bpftool",
     "bpftrace",
     "nftables",
@@ -21,8 +20,19 @@ const APT_PACKAGES: &[&str] = &[
     // setpriv, for the least-privilege test (present on most systems; listed to be explicit).
     "util-linux",
 ];
-const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// The kernel programs' pinned toolchain (`probes-toolchain.toml`).
+pub fn pin() -> anyhow::Result<ProbesToolchain> {
+    ProbesToolchain::read(&crate::workspace_root()).map_err(anyhow::Error::msg)
+}
+
+/// The LLVM that bpf-linker links against, of the pinned major version.
+fn probes_apt_packages(pin: &ProbesToolchain) -> [String; 2] {
+    [
+        format!("llvm-{}-dev", pin.llvm),
+        format!("libpolly-{}-dev", pin.llvm),
+    ]
+}
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
@@ -36,10 +46,12 @@ fn apt_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-fn ensure_apt() -> anyhow::Result<()> {
+fn ensure_apt(pin: &ProbesToolchain) -> anyhow::Result<()> {
+    let llvm = probes_apt_packages(pin);
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
+        .chain(llvm.iter().map(String::as_str))
         .filter(|p| !apt_installed(p))
         .collect();
     if missing.is_empty() {
@@ -53,40 +65,36 @@ fn ensure_apt() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Whether any nightly toolchain is installed (cargo-fuzz needs one).
 pub fn has_nightly() -> bool {
     output(Command::new("rustup").args(["toolchain", "list"]))
         .is_some_and(|s| s.lines().any(|l| l.starts_with("nightly")))
 }
 
-/// rust-src for the toolchain that builds the kernel programs (nightly, or
-/// stable with RUSTC_BOOTSTRAP=1 where no nightly can be had; agent/build.rs
-/// picks the same one).
-fn ensure_rust_src() -> anyhow::Result<()> {
-    if !has_nightly() {
-        eprintln!("setup: no nightly toolchain; trying to install one");
-        let installed = Command::new("rustup")
-            .args([
-                "toolchain",
-                "install",
-                "nightly",
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            eprintln!("setup: nightly unavailable; the kernel programs will build with stable and RUSTC_BOOTSTRAP=1");
-        }
+/// The pinned rustc (installed from its channel where missing) with rust-src.
+fn ensure_probes_toolchain(pin: &ProbesToolchain) -> anyhow::Result<()> {
+    if pin.installed().is_err() {
+        eprintln!(
+            "setup: installing the kernel programs' toolchain {} ({})",
+            pin.rust_channel, pin.rustc_version
+        );
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &pin.rust_channel,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let toolchain = if has_nightly() { "nightly" } else { "stable" };
+    let toolchain = pin.installed().map_err(anyhow::Error::msg)?;
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        toolchain,
+        &toolchain,
     ]))
     .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
@@ -96,33 +104,36 @@ fn ensure_rust_src() -> anyhow::Result<()> {
             "add",
             "rust-src",
             "--toolchain",
-            toolchain,
+            &toolchain,
         ]))?;
     }
     Ok(())
 }
 
-fn ensure_bpf_linker() -> anyhow::Result<()> {
+fn ensure_bpf_linker(pin: &ProbesToolchain) -> anyhow::Result<()> {
     let current = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if current.contains(BPF_LINKER_VERSION) {
+    if current.contains(&pin.bpf_linker) {
         return Ok(());
     }
+    let llvm_prefix = format!("/usr/lib/llvm-{}", pin.llvm);
     eprintln!(
-        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about two minutes)"
+        "setup: installing bpf-linker {} against LLVM {} (about two minutes)",
+        pin.bpf_linker, pin.llvm
     );
     run(Command::new("cargo")
         .args([
             "install",
             "bpf-linker",
             "--version",
-            BPF_LINKER_VERSION,
+            &pin.bpf_linker,
             "--locked",
+            "--force",
             "--no-default-features",
             "--features",
-            "llvm-22",
+            &format!("llvm-{}", pin.llvm),
         ])
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
+        .env("LLVM_PREFIX", &llvm_prefix)
+        .env(format!("LLVM_SYS_{}1_PREFIX", pin.llvm), &llvm_prefix))?;
     if output(Command::new("bpf-linker").arg("--version")).is_none() {
         bail!("bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH");
     }
@@ -178,9 +189,10 @@ fn ensure_otel_python() -> anyhow::Result<()> {
 }
 
 pub fn ensure() -> anyhow::Result<()> {
-    ensure_apt()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker()?;
+    let pin = pin()?;
+    ensure_apt(&pin)?;
+    ensure_probes_toolchain(&pin)?;
+    ensure_bpf_linker(&pin)?;
     ensure_tracefs()?;
     ensure_otel_python()?;
     eprintln!("setup: toolchain and tools ready");

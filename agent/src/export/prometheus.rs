@@ -178,12 +178,27 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 Err((status, why)) => respond(&mut stream, status, "text/plain", &why).await,
             }
         }
+        Some(crate::health::HEALTH_PATH) => {
+            let health = source.registry.lock().map(|r| r.health_report()).ok();
+            match health.and_then(|h| serde_json::to_string(&h).ok().map(|body| (h, body))) {
+                Some((h, body)) => {
+                    // 503 while degraded: a readiness probe shows it.
+                    let status = if h.is_degraded() {
+                        "503 Service Unavailable"
+                    } else {
+                        "200 OK"
+                    };
+                    respond(&mut stream, status, "application/json", &body).await
+                }
+                None => respond_with(&mut stream, "application/json", None).await,
+            }
+        }
         Some("/") => {
             respond(
                 &mut stream,
                 "200 OK",
                 "text/plain",
-                "Vigil agent. Metrics: /metrics; latest socket sample: /v1/sockets; one trace: /v1/traces/TRACE_ID\n",
+                "Vigil agent. Metrics: /metrics; signals delivered: /healthz; latest socket sample: /v1/sockets; one trace: /v1/traces/TRACE_ID\n",
             )
             .await
         }

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod capture_cgroups;
 pub mod drop_reasons;
+mod hook_probe;
 pub mod kernel_layout;
 pub mod prog_stats;
 pub mod sys;
@@ -22,7 +23,7 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vigil_abi::{tp_offsets, MAX_CAPTURE_CGROUPS};
 
 /// The compiled kernel programs, embedded at build time (agent/build.rs).
@@ -224,7 +225,11 @@ pub fn hook_names() -> impl Iterator<Item = &'static str> + Clone {
 pub enum HookStatus {
     Active,
     Disabled,
+    /// This kernel lacks the hook (or refuses any program on it).
     Unavailable(String),
+    /// The kernel has the hook, but its verifier rejected Vigil's program:
+    /// a Vigil bug on this kernel build (`vigil hooks --check` shows it).
+    Rejected(String),
     /// Not attached: the named hook does its work on this kernel.
     Superseded(&'static str),
 }
@@ -240,6 +245,12 @@ pub struct HookReport {
 pub enum LoadError {
     #[error("this agent was built without its eBPF programs (bpf-linker was missing at build time); run `cargo xtask setup` and rebuild")]
     NoObject,
+    #[error("cannot read the eBPF object {path}")]
+    ReadObject {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot resolve kernel structure layout")]
     Layout(#[from] kernel_layout::LayoutError),
     #[error("kernel BTF has no `enum skb_drop_reason`")]
@@ -287,6 +298,8 @@ pub struct LoadOptions {
     /// Where the trace-context capture attaches, absolute or relative to the
     /// root (`correlate.capture_cgroups`); empty: the root.
     pub capture_cgroups: Vec<String>,
+    /// Load this object instead of the built-in one (testing a probes build).
+    pub probes_object: Option<PathBuf>,
 }
 
 /// The loaded, attached programs. Dropping detaches everything.
@@ -324,7 +337,8 @@ pub struct LossMaps {
 
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
-        if PROBES_OBJECT.is_empty() {
+        let object = object_bytes(opts)?;
+        if object.is_empty() {
             return Err(LoadError::NoObject);
         }
         // Before any kernel object exists: a wrong entry fails the start. No
@@ -341,20 +355,6 @@ impl Probes {
                 .map(|c| c.dir)
                 .collect())
         };
-        let btf_data = btf::Btf::from_sys_fs()
-            .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::NoBtf(e)))?;
-        let vigil_btf = btf::Btf::parse(&btf_data)
-            .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::Btf(e)))?;
-        let layout = kernel_layout::resolve(&vigil_btf)?;
-        let drop_reasons = drop_reasons::resolve(&vigil_btf, &opts.drop_reasons)
-            .map_err(LoadError::DropReasons)?;
-        drop(vigil_btf);
-        if !drop_reasons.unmatched.is_empty() {
-            warn!(patterns = ?drop_reasons.unmatched, "probes.drop_reasons entries match no drop reason of this kernel");
-        }
-        let kernel_btf = Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
-        // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
-        let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
         let disabled = |hook: &str| opts.disable_hooks.iter().any(|d| d == hook);
         // Without a hook for messages sent none is seen, whichever setting
         // took them away; the capture programs then read received requests only.
@@ -370,18 +370,15 @@ impl Probes {
         if scope.len() > MAX_CAPTURE_CGROUPS as usize {
             return Err(LoadError::TooManyCaptureCgroups(scope.len()));
         }
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&kernel_btf))
-            .override_global("VIGIL_LAYOUT", &layout, true)
-            .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
-            .override_global("VIGIL_DROP_REASONS", &drop_reasons.set, true)
-            .override_global("VIGIL_CAPTURE_SENT", &u8::from(capture_sent), true)
-            .override_global("VIGIL_CAPTURE_SCOPE", &(scope.len() as u32), true)
-            .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
-            .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
-            .load(PROBES_OBJECT)
-            .map_err(LoadError::Load)?;
+        let Opened {
+            mut ebpf,
+            kernel_btf,
+            layout,
+            drop_reasons,
+        } = open_object(&object, opts, capture_sent, scope.len())?;
+        if !drop_reasons.unmatched.is_empty() {
+            warn!(patterns = ?drop_reasons.unmatched, "probes.drop_reasons entries match no drop reason of this kernel");
+        }
 
         let kernel_logger = if opts.kernel_debug_logs {
             aya_log::EbpfLogger::init(&mut ebpf)
@@ -440,7 +437,8 @@ impl Probes {
                         cgroup_links.extend(made);
                         HookStatus::Active
                     }
-                    Err(reason) => HookStatus::Unavailable(reason),
+                    Err(AttachError::Load(reason)) => load_failure(spec, &kernel_btf, reason),
+                    Err(AttachError::Attach(reason)) => HookStatus::Unavailable(reason),
                 }
             };
             match &status {
@@ -452,6 +450,9 @@ impl Probes {
                 }
                 HookStatus::Unavailable(reason) => {
                     warn!(hook = spec.name, signal = %spec.signal, %reason, "hook unavailable")
+                }
+                HookStatus::Rejected(reason) => {
+                    error!(hook = spec.name, signal = %spec.signal, %reason, "hook rejected: this kernel has the hook, but its verifier refused Vigil's program (a Vigil bug on this kernel build; report it with the output of `vigil hooks --check`)")
                 }
                 HookStatus::Superseded(by) => {
                     info!(hook = spec.name, signal = %spec.signal, by, "hook not needed: another does its work")
@@ -472,26 +473,19 @@ impl Probes {
             links,
         };
         probes.require(Signal::Retransmit)?;
-        if !probes.signal_active(Signal::SynAckRetransmit) {
-            warn!("SYN-ACK retransmit hook missing: passive-open handshake retransmits are not counted");
+        let health = crate::health::Health::of(&probes.hooks);
+        health.log();
+        for signal in probes.signals_turned_off() {
+            info!(%signal, "signal turned off by config: {}", crate::health::impact(signal));
         }
-        if !probes.signal_active(Signal::SocketDrop) {
-            warn!("drop hook missing: socket drops and accept-queue overflows are not reported");
-        }
-        if !probes.signal_active(Signal::SocketSampling) {
-            warn!("socket iterator missing: listen queues and RTT are not sampled");
-        }
-        if !probes.signal_active(Signal::TraceContext) {
-            warn!("trace-context capture hooks missing: kernel events carry no trace ids (spans received over OTLP are still joined)");
-        } else if let Ok(dirs) = &capture_at {
-            let cgroups: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-            info!(
-                cgroups = %cgroups.join(", "),
-                "trace-context capture attached to these cgroups (and every cgroup below them)"
-            );
-        }
-        if !probes.signal_active(Signal::SocketOwnership) {
-            warn!("socket ownership hooks missing: new sockets are attributed from /proc only (short-lived ones may stay unattributed)");
+        if probes.signal_active(Signal::TraceContext) {
+            if let Ok(dirs) = &capture_at {
+                let cgroups: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+                info!(
+                    cgroups = %cgroups.join(", "),
+                    "trace-context capture attached to these cgroups (and every cgroup below them)"
+                );
+            }
         }
         probes.log_kernel_objects();
         Ok(probes)
@@ -501,6 +495,23 @@ impl Probes {
         self.hooks
             .iter()
             .any(|h| h.signal == signal && h.status == HookStatus::Active)
+    }
+
+    /// Signals every hook of which the config turned off (not degraded:
+    /// the operator chose it).
+    fn signals_turned_off(&self) -> Vec<Signal> {
+        let mut off: Vec<Signal> = Vec::new();
+        for h in &self.hooks {
+            let all_off = self
+                .hooks
+                .iter()
+                .filter(|o| o.signal == h.signal)
+                .all(|o| matches!(o.status, HookStatus::Disabled | HookStatus::Superseded(_)));
+            if all_off && !off.contains(&h.signal) {
+                off.push(h.signal);
+            }
+        }
+        off
     }
 
     fn require(&self, signal: Signal) -> Result<(), LoadError> {
@@ -513,7 +524,7 @@ impl Probes {
             .filter(|h| h.signal == signal)
             .map(|h| match &h.status {
                 HookStatus::Disabled => format!("{} disabled by config", h.hook),
-                HookStatus::Unavailable(r) => format!("{}: {r}", h.hook),
+                HookStatus::Unavailable(r) | HookStatus::Rejected(r) => format!("{}: {r}", h.hook),
                 HookStatus::Superseded(by) => format!("{} superseded by {by}", h.hook),
                 HookStatus::Active => String::new(),
             })
@@ -629,22 +640,183 @@ impl Probes {
     }
 }
 
-/// Attaches one hook; returns the capture links it made (none for other hooks,
-/// whose links aya keeps with their program).
-fn attach(
-    ebpf: &mut Ebpf,
-    spec: &HookSpec,
-    btf: &Btf,
-    capture_at: &Result<Vec<PathBuf>, String>,
-) -> Result<Vec<FdLink>, String> {
+/// An eBPF object with its maps created and globals set for this kernel;
+/// no program loaded yet.
+struct Opened {
+    ebpf: Ebpf,
+    kernel_btf: Btf,
+    layout: vigil_abi::KernelLayout,
+    drop_reasons: drop_reasons::DropReasons,
+}
+
+fn open_object(
+    object: &[u8],
+    opts: &LoadOptions,
+    capture_sent: bool,
+    capture_scope: usize,
+) -> Result<Opened, LoadError> {
+    let btf_data = btf::Btf::from_sys_fs()
+        .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::NoBtf(e)))?;
+    let vigil_btf = btf::Btf::parse(&btf_data)
+        .map_err(|e| LoadError::Layout(kernel_layout::LayoutError::Btf(e)))?;
+    let layout = kernel_layout::resolve(&vigil_btf)?;
+    let drop_reasons =
+        drop_reasons::resolve(&vigil_btf, &opts.drop_reasons).map_err(LoadError::DropReasons)?;
+    drop(vigil_btf);
+    let kernel_btf = Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
+    // aya-log: 0 silences the kernel side entirely; 0xff lets debug! through.
+    let log_level: u8 = if opts.kernel_debug_logs { 0xff } else { 0 };
+    let ebpf = EbpfLoader::new()
+        .btf(Some(&kernel_btf))
+        .override_global("VIGIL_LAYOUT", &layout, true)
+        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .override_global("VIGIL_WAKEUP_BYTES", &u64::from(opts.wakeup_bytes), true)
+        .override_global("VIGIL_DROP_REASONS", &drop_reasons.set, true)
+        .override_global("VIGIL_CAPTURE_SENT", &u8::from(capture_sent), true)
+        .override_global("VIGIL_CAPTURE_SCOPE", &(capture_scope as u32), true)
+        .map_max_entries("VIGIL_EVENTS", opts.ring_buffer_bytes)
+        .map_max_entries("VIGIL_SOCKS", opts.socket_table_entries)
+        .load(object)
+        .map_err(LoadError::Load)?;
+    Ok(Opened {
+        ebpf,
+        kernel_btf,
+        layout,
+        drop_reasons,
+    })
+}
+
+/// What loading one hook's program found on the running kernel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramCheck {
+    pub hook: &'static str,
+    pub program: &'static str,
+    pub signal: Signal,
+    #[serde(flatten)]
+    pub outcome: CheckOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome", content = "reason")]
+pub enum CheckOutcome {
+    /// The verifier accepted the program.
+    Verified,
+    /// This kernel lacks the hook (an empty program there fails too).
+    KernelLacks(String),
+    /// The kernel has the hook, and its verifier rejected the program.
+    Rejected(String),
+}
+
+/// `vigil hooks --check`: every program of the object, loaded (so verified)
+/// against the running kernel, none attached; fallbacks the agent would not
+/// load here are loaded too.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ObjectCheck {
+    pub kernel: String,
+    pub programs: Vec<ProgramCheck>,
+    /// Programs in the object that no hook names: never loaded by the agent.
+    pub unlisted: Vec<String>,
+}
+
+impl ObjectCheck {
+    /// True when nothing was rejected and nothing is unlisted.
+    pub fn passed(&self) -> bool {
+        self.unlisted.is_empty()
+            && !self
+                .programs
+                .iter()
+                .any(|p| matches!(p.outcome, CheckOutcome::Rejected(_)))
+    }
+}
+
+/// The object to load: the built-in one, or `opts.probes_object`.
+fn object_bytes(opts: &LoadOptions) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+    match &opts.probes_object {
+        None => Ok(std::borrow::Cow::Borrowed(PROBES_OBJECT)),
+        Some(path) => std::fs::read(path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|source| LoadError::ReadObject {
+                path: path.clone(),
+                source,
+            }),
+    }
+}
+
+/// Loads every program of the object `opts` names (the built-in one unless
+/// `probes_object` is set).
+pub fn check_object(opts: &LoadOptions) -> Result<ObjectCheck, LoadError> {
+    let object = object_bytes(opts)?;
+    if object.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let Opened {
+        mut ebpf,
+        kernel_btf,
+        ..
+    } = open_object(&object, opts, true, 0)?;
+    let programs = HOOKS
+        .iter()
+        .map(|spec| {
+            let outcome = match load_program(&mut ebpf, spec, &kernel_btf) {
+                Ok(()) => CheckOutcome::Verified,
+                Err(reason) => match load_failure(spec, &kernel_btf, reason) {
+                    HookStatus::Rejected(r) => CheckOutcome::Rejected(r),
+                    HookStatus::Unavailable(r) => CheckOutcome::KernelLacks(r),
+                    other => CheckOutcome::KernelLacks(format!("{other:?}")),
+                },
+            };
+            ProgramCheck {
+                hook: spec.name,
+                program: spec.program,
+                signal: spec.signal,
+                outcome,
+            }
+        })
+        .collect();
+    let unlisted = ebpf
+        .programs()
+        .map(|(name, _)| name)
+        .filter(|name| !HOOKS.iter().any(|h| h.program == *name))
+        .map(str::to_owned)
+        .collect();
+    Ok(ObjectCheck {
+        kernel: kernel_release(),
+        programs,
+        unlisted,
+    })
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// The verifier's last `lines` lines in a load failure's reason (aya puts
+/// its whole log there): where it stopped, and why.
+pub fn verifier_tail(reason: &str, lines: usize) -> Vec<&str> {
+    let all: Vec<&str> = reason.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].to_vec()
+}
+
+/// Why a hook could not be attached.
+enum AttachError {
+    /// Loading (verifying) the program failed.
+    Load(String),
+    /// The program loaded; attaching it failed.
+    Attach(String),
+}
+
+/// Loads (and so verifies) one hook's program without attaching it.
+fn load_program(ebpf: &mut Ebpf, spec: &HookSpec, btf: &Btf) -> Result<(), String> {
     let program = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
     match spec.attach {
         Attach::BtfTracepoint { function } => {
             let p: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load(function, btf).map_err(|e| describe("load", &e))?;
-            p.attach().map_err(|e| describe("attach", &e))?;
+            p.load(function, btf).map_err(|e| describe("load", &e))
         }
         Attach::Tracepoint {
             category,
@@ -653,20 +825,57 @@ fn attach(
         } => {
             tracefs::check_fields(category, name, fields).map_err(|e| e.to_string())?;
             let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load().map_err(|e| describe("load", &e))?;
-            p.attach(category, name)
-                .map_err(|e| describe("attach", &e))?;
+            p.load().map_err(|e| describe("load", &e))
         }
         Attach::Iter { target } => {
             let p: &mut Iter = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load(target, btf).map_err(|e| describe("load", &e))?;
+            p.load(target, btf).map_err(|e| describe("load", &e))
         }
-        Attach::CgroupSkb { attach_type } => {
-            let dirs = capture_at.as_ref().map_err(Clone::clone)?;
-            return attach_cgroup_skb(program, spec.program, attach_type, dirs);
+        Attach::CgroupSkb { .. } => {
+            let p: &mut CgroupSkb = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load().map_err(|e| describe("load", &e))
         }
     }
-    Ok(Vec::new())
+}
+
+/// Loads and attaches one hook; returns the capture links it made (none for
+/// other hooks, whose links aya keeps with their program).
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &HookSpec,
+    btf: &Btf,
+    capture_at: &Result<Vec<PathBuf>, String>,
+) -> Result<Vec<FdLink>, AttachError> {
+    load_program(ebpf, spec, btf).map_err(AttachError::Load)?;
+    let program = ebpf
+        .program_mut(spec.program)
+        .ok_or_else(|| AttachError::Attach(format!("program {} missing", spec.program)))?;
+    let attached = match spec.attach {
+        Attach::BtfTracepoint { .. } => <&mut BtfTracePoint>::try_from(program)
+            .map_err(|e| format!("{e}"))
+            .and_then(|p| p.attach().map_err(|e| describe("attach", &e)))
+            .map(|_| Vec::new()),
+        Attach::Tracepoint { category, name, .. } => <&mut TracePoint>::try_from(program)
+            .map_err(|e| format!("{e}"))
+            .and_then(|p| p.attach(category, name).map_err(|e| describe("attach", &e)))
+            .map(|_| Vec::new()),
+        // Read once per sample by the sampler, which makes its link.
+        Attach::Iter { .. } => Ok(Vec::new()),
+        Attach::CgroupSkb { attach_type } => capture_at
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|dirs| attach_cgroup_skb(program, spec.program, attach_type, dirs)),
+    };
+    attached.map_err(AttachError::Attach)
+}
+
+/// The status of a hook whose program failed to load: rejected when the
+/// kernel takes an empty program on the same hook, else unavailable.
+fn load_failure(spec: &HookSpec, btf: &Btf, reason: String) -> HookStatus {
+    match hook_probe::kernel_has(&spec.attach, btf) {
+        Ok(()) => HookStatus::Rejected(reason),
+        Err(lacks) => HookStatus::Unavailable(format!("{lacks}; {reason}")),
+    }
 }
 
 /// Tells `vigil_http_send` which cgroups capture covers (none listed: all).
@@ -699,7 +908,6 @@ fn attach_cgroup_skb(
     dirs: &[PathBuf],
 ) -> Result<Vec<FdLink>, String> {
     let p: &mut CgroupSkb = program.try_into().map_err(|e| format!("{e}"))?;
-    p.load().map_err(|e| describe("load", &e))?;
     let mut links = Vec::with_capacity(dirs.len());
     for dir in dirs {
         let cgroup = std::fs::File::open(dir)
