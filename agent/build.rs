@@ -15,11 +15,14 @@ fn main() -> anyhow::Result<()> {
     let out_dir =
         PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow::anyhow!("OUT_DIR not set"))?);
     let object = out_dir.join("vigil-probes");
+    // The steering program's object (one per SO_REUSEPORT group acted on).
+    let reuseport_object = out_dir.join("vigil-reuseport");
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=VIGIL_SKIP_EBPF");
     // Builds that never load the probes (fuzzing, docs) can skip the kernel object.
     if env::var_os("VIGIL_SKIP_EBPF").is_some_and(|v| v == "1") {
         fs::write(&object, [])?;
+        fs::write(&reuseport_object, [])?;
         return Ok(());
     }
     let linker = Command::new("bpf-linker")
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let Some(linker) = linker else {
         println!("cargo:warning=bpf-linker not found: building the agent WITHOUT its eBPF programs; run `cargo xtask setup`");
         fs::write(&object, [])?;
+        fs::write(&reuseport_object, [])?;
         // Rebuild once the linker appears.
         println!("cargo:rerun-if-changed=../ebpf-probes/src");
         return Ok(());

@@ -6,11 +6,15 @@ use std::{
     time::Duration,
 };
 
-use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, watch},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    act::{self, ActState, ActuationMode},
     cardinality::SeriesBudget,
     clock::MonotonicToWall,
     config::Config,
@@ -20,7 +24,7 @@ use crate::{
     export::prometheus::{self, MetricsSource},
     exposition::Exposition,
     kube_pods::{self, KubeStats, PodDirectory},
-    loader::{sys::IterLink, LoadOptions, Probes},
+    loader::{sys::IterLink, LoadOptions, Probes, Signal},
     metrics::{PipelineStats, Registry},
     sampler::Sampler,
     socket_health::SocketHealth,
@@ -143,6 +147,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let stop_sampler = CancellationToken::new();
+    let (listeners_tx, listeners_rx) = watch::channel(Arc::new(Vec::new()));
+    let act_state = Arc::new(ActState::new(config.actuation.audit_records));
+    let stop_act = CancellationToken::new();
+    let act_thread = match config.actuation.mode {
+        ActuationMode::Off => None,
+        mode => {
+            let settings = act::Settings {
+                mode,
+                selectors: config.actuation.selectors()?,
+                heartbeat_timeout: Duration::from_millis(config.actuation.heartbeat_timeout_ms),
+                poll_interval: Duration::from_millis(config.actuation.poll_interval_ms),
+                stall_window: Duration::from_millis(config.actuation.stall_window_ms),
+            };
+            if settings.selectors.is_empty() {
+                info!(
+                    mode = mode.as_str(),
+                    "actuation: no workload selected (--act-on); nothing is acted on"
+                );
+            }
+            if !probes.signal_active(Signal::SocketSampling) {
+                warn!("actuation needs the socket sampler to find listeners; it sees none");
+            }
+            let pods = enricher.pods.clone();
+            Some(
+                act::Actuator::new(settings, act_state.clone(), pods)
+                    .spawn(listeners_rx, stop_act.clone())?,
+            )
+        }
+    };
+    if let Ok(mut r) = registry.lock() {
+        r.actuation = Some(act_state.clone());
+    }
     let sampler_thread = match probes.socket_iterator() {
         Some(program) => match IterLink::create(std::os::fd::AsFd::as_fd(&program)) {
             Ok(link) => {
@@ -156,6 +192,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     link,
                     interval: Duration::from_millis(config.sampler.interval_ms),
                     tx: snapshot_tx,
+                    listeners: listeners_tx,
                     stats: stats.clone(),
                 };
                 Some(sampler.spawn(stop_sampler.clone())?)
@@ -235,7 +272,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let metrics_task = tokio::spawn(prometheus::serve(
         listener,
-        MetricsSource { registry, stats },
+        MetricsSource {
+            registry,
+            stats,
+            actuation: act_state,
+        },
         stop_exporters.clone(),
     ));
     info!("vigil agent running; SIGTERM or Ctrl-C stops it");
@@ -247,6 +288,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = sigint.recv() => info!("SIGINT: shutting down"),
     }
 
+    // Acting first: every steering program is detached before anything else stops.
+    stop_act.cancel();
+    if let Some(thread) = act_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     // Sources drain the ring and hang up; the state owner then drains its queue.
     let drain = async {
         stop_sources.cancel();

@@ -12,6 +12,16 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// CLOCK_MONOTONIC now: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_REALTIME now, in nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
 /// The offset between the two clocks, sampled once; good to the accuracy of
 /// NTP slews over the agent's lifetime, which is what log timestamps need.
 #[derive(Debug, Clone, Copy)]

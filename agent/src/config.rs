@@ -19,6 +19,61 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub correlate: CorrelateConfig,
     pub receiver: ReceiverConfig,
+    pub actuation: ActuationConfig,
+}
+
+/// Acting on selected workloads (`agent/src/act`): opt-in per workload,
+/// recommend-only unless `mode = "enforce"`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActuationConfig {
+    /// `off`, `recommend` (decide and record, change nothing) or `enforce`.
+    pub mode: crate::act::ActuationMode,
+    /// Selectors of the workloads acting may touch (`--act-on`):
+    /// `cgroup:PATH`, `process:NAME`, `pod:NAMESPACE/NAME`, `namespace:NAME`,
+    /// `label:KEY=VALUE`. Empty: none.
+    pub workloads: Vec<String>,
+    /// A steering program whose heartbeat is older than this leaves new
+    /// connections to the kernel's hash and refuses none (fail-open).
+    pub heartbeat_timeout_ms: u64,
+    /// How often the members' accept queues are read, decisions made and
+    /// the heartbeat written.
+    pub poll_interval_ms: u64,
+    /// A member whose accept queue held connections and never shrank for
+    /// this long is stalled, and steered away from.
+    pub stall_window_ms: u64,
+    /// Audit records kept for `vigil status` and `/v1/actuation`.
+    pub audit_records: usize,
+}
+
+impl Default for ActuationConfig {
+    fn default() -> Self {
+        ActuationConfig {
+            mode: crate::act::ActuationMode::Recommend,
+            workloads: Vec::new(),
+            heartbeat_timeout_ms: 1000,
+            poll_interval_ms: 100,
+            stall_window_ms: 300,
+            audit_records: 1024,
+        }
+    }
+}
+
+impl ActuationConfig {
+    /// The parsed selectors (validated by `Config::validate`).
+    pub fn selectors(&self) -> Result<Vec<crate::act::selector::Selector>, ConfigError> {
+        self.workloads
+            .iter()
+            .map(|w| {
+                w.parse().map_err(
+                    |e: crate::act::selector::SelectorError| ConfigError::Invalid {
+                        field: "actuation.workloads",
+                        reason: e.to_string(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -434,6 +489,32 @@ impl Config {
         if self.receiver.join_delay_ms > 60_000 {
             return invalid("receiver.join_delay_ms", "must be 0..=60000".into());
         }
+        self.actuation.selectors()?;
+        let a = &self.actuation;
+        if !(10..=1000).contains(&a.poll_interval_ms) {
+            return invalid("actuation.poll_interval_ms", "must be 10..=1000".into());
+        }
+        if a.heartbeat_timeout_ms < 3 * a.poll_interval_ms || a.heartbeat_timeout_ms > 2000 {
+            return invalid(
+                "actuation.heartbeat_timeout_ms",
+                format!(
+                    "must be at least three polls ({} ms) and at most 2000",
+                    3 * a.poll_interval_ms
+                ),
+            );
+        }
+        if a.stall_window_ms < 2 * a.poll_interval_ms || a.stall_window_ms > 60_000 {
+            return invalid(
+                "actuation.stall_window_ms",
+                format!(
+                    "must be at least two polls ({} ms) and at most 60000",
+                    2 * a.poll_interval_ms
+                ),
+            );
+        }
+        if a.audit_records == 0 || a.audit_records > 100_000 {
+            return invalid("actuation.audit_records", "must be 1..=100000".into());
+        }
         Ok(())
     }
 }
@@ -493,6 +574,42 @@ mod tests {
         );
         // The message lists the hooks that exist.
         assert!(err.contains("tp_btf/tcp_retransmit_skb"), "{err}");
+    }
+
+    #[test]
+    fn actuation_is_recommend_only_by_default_and_checked() {
+        let a = ActuationConfig::default();
+        assert_eq!(a.mode, crate::act::ActuationMode::Recommend);
+        assert!(a.workloads.is_empty() && a.heartbeat_timeout_ms <= 2000);
+        let c = Config::from_toml(
+            "[actuation]\nmode = \"enforce\"\nworkloads = [\"cgroup:/vigil/origin\", \"label:app=origin\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(c.actuation.selectors().expect("selectors").len(), 2);
+        let err = Config::from_toml("[actuation]\nmode = \"always\"\n").expect_err("bad mode");
+        assert!(err.contains("mode"), "{err}");
+        let err = rejected(
+            |c| c.actuation.workloads = vec!["origin".into()],
+            "actuation.workloads",
+        );
+        assert!(err.contains("cgroup:PATH"), "{err}");
+        rejected(
+            |c| c.actuation.heartbeat_timeout_ms = 5000,
+            "actuation.heartbeat_timeout_ms",
+        );
+        rejected(
+            |c| c.actuation.heartbeat_timeout_ms = 200,
+            "actuation.heartbeat_timeout_ms",
+        );
+        rejected(
+            |c| c.actuation.poll_interval_ms = 0,
+            "actuation.poll_interval_ms",
+        );
+        rejected(
+            |c| c.actuation.stall_window_ms = 100,
+            "actuation.stall_window_ms",
+        );
+        rejected(|c| c.actuation.audit_records = 0, "actuation.audit_records");
     }
 
     #[test]

@@ -87,10 +87,20 @@ impl Health {
         }
         for d in &mut degraded {
             let rejected = d.hooks.iter().any(|h| h.status == "rejected");
-            d.remedy = if rejected { REMEDY_REJECTED } else { REMEDY_UNAVAILABLE }.to_owned();
+            d.remedy = if rejected {
+                REMEDY_REJECTED
+            } else {
+                REMEDY_UNAVAILABLE
+            }
+            .to_owned();
         }
         Health {
-            status: if degraded.is_empty() { "ok" } else { "degraded" }.to_owned(),
+            status: if degraded.is_empty() {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .to_owned(),
             degraded,
         }
     }
@@ -134,7 +144,11 @@ mod tests {
     #[test]
     fn a_signal_without_an_active_hook_is_degraded_unless_turned_off() {
         let hooks = [
-            report("tp_btf/tcp_retransmit_skb", Signal::Retransmit, HookStatus::Active),
+            report(
+                "tp_btf/tcp_retransmit_skb",
+                Signal::Retransmit,
+                HookStatus::Active,
+            ),
             report(
                 "iter/task_file",
                 Signal::SocketSampling,
@@ -142,7 +156,11 @@ mod tests {
             ),
             report("tp_btf/kfree_skb", Signal::SocketDrop, HookStatus::Disabled),
             // A fallback that failed while the first choice serves the signal.
-            report("tp_btf/sock_recv_length", Signal::TraceContext, HookStatus::Active),
+            report(
+                "tp_btf/sock_recv_length",
+                Signal::TraceContext,
+                HookStatus::Active,
+            ),
             report(
                 "cgroup_skb/ingress",
                 Signal::TraceContext,
@@ -160,7 +178,9 @@ mod tests {
         let signals: Vec<&str> = health.degraded.iter().map(|d| d.signal.as_str()).collect();
         assert_eq!(signals, ["socket_sampling", "synack_retransmit"]);
         let sampling = &health.degraded[0];
-        assert!(sampling.impact.contains("no listen queues, overflows or RTT"));
+        assert!(sampling
+            .impact
+            .contains("no listen queues, overflows or RTT"));
         assert_eq!(sampling.hooks[0].status, "rejected");
         assert!(sampling.remedy.contains("vigil hooks --check"));
         assert!(health.degraded[1].remedy.contains("lacks the hook"));
@@ -169,7 +189,11 @@ mod tests {
     #[test]
     fn every_hook_attached_or_turned_off_is_ok() {
         let health = Health::of(&[
-            report("tp_btf/tcp_retransmit_skb", Signal::Retransmit, HookStatus::Active),
+            report(
+                "tp_btf/tcp_retransmit_skb",
+                Signal::Retransmit,
+                HookStatus::Active,
+            ),
             report("tp_btf/kfree_skb", Signal::SocketDrop, HookStatus::Disabled),
             report(
                 "cgroup_skb/egress",

@@ -1,5 +1,6 @@
 //! The Vigil node agent as a library; `main.rs` is a thin CLI over it.
 
+pub mod act;
 pub mod agent;
 pub mod cardinality;
 pub mod clock;

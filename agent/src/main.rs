@@ -143,6 +143,18 @@ struct AgentArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// What acting may do: `off`; `recommend` (decide and record in the
+    /// audit, change nothing in the kernel); `enforce` (apply, for the
+    /// workloads --act-on selects). Sets actuation.mode [default: recommend].
+    #[arg(long, value_enum, value_name = "MODE")]
+    actuation: Option<vigil::act::ActuationMode>,
+    /// A workload acting may touch (repeatable): cgroup:PATH (that cgroup v2
+    /// directory and below), process:NAME, pod:NAMESPACE/NAME,
+    /// namespace:NAME or label:KEY=VALUE. Added to actuation.workloads.
+    ///
+    /// Example: --actuation enforce --act-on cgroup:/kubepods.slice/kubepods-burstable.slice
+    #[arg(long = "act-on", value_name = "SELECTOR")]
+    act_on: Vec<String>,
     /// Load the kernel programs from this eBPF object instead of the
     /// built-in one (tests of a probes build only).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -205,6 +217,13 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
         config.correlate.capture_sent = false;
     }
     config.probes.object.clone_from(&args.probes_object);
+    if let Some(mode) = args.actuation {
+        config.actuation.mode = mode;
+    }
+    config
+        .actuation
+        .workloads
+        .extend(args.act_on.iter().cloned());
     if let Some(node) = &args.node_name {
         config.agent.node_name = Some(node.clone());
     }

@@ -135,6 +135,8 @@ pub struct Registry {
     pub traces: TraceIndex,
     /// The OTLP span receiver's telemetry, when it runs.
     pub receiver: Option<Arc<crate::correlate::receiver::ReceiverStats>>,
+    /// Acting's groups and decisions.
+    pub actuation: Option<Arc<crate::act::ActState>>,
 }
 
 fn errno_name(err: i32) -> &'static str {
@@ -175,6 +177,7 @@ impl Registry {
             kube: None,
             otlp: None,
             receiver: None,
+            actuation: None,
             programs,
             retransmits: BTreeMap::new(),
             failed_attempts: BTreeMap::new(),
@@ -509,6 +512,9 @@ impl Registry {
                 ("signal", h.signal.to_string()),
             ];
             x.sample(name, &labels, u8::from(h.status == HookStatus::Active));
+        }
+        if let Some(act) = &self.actuation {
+            act.describe(&mut x);
         }
         let name = "vigil_signal_degraded";
         x.family(

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vigil_abi::{SampleKind, SocketSample};
@@ -38,6 +38,8 @@ pub struct ListenerSample {
     /// Handshakes dropped on this listener since it was created (`sk_drops`,
     /// which the kernel bumps with every TcpExt ListenDrops).
     pub drops: u32,
+    /// The owner's file descriptor of the listener (the first holder's).
+    pub fd: u32,
     pub owner: Option<Owner>,
 }
 
@@ -155,6 +157,7 @@ pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, DecodeError> {
                     queue_len: s.queue_len,
                     queue_cap: s.queue_cap,
                     drops: s.drops,
+                    fd: s.fd,
                     owner,
                 })),
                 k if k == SampleKind::Connection as u32 => {
@@ -181,6 +184,8 @@ pub struct Sampler {
     pub link: IterLink,
     pub interval: Duration,
     pub tx: mpsc::Sender<Snapshot>,
+    /// Every pass's listeners, for acting (`act`): the latest replaces the last.
+    pub listeners: watch::Sender<Arc<Vec<ListenerSample>>>,
     pub stats: Arc<PipelineStats>,
 }
 
@@ -206,6 +211,15 @@ impl Sampler {
                 .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             match snapshot {
                 Ok(snapshot) => {
+                    let listeners: Vec<ListenerSample> = snapshot
+                        .samples
+                        .iter()
+                        .filter_map(|s| match s {
+                            Sample::Listener(l) => Some(l.clone()),
+                            Sample::Connection(_) => None,
+                        })
+                        .collect();
+                    self.listeners.send_replace(Arc::new(listeners));
                     if self.tx.try_send(snapshot).is_err() {
                         self.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -231,8 +245,8 @@ impl Sampler {
             .open()
             .and_then(|mut pass| pass.read_to_end(&mut bytes))
             .map_err(|e| format!("reading the socket iterator: {e}"))?;
-        let samples = decode_samples(&bytes)
-            .map_err(|e| format!("decoding the socket iterator: {e}"))?;
+        let samples =
+            decode_samples(&bytes).map_err(|e| format!("decoding the socket iterator: {e}"))?;
         let mut listen_overflows = HashMap::new();
         for s in &samples {
             let Sample::Listener(l) = s else { continue };
@@ -275,6 +289,8 @@ mod tests {
             cwnd: 10,
             total_retrans: 2,
             drops: 3,
+            fd: 7,
+            _pad: 0,
             tuple: SockTuple {
                 local_addr,
                 remote_addr: [0; 16],
@@ -328,7 +344,11 @@ mod tests {
         other.cookie = 0;
         other.sk_addr += 0x800;
         let out = decode_samples(&bytes(&[shared, held_again, other])).expect("decodes");
-        assert_eq!(out.len(), 2, "the second holder of one socket is dropped: {out:?}");
+        assert_eq!(
+            out.len(),
+            2,
+            "the second holder of one socket is dropped: {out:?}"
+        );
         let Sample::Connection(first) = &out[0] else {
             panic!("a connection: {out:?}");
         };

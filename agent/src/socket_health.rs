@@ -361,6 +361,7 @@ mod tests {
             queue_len: 2,
             queue_cap: 2,
             drops,
+            fd: 3,
             owner: None,
         }
     }

@@ -10,9 +10,11 @@ use std::{
 };
 
 use crate::{
+    act::ActuationView,
     correlate::traceparent::TraceContext,
-    health::{Health, HEALTH_PATH},
+    export::prometheus::ACTUATION_PATH,
     export::prometheus::{Explanation, TRACES_PATH},
+    health::{Health, HEALTH_PATH},
     socket_health::{ConnectionRow, ListenerRow, SocketTable},
 };
 
@@ -238,7 +240,70 @@ pub fn status(addr: SocketAddr) -> Result<(String, Health), TriageError> {
         return Err(TriageError::Status { addr, status: line });
     }
     let health: Health = serde_json::from_slice(&body)?;
-    Ok((render_status(addr, &text) + &render_health(&health), health))
+    let actuation: ActuationView = serde_json::from_slice(&get(addr, ACTUATION_PATH)?)?;
+    Ok((
+        render_status(addr, &text) + &render_health(&health) + &render_actuation(&actuation),
+        health,
+    ))
+}
+
+/// Decisions `vigil status` shows, newest last.
+const STATUS_DECISIONS: usize = 10;
+
+/// Acting: mode, groups of selected workloads, the latest decisions.
+pub fn render_actuation(a: &ActuationView) -> String {
+    let mut out = format!(
+        "\nactuation       {} ({})\n",
+        a.mode,
+        if a.selectors.is_empty() {
+            "no workload selected: --act-on".to_owned()
+        } else {
+            a.selectors.join(", ")
+        }
+    );
+    for g in &a.groups {
+        out.push_str(&format!(
+            "  {:<11} {}  {} of {} members take new connections{}\n",
+            g.state,
+            g.group,
+            g.healthy_members,
+            g.members.len(),
+            g.program_id
+                .map(|id| format!(", program {id}"))
+                .unwrap_or_default()
+        ));
+        if let Some(reason) = &g.reason {
+            out.push_str(&format!("              {reason}\n"));
+        }
+        for m in &g.members {
+            out.push_str(&format!(
+                "              {:<32} queue {}/{}{}\n",
+                m.member,
+                m.queue_len,
+                m.queue_cap,
+                if m.takes_new_connections {
+                    ""
+                } else {
+                    "  STEERED AWAY"
+                }
+            ));
+        }
+    }
+    let skip = a.decisions.len().saturating_sub(STATUS_DECISIONS);
+    for d in &a.decisions[skip..] {
+        out.push_str(&format!(
+            "  {} {:?}{} {} {}: {} ({} -> {})\n",
+            crate::clock::rfc3339(d.at_unix_ms * 1_000_000),
+            d.action,
+            if d.applied { "" } else { " (not applied)" },
+            d.group,
+            d.member.as_deref().unwrap_or(""),
+            d.signal,
+            d.before,
+            d.after
+        ));
+    }
+    out
 }
 
 /// The degraded signals, each with what is lost, why, and what to do.

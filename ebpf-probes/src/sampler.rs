@@ -44,12 +44,12 @@ const SOCK_STREAM: u16 = 1;
 pub extern "C" fn vigil_sock_iter(ctx: *mut IterTaskFile) -> i32 {
     // SAFETY: the kernel passes a valid context; the loads are checked by the
     // verifier against the BTF of `struct bpf_iter__task_file`.
-    let (meta, task, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).file) };
+    let (meta, task, file, fd) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).file, (*ctx).fd) };
     // The last call of an iteration has no task and no file.
     if task.is_null() || file.is_null() {
         return 0;
     }
-    if let Ok(Some(sample)) = sample(task as u64, file) {
+    if let Ok(Some(sample)) = sample(task as u64, file, fd) {
         // SAFETY: `meta` is the iterator's own, `seq` its seq_file; the sample
         // is a plain struct on the stack.
         unsafe {
@@ -104,7 +104,7 @@ fn owner(l: &KernelLayout, task: u64) -> Result<SockOwner, i64> {
 }
 
 #[inline(always)]
-fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
+fn sample(task: u64, file: *mut c_void, fd: u32) -> Result<Option<SocketSample>, i64> {
     let Some(l) = layout() else { return Ok(None) };
     let Some(sk) = tcp_socket(&l, file)? else {
         return Ok(None);
@@ -125,6 +125,7 @@ fn sample(task: u64, file: *mut c_void) -> Result<Option<SocketSample>, i64> {
         netns: netns_inode(Probed(sk))?,
         tuple: tuple(Probed(sk))?,
         drops: read(sk, l.sk_drops)?,
+        fd,
         owner: owner(&l, task)?,
         ..SocketSample::default()
     };

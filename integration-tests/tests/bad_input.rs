@@ -123,9 +123,9 @@ fn missing_synack_hook_degrades_only_that_signal() -> anyhow::Result<()> {
     );
     // Turned off by the operator: said, but not degraded.
     assert!(
-        agent
-            .log_text()
-            .contains("signal turned off by config: SYN-ACK retransmits of listeners are not counted"),
+        agent.log_text().contains(
+            "signal turned off by config: SYN-ACK retransmits of listeners are not counted"
+        ),
         "{}",
         agent.log_text()
     );

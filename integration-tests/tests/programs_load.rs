@@ -40,7 +40,10 @@ fn fault_object(test: &str) -> Option<PathBuf> {
         Some(p) if p.is_file() => Some(p),
         other => {
             let why = format!("{test}: no fault build at {FAULT_OBJECT_ENV} ({other:?}); `cargo xtask test` builds it");
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: {why}");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: {why}"
+            );
             eprintln!("SKIPPED (not in CI): {why}");
             None
         }
@@ -138,14 +141,21 @@ fn a_program_no_verifier_accepts_fails_the_check_naming_its_hook() -> anyhow::Re
     };
     let object = object.display().to_string();
     let (code, text) = check(&["--probes-object", &object])?;
-    assert_eq!(code, Some(1), "the fault build must fail the check:\n{text}");
+    assert_eq!(
+        code,
+        Some(1),
+        "the fault build must fail the check:\n{text}"
+    );
     let rejected: Vec<&str> = text.lines().filter(|l| l.starts_with("REJECTED")).collect();
     assert_eq!(rejected.len(), 1, "only the sampler is broken:\n{text}");
     assert!(rejected[0].contains("iter/task_file"), "{text}");
     assert!(rejected[0].contains("vigil_sock_iter"), "{text}");
     // The verifier's own words: a load through a scalar.
     assert!(text.contains("invalid mem access 'scalar'"), "{text}");
-    assert!(text.contains("0 hooks missing from this kernel, 1 rejected"), "{text}");
+    assert!(
+        text.contains("0 hooks missing from this kernel, 1 rejected"),
+        "{text}"
+    );
     Ok(())
 }
 
@@ -164,12 +174,33 @@ fn a_degraded_agent_says_what_is_missing_everywhere() -> anyhow::Result<()> {
     let line = agent
         .logs()
         .into_iter()
-        .find(|l| l["signal"] == "socket_sampling" && l["level"] == "ERROR")
+        .find(|l| {
+            l["signal"] == "socket_sampling"
+                && l["level"] == "ERROR"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("signal degraded"))
+        })
         .with_context(|| agent.log_text())?;
     let message = line["message"].as_str().unwrap_or_default();
-    assert!(message.contains("no listen queues, overflows or RTT"), "{line}");
-    assert!(line["remedy"].as_str().unwrap_or_default().contains("vigil hooks --check"), "{line}");
-    assert!(line["hooks"].as_str().unwrap_or_default().contains("iter/task_file rejected"), "{line}");
+    assert!(
+        message.contains("no listen queues, overflows or RTT"),
+        "{line}"
+    );
+    assert!(
+        line["remedy"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("vigil hooks --check"),
+        "{line}"
+    );
+    assert!(
+        line["hooks"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("iter/task_file rejected"),
+        "{line}"
+    );
 
     // /healthz: 503 with the same, as JSON.
     let (status_line, body) = get(agent.metrics_addr, "/healthz")?;
@@ -186,7 +217,10 @@ fn a_degraded_agent_says_what_is_missing_everywhere() -> anyhow::Result<()> {
     let (code, out) = status(&agent)?;
     assert_eq!(code, Some(3), "vigil status on a degraded agent:\n{out}");
     assert!(out.contains("DEGRADED"), "{out}");
-    assert!(out.contains("socket_sampling: no listen queues, overflows or RTT"), "{out}");
+    assert!(
+        out.contains("socket_sampling: no listen queues, overflows or RTT"),
+        "{out}"
+    );
     assert!(out.contains("iter/task_file rejected"), "{out}");
 
     let metrics = agent.scrape()?;

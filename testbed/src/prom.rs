@@ -12,7 +12,9 @@ use anyhow::{anyhow, bail};
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text

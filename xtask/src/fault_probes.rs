@@ -15,10 +15,28 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let toolchain = setup::pin()?.installed().map_err(anyhow::Error::msg)?;
     let target_dir = workspace_root().join("target").join("fault-probes");
     // As aya-build passes them (BTF for the loader, the arch cfg aya-ebpf reads).
-    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"];
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ];
     run(Command::new("rustup")
-        .args(["run", &toolchain, "cargo", "build", "--package", "vigil-probes", "--bins"])
-        .args(["--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "run",
+            &toolchain,
+            "cargo",
+            "build",
+            "--package",
+            "vigil-probes",
+            "--bins",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .args(["--features", "fault-unverifiable-sampler", "--target-dir"])
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))

@@ -44,7 +44,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 pub struct MetricsSource {
     pub registry: Arc<Mutex<Registry>>,
     pub stats: Arc<PipelineStats>,
+    pub actuation: Arc<crate::act::ActState>,
 }
+
+/// GET /v1/actuation: acting's groups and latest decisions (`vigil status`).
+pub const ACTUATION_PATH: &str = "/v1/actuation";
 
 pub async fn serve(listener: TcpListener, source: MetricsSource, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
@@ -178,6 +182,10 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 Err((status, why)) => respond(&mut stream, status, "text/plain", &why).await,
             }
         }
+        Some(ACTUATION_PATH) => {
+            let body = serde_json::to_string(&source.actuation.view()).ok();
+            respond_with(&mut stream, "application/json", body).await
+        }
         Some(crate::health::HEALTH_PATH) => {
             let health = source.registry.lock().map(|r| r.health_report()).ok();
             match health.and_then(|h| serde_json::to_string(&h).ok().map(|body| (h, body))) {
@@ -198,7 +206,7 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
                 &mut stream,
                 "200 OK",
                 "text/plain",
-                "Vigil agent. Metrics: /metrics; signals delivered: /healthz; latest socket sample: /v1/sockets; one trace: /v1/traces/TRACE_ID\n",
+                "Vigil agent. Metrics: /metrics; signals delivered: /healthz; acting: /v1/actuation; latest socket sample: /v1/sockets; one trace: /v1/traces/TRACE_ID\n",
             )
             .await
         }

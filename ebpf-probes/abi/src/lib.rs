@@ -375,9 +375,65 @@ pub struct SocketSample {
     /// Packets the kernel dropped for this socket over its lifetime
     /// (`sk_drops`). For a listener: every TcpExt ListenDrops on it.
     pub drops: u32,
+    /// The file descriptor the owner holds the socket by (acting takes a
+    /// copy of a listener with pidfd_getfd).
+    pub fd: u32,
+    pub _pad: u32,
     pub tuple: SockTuple,
     pub owner: SockOwner,
 }
+
+/// Members of one SO_REUSEPORT group the steering program chooses among.
+pub const REUSEPORT_MAX_MEMBERS: u32 = 64;
+
+/// What the agent tells the steering program of one SO_REUSEPORT group
+/// (`VIGIL_RP_CONTROL[0]` of that group's program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReuseportControl {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the agent's latest word.
+    /// Older than `heartbeat_timeout_ns`: the program leaves the choice to
+    /// the kernel's hash and never refuses (fail-open).
+    pub heartbeat_ns: u64,
+    pub heartbeat_timeout_ns: u64,
+    /// New connections to refuse, per million (admission control; 0: none).
+    pub refuse_ppm: u32,
+    /// How many of `healthy` to choose among; 0: the kernel's hash.
+    pub healthy_count: u32,
+    /// Indices in `VIGIL_RP_MEMBERS` of the members that take new connections.
+    pub healthy: [u32; REUSEPORT_MAX_MEMBERS as usize],
+}
+
+impl Default for ReuseportControl {
+    fn default() -> Self {
+        ReuseportControl {
+            heartbeat_ns: 0,
+            heartbeat_timeout_ns: 0,
+            refuse_ppm: 0,
+            healthy_count: 0,
+            healthy: [0; REUSEPORT_MAX_MEMBERS as usize],
+        }
+    }
+}
+
+/// What the steering program did with a new connection (`VIGIL_RP_COUNTS`, per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReuseportOutcome {
+    /// Left to the kernel's hash: every member healthy.
+    Hashed = 0,
+    /// Given to a healthy member the program chose.
+    Steered = 1,
+    /// Refused (SK_DROP): admission control.
+    Refused = 2,
+    /// Left to the kernel's hash because the agent's heartbeat is stale.
+    FailedOpen = 3,
+    /// The chosen member could not be selected (gone): the kernel's hash.
+    SelectFailed = 4,
+}
+
+/// Slots of `VIGIL_RP_COUNTS`.
+pub const REUSEPORT_OUTCOMES: u32 = 5;
 
 /// Byte offsets of the kernel fields the programs read, resolved by the agent from
 /// the running kernel's BTF (/sys/kernel/btf/vmlinux) and written into the
@@ -572,6 +628,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketSample {}
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::TraceSlot {}
+    unsafe impl aya::Pod for super::ReuseportControl {}
 }
 
 #[cfg(test)]
@@ -618,7 +675,11 @@ mod tests {
         );
         assert_eq!(
             size_of::<SocketSample>(),
-            4 * 2 + 8 * 2 + 4 * 8 + size_of::<SockTuple>() + size_of::<SockOwner>()
+            4 * 2 + 8 * 2 + 4 * 10 + size_of::<SockTuple>() + size_of::<SockOwner>()
+        );
+        assert_eq!(
+            size_of::<ReuseportControl>(),
+            8 * 2 + 4 * 2 + 4 * REUSEPORT_MAX_MEMBERS as usize
         );
     }
 

@@ -1,0 +1,718 @@
+//! Acting on what the kernel shows: steering new connections of SO_REUSEPORT
+//! groups away from stalled members.
+//!
+//! Opt-in and dry-run first: only listeners of workloads an `--act-on`
+//! selector names are looked at; `recommend` (the default) decides and
+//! records exactly what `enforce` would do and changes nothing in the
+//! kernel; `enforce` attaches one steering program per group. Every
+//! decision and change is an audit record. Fail-open by construction: the
+//! program needs a heartbeat written every poll, and every exit path the
+//! agent controls detaches it.
+//!
+//! One thread owns every group: each poll it reads the members' accept
+//! queues, decides (`steering`), writes the program's control word
+//! (`reuseport`) and publishes an immutable view for `/v1/actuation`,
+//! `vigil status` and the metrics.
+
+pub mod audit;
+pub mod reuseport;
+pub mod selector;
+pub mod steering;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vigil_abi::ReuseportOutcome;
+
+use crate::{exposition::Exposition, kube_pods::PodDirectory, sampler::ListenerSample};
+use audit::{Action, AuditLog, AuditRecord};
+use reuseport::GroupProgram;
+use selector::{PodIdentity, Selector, Workload};
+use steering::MemberQueue;
+
+/// `--actuation`, `actuation.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ActuationMode {
+    /// Nothing is looked at or decided.
+    Off,
+    /// Decide and record, change nothing in the kernel.
+    Recommend,
+    /// Decide, record and apply, for selected workloads.
+    Enforce,
+}
+
+impl ActuationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActuationMode::Off => "off",
+            ActuationMode::Recommend => "recommend",
+            ActuationMode::Enforce => "enforce",
+        }
+    }
+}
+
+/// What acting takes from the config (`actuation.*`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: ActuationMode,
+    pub selectors: Vec<Selector>,
+    pub heartbeat_timeout: Duration,
+    pub poll_interval: Duration,
+    pub stall_window: Duration,
+}
+
+/// What `/v1/actuation` returns, and `vigil status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActuationView {
+    pub mode: String,
+    pub selectors: Vec<String>,
+    pub groups: Vec<GroupView>,
+    /// The latest audit records, oldest first.
+    pub decisions: Vec<AuditRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    /// `NETNS/ADDRESS:PORT`.
+    pub group: String,
+    /// `enforced`, `recommended` or `refused`.
+    pub state: String,
+    pub reason: Option<String>,
+    /// The steering program's id, while attached.
+    pub program_id: Option<u32>,
+    pub members: Vec<MemberView>,
+    /// Members that take new connections.
+    pub healthy_members: usize,
+    /// New connections by what the program did with them (enforced groups).
+    pub connections: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    /// `PROCESS/PID fd N`.
+    pub member: String,
+    pub queue_len: u32,
+    pub queue_cap: u32,
+    pub takes_new_connections: bool,
+}
+
+/// Shared with the HTTP endpoint and the metrics: the audit log and the
+/// latest view; the acting thread is the only writer.
+pub struct ActState {
+    pub audit: AuditLog,
+    view: Mutex<Arc<ActuationView>>,
+}
+
+impl ActState {
+    pub fn new(audit_records: usize) -> ActState {
+        ActState {
+            audit: AuditLog::new(audit_records),
+            view: Mutex::new(Arc::new(ActuationView::default())),
+        }
+    }
+
+    pub fn view(&self) -> ActuationView {
+        let mut view = self.view.lock().map(|v| (**v).clone()).unwrap_or_default();
+        view.decisions = self.audit.latest();
+        view
+    }
+
+    fn publish(&self, view: ActuationView) {
+        if let Ok(mut v) = self.view.lock() {
+            *v = Arc::new(view);
+        }
+    }
+
+    /// Acting's metrics.
+    pub fn describe(&self, x: &mut Exposition) {
+        let view = self.view.lock().map(|v| Arc::clone(&v)).unwrap_or_default();
+        let name = "vigil_actuation_mode";
+        x.family(
+            name,
+            "gauge",
+            "1 for the actuation mode in force (off, recommend, enforce).",
+        );
+        for mode in ["off", "recommend", "enforce"] {
+            x.sample(
+                name,
+                &[("mode", mode.to_owned())],
+                u8::from(view.mode == mode),
+            );
+        }
+        let name = "vigil_reuseport_members";
+        x.family(name, "gauge", "Listeners of each SO_REUSEPORT group of selected workloads, by the group's state (enforced, recommended, refused).");
+        for g in &view.groups {
+            let labels = [("group", g.group.clone()), ("state", g.state.clone())];
+            x.sample(name, &labels, g.members.len() as u64);
+        }
+        let name = "vigil_reuseport_healthy_members";
+        x.family(name, "gauge", "Members of each group that take new connections (the others are stalled and steered away from, or would be in recommend mode).");
+        for g in &view.groups {
+            x.sample(
+                name,
+                &[("group", g.group.clone())],
+                g.healthy_members as u64,
+            );
+        }
+        let name = "vigil_reuseport_connections_total";
+        x.family(name, "counter", "New connections the steering program of an enforced group handled, by outcome: hashed (every member healthy: the kernel's hash), steered (to a healthy member), refused, failed_open (stale agent heartbeat: the kernel's hash), select_failed.");
+        for g in &view.groups {
+            for (outcome, n) in &g.connections {
+                x.sample(
+                    name,
+                    &[("group", g.group.clone()), ("outcome", outcome.clone())],
+                    *n,
+                );
+            }
+        }
+    }
+}
+
+fn outcome_name(i: usize) -> &'static str {
+    match i {
+        i if i == ReuseportOutcome::Hashed as usize => "hashed",
+        i if i == ReuseportOutcome::Steered as usize => "steered",
+        i if i == ReuseportOutcome::Refused as usize => "refused",
+        i if i == ReuseportOutcome::FailedOpen as usize => "failed_open",
+        _ => "select_failed",
+    }
+}
+
+/// (network namespace inode, listening address).
+type GroupKey = (u32, SocketAddr);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Member {
+    pid: u32,
+    fd: u32,
+    process: String,
+}
+
+impl Member {
+    fn name(&self) -> String {
+        format!("{}/{} fd {}", self.process, self.pid, self.fd)
+    }
+}
+
+struct Group {
+    key: GroupKey,
+    members: Vec<Member>,
+    queues: Vec<MemberQueue>,
+    /// Indices of the members that take new connections; None: all.
+    healthy: Option<Vec<u32>>,
+    program: Option<GroupProgram>,
+    refused: Option<String>,
+}
+
+/// A kernel error for an audit record: its first line and, for a verifier
+/// log, the verifier's last word (the whole log is in `vigil hooks --check`).
+fn brief(error: &str) -> String {
+    let mut lines = error.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or_default();
+    let first = first.split(". Verifier output").next().unwrap_or(first);
+    match error.lines().rev().find(|l| {
+        let l = l.trim();
+        !l.is_empty()
+            && !l.starts_with(':')
+            && !l.starts_with("verification time")
+            && !l.starts_with("stack depth")
+            && !l.starts_with("processed ")
+    }) {
+        Some(last) if error.contains("Verifier output") => {
+            format!("{first} (verifier: {})", last.trim())
+        }
+        _ => first.to_owned(),
+    }
+}
+
+fn group_name(key: &GroupKey) -> String {
+    format!("{}/{}", key.0, key.1)
+}
+
+/// The acting thread.
+pub struct Actuator {
+    settings: Settings,
+    state: Arc<ActState>,
+    pods: Option<Arc<RwLock<PodDirectory>>>,
+    groups: HashMap<GroupKey, Group>,
+    /// Refusals already recorded, so each is recorded once.
+    refusals: HashSet<String>,
+    started: Instant,
+}
+
+impl Actuator {
+    pub fn new(
+        settings: Settings,
+        state: Arc<ActState>,
+        pods: Option<Arc<RwLock<PodDirectory>>>,
+    ) -> Actuator {
+        Actuator {
+            settings,
+            state,
+            pods,
+            groups: HashMap::new(),
+            refusals: HashSet::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs on its own thread until `stop`, then detaches everything.
+    pub fn spawn(
+        mut self,
+        mut listeners: watch::Receiver<Arc<Vec<ListenerSample>>>,
+        stop: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("vigil-act".into())
+            .spawn(move || {
+                info!(
+                    mode = self.settings.mode.as_str(),
+                    selectors = %self.selector_names().join(", "),
+                    "actuation running"
+                );
+                while !stop.is_cancelled() {
+                    let started = Instant::now();
+                    if listeners.has_changed().unwrap_or(false) {
+                        let snapshot = Arc::clone(&listeners.borrow_and_update());
+                        self.discover(&snapshot);
+                    }
+                    self.poll();
+                    self.publish();
+                    while !stop.is_cancelled() && started.elapsed() < self.settings.poll_interval {
+                        let left = self
+                            .settings
+                            .poll_interval
+                            .saturating_sub(started.elapsed());
+                        std::thread::sleep(left.min(Duration::from_millis(20)));
+                    }
+                }
+                self.shutdown();
+            })
+    }
+
+    fn selector_names(&self) -> Vec<String> {
+        self.settings
+            .selectors
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn enforcing(&self) -> bool {
+        self.settings.mode == ActuationMode::Enforce
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn record(
+        &self,
+        action: Action,
+        key: &GroupKey,
+        member: Option<String>,
+        signal: String,
+        before: String,
+        after: String,
+    ) {
+        let applied = self.enforcing() && action != Action::Refuse;
+        self.state.audit.record(AuditRecord {
+            at_unix_ms: crate::clock::unix_now_ns() / 1_000_000,
+            mode: self.settings.mode.as_str().to_owned(),
+            applied,
+            action,
+            group: group_name(key),
+            member,
+            signal,
+            before,
+            after,
+        });
+    }
+
+    /// Records a refusal once per group and kind of reason (a retry that
+    /// fails the same way is not recorded again).
+    fn refuse(&mut self, key: &GroupKey, reason: String) {
+        let kind = reason
+            .split([':', '('])
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if self.refusals.insert(format!("{key:?} {kind}")) {
+            self.record(
+                Action::Refuse,
+                key,
+                None,
+                reason,
+                "untouched".into(),
+                "untouched".into(),
+            );
+        }
+    }
+
+    fn workload(&self, pid: u32, process: &str) -> Workload {
+        let cgroup = selector::cgroup_of(pid);
+        let pod = match (&self.pods, &cgroup) {
+            (Some(pods), Some(path)) => crate::enrich::workload::parse(path).and_then(|r| {
+                let dir = pods.read().ok()?;
+                let meta = dir.by_uid(&r.uid)?;
+                Some(PodIdentity {
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone(),
+                    labels: meta.labels.clone(),
+                })
+            }),
+            _ => None,
+        };
+        Workload {
+            pid,
+            process: process.to_owned(),
+            cgroup,
+            pod,
+        }
+    }
+
+    /// Groups of selected workloads from the sampler's latest listeners.
+    fn discover(&mut self, listeners: &[ListenerSample]) {
+        let mut found: HashMap<GroupKey, Vec<(Member, bool)>> = HashMap::new();
+        for l in listeners {
+            let Some(owner) = &l.owner else { continue };
+            let member = Member {
+                pid: owner.pid,
+                fd: l.fd,
+                process: owner.comm.to_string(),
+            };
+            let w = self.workload(owner.pid, &owner.comm);
+            let selected = self.settings.selectors.iter().any(|s| s.matches(&w));
+            found
+                .entry((l.netns, l.local))
+                .or_default()
+                .push((member, selected));
+        }
+        // Groups whose listeners are gone.
+        let gone: Vec<GroupKey> = self
+            .groups
+            .keys()
+            .filter(|k| !found.get(k).is_some_and(|m| m.iter().any(|(_, s)| *s)))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(group) = self.groups.remove(&key) {
+                self.release(group, "its selected listeners are gone");
+            }
+        }
+        for (key, mut members) in found {
+            if !members.iter().any(|(_, selected)| *selected) {
+                continue;
+            }
+            members.sort_by_key(|(m, _)| (m.pid, m.fd));
+            let outside: Vec<String> = members
+                .iter()
+                .filter(|(_, s)| !s)
+                .map(|(m, _)| m.name())
+                .collect();
+            let members: Vec<Member> = members.into_iter().map(|(m, _)| m).collect();
+            if !outside.is_empty() {
+                let reason = format!(
+                    "the group has listeners of workloads outside the selection ({}): acting on it would change them too",
+                    outside.join(", ")
+                );
+                self.refuse_group(key, members, reason);
+                continue;
+            }
+            self.update_group(key, members);
+        }
+    }
+
+    fn refuse_group(&mut self, key: GroupKey, members: Vec<Member>, reason: String) {
+        if let Some(group) = self.groups.remove(&key) {
+            self.release(group, &reason);
+        }
+        self.refuse(&key, reason.clone());
+        let queues = vec![MemberQueue::default(); members.len()];
+        self.groups.insert(
+            key,
+            Group {
+                key,
+                members,
+                queues,
+                healthy: None,
+                program: None,
+                refused: Some(reason),
+            },
+        );
+    }
+
+    /// Copies of every member's listener, checked: Err says why not.
+    fn copies(members: &[Member]) -> Result<Vec<OwnedFd>, String> {
+        members
+            .iter()
+            .map(|m| {
+                let fd = reuseport::copy_descriptor(m.pid, m.fd).map_err(|e| {
+                    format!("cannot take a copy of the listener of {} (pidfd_getfd needs CAP_SYS_PTRACE over it): {e}", m.name())
+                })?;
+                match reuseport::has_reuseport(&fd) {
+                    Ok(true) => Ok(fd),
+                    Ok(false) => Err(format!("the listener of {} has no SO_REUSEPORT: there is no group to steer", m.name())),
+                    Err(e) => Err(format!("cannot read SO_REUSEPORT of {}: {e}", m.name())),
+                }
+            })
+            .collect()
+    }
+
+    fn update_group(&mut self, key: GroupKey, members: Vec<Member>) {
+        if self
+            .groups
+            .get(&key)
+            .is_some_and(|g| g.members == members && g.refused.is_none())
+        {
+            return;
+        }
+        let copies = match Self::copies(&members) {
+            Ok(c) => c,
+            Err(reason) => return self.refuse_group(key, members, reason),
+        };
+        if members.len() > vigil_abi::REUSEPORT_MAX_MEMBERS as usize {
+            let reason = format!(
+                "{} listeners: Vigil steers among at most {}",
+                members.len(),
+                vigil_abi::REUSEPORT_MAX_MEMBERS
+            );
+            return self.refuse_group(key, members, reason);
+        }
+        let previous = self.groups.remove(&key);
+        let mut program = previous.and_then(|g| {
+            if g.refused.is_some() {
+                return None;
+            }
+            g.program
+        });
+        let refs: Vec<&OwnedFd> = copies.iter().collect();
+        if self.enforcing() {
+            let result = match program.as_mut() {
+                Some(p) => p.set_members(&refs),
+                None => {
+                    GroupProgram::attach(&refs, self.settings.heartbeat_timeout.as_nanos() as u64)
+                        .map(|p| {
+                            self.record(
+                                Action::Attach,
+                                &key,
+                                None,
+                                format!("{} listeners of selected workloads", members.len()),
+                                "the kernel's hash".into(),
+                                format!(
+                                    "steering program {} (every member healthy: the kernel's hash)",
+                                    p.program_id
+                                ),
+                            );
+                            program = Some(p);
+                        })
+                }
+            };
+            if let Err(e) = result {
+                if let Some(p) = program.take() {
+                    let _ = p.detach(refs[0]);
+                }
+                return self.refuse_group(
+                    key,
+                    members,
+                    format!(
+                        "cannot attach the steering program: {}",
+                        brief(&e.to_string())
+                    ),
+                );
+            }
+        }
+        let queues = vec![MemberQueue::default(); members.len()];
+        self.groups.insert(
+            key,
+            Group {
+                key,
+                members,
+                queues,
+                healthy: None,
+                program,
+                refused: None,
+            },
+        );
+    }
+
+    /// Reads every acting group's accept queues and decides.
+    fn poll(&mut self) {
+        let now = self.now_ms();
+        let window = self.settings.stall_window.as_millis() as u64;
+        let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
+        for key in keys {
+            let Some(mut group) = self.groups.remove(&key) else {
+                continue;
+            };
+            if group.refused.is_none() {
+                self.poll_group(&mut group, now, window);
+            }
+            self.groups.insert(key, group);
+        }
+    }
+
+    fn poll_group(&mut self, group: &mut Group, now: u64, window: u64) {
+        for (m, q) in group.members.iter().zip(group.queues.iter_mut()) {
+            // A copy for this reading only (see `reuseport`).
+            if let Ok((len, cap)) =
+                reuseport::copy_descriptor(m.pid, m.fd).and_then(|fd| reuseport::accept_queue(&fd))
+            {
+                q.observe(now, len, cap, window);
+            }
+        }
+        let decision = steering::healthy_members(&group.queues, now, window);
+        if decision != group.healthy {
+            self.record_change(group, decision.as_deref(), window);
+            group.healthy = decision;
+        }
+        if let Some(program) = group.program.as_mut() {
+            // Every poll: the heartbeat keeps the program from failing open.
+            if let Err(e) = program.control(group.healthy.as_deref(), 0) {
+                warn!(group = %group_name(&group.key), error = %e, "cannot write the steering program's control word; it fails open when the heartbeat goes stale");
+            }
+        }
+    }
+
+    fn record_change(&self, group: &Group, after: Option<&[u32]>, window: u64) {
+        let all = group.members.len();
+        let takes = |set: Option<&[u32]>, i: usize| set.is_none_or(|s| s.contains(&(i as u32)));
+        let count = |set: Option<&[u32]>| set.map_or(all, <[u32]>::len);
+        let before_text = format!(
+            "{} of {all} members take new connections",
+            count(group.healthy.as_deref())
+        );
+        let after_text = format!("{} of {all} members take new connections", count(after));
+        for (i, (m, q)) in group.members.iter().zip(&group.queues).enumerate() {
+            let (was, is) = (takes(group.healthy.as_deref(), i), takes(after, i));
+            let (action, signal) = match (was, is) {
+                (true, false) => (
+                    Action::SteerAway,
+                    format!("accept queue {}/{} held connections and did not shrink for {window} ms: nobody accepts from it", q.len(), q.cap),
+                ),
+                (false, true) if after.is_none() && q.stalled(self.now_ms(), window) => (
+                    Action::Restore,
+                    "too many members look stalled to steer away from (overload, not a stuck worker): the kernel's hash".to_owned(),
+                ),
+                (false, true) => (
+                    Action::Restore,
+                    format!("accept queue {}/{} shrank: it accepts again", q.len(), q.cap),
+                ),
+                _ => continue,
+            };
+            self.record(
+                action,
+                &group.key,
+                Some(m.name()),
+                signal,
+                before_text.clone(),
+                after_text.clone(),
+            );
+        }
+    }
+
+    /// Detaches a group's program (when attached), recording it.
+    fn release(&self, group: Group, why: &str) {
+        let Some(program) = group.program else { return };
+        let id = program.program_id;
+        // Any member still open will do; none: the group is gone, and the
+        // program with it.
+        let copy = group
+            .members
+            .iter()
+            .find_map(|m| reuseport::copy_descriptor(m.pid, m.fd).ok());
+        let result = match &copy {
+            Some(fd) => program.detach(fd).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => self.record(
+                Action::Detach,
+                &group.key,
+                None,
+                why.to_owned(),
+                format!("steering program {id}"),
+                "the kernel's hash".into(),
+            ),
+            Err(e) => {
+                warn!(group = %group_name(&group.key), error = %e, "cannot detach the steering program; it fails open once the heartbeat is stale")
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut groups: Vec<GroupView> = self
+            .groups
+            .values()
+            .map(|g| {
+                let state = match (&g.refused, self.settings.mode) {
+                    (Some(_), _) => "refused",
+                    (None, ActuationMode::Enforce) => "enforced",
+                    (None, _) => "recommended",
+                };
+                let takes = |i: usize| g.healthy.as_ref().is_none_or(|h| h.contains(&(i as u32)));
+                let members = g
+                    .members
+                    .iter()
+                    .zip(&g.queues)
+                    .enumerate()
+                    .map(|(i, (m, q))| MemberView {
+                        member: m.name(),
+                        queue_len: q.len(),
+                        queue_cap: q.cap,
+                        takes_new_connections: takes(i),
+                    })
+                    .collect();
+                let connections = g
+                    .program
+                    .as_ref()
+                    .map(|p| {
+                        p.outcomes()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, n)| (outcome_name(i).to_owned(), *n))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                GroupView {
+                    group: group_name(&g.key),
+                    state: state.to_owned(),
+                    reason: g.refused.clone(),
+                    program_id: g.program.as_ref().map(|p| p.program_id),
+                    members,
+                    healthy_members: g.healthy.as_ref().map_or(g.members.len(), Vec::len),
+                    connections,
+                }
+            })
+            .collect();
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        self.state.publish(ActuationView {
+            mode: self.settings.mode.as_str().to_owned(),
+            selectors: self.selector_names(),
+            groups,
+            decisions: Vec::new(),
+        });
+    }
+
+    fn shutdown(&mut self) {
+        let groups: Vec<Group> = self.groups.drain().map(|(_, g)| g).collect();
+        let attached = groups.iter().filter(|g| g.program.is_some()).count();
+        for group in groups {
+            self.release(group, "the agent is stopping");
+        }
+        info!(
+            detached = attached,
+            "actuation stopped; every steering program detached"
+        );
+    }
+}
