@@ -90,6 +90,12 @@ pub struct BenchArgs {
     /// switch). The 95% interval narrows with the square root of this.
     #[arg(long, default_value_t = 30)]
     pub capture_blocks: u32,
+    /// Only the SO_REUSEPORT steering program's cost per new connection.
+    #[arg(long, conflicts_with = "capture_only")]
+    pub reuseport_only: bool,
+    /// Steering phase: new connections of the healthy run (half as many steered).
+    #[arg(long, default_value_t = 20_000)]
+    pub reuseport_connections: u32,
 }
 
 impl BenchArgs {
@@ -105,6 +111,8 @@ impl BenchArgs {
             capture_rounds: 1,
             capture_secs: 1,
             capture_blocks: 2,
+            reuseport_only: false,
+            reuseport_connections: 400,
         }
     }
 }
@@ -226,10 +234,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = crate::build(!args.smoke)?;
     let _stats = BpfStats::enable()?;
-    if !args.capture_only {
+    if !args.capture_only && !args.reuseport_only {
         retransmit_phase(args, &bin)?;
     }
-    crate::bench_capture::run(args, &bin)
+    if !args.reuseport_only {
+        crate::bench_capture::run(args, &bin)?;
+    }
+    if !args.capture_only {
+        crate::bench_reuseport::run(args, &bin)?;
+    }
+    Ok(())
 }
 
 fn retransmit_phase(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {

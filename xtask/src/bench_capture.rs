@@ -446,7 +446,7 @@ impl Measured {
 }
 
 /// Mount point of the cgroup v2 hierarchy, as the agent finds it.
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     mountinfo
         .lines()

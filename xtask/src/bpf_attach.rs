@@ -66,25 +66,33 @@ fn bpf_fd<T>(cmd: i64, attr: &mut T) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A program of `prog_type` that only returns `ret` (`r0 = ret; exit`),
+/// loaded (not attached) under `name`.
+pub fn load_empty(prog_type: u32, ret: u8, name: &str) -> anyhow::Result<OwnedFd> {
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, ret, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut load = ProgLoad {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        ..ProgLoad::default()
+    };
+    bpf_fd(BPF_PROG_LOAD, &mut load)
+}
+
+/// BPF_PROG_TYPE_SK_REUSEPORT.
+pub const PROG_TYPE_SK_REUSEPORT: u32 = 21;
+
 impl Attached {
     /// A program that does nothing (`r0 = 0; exit`), loaded and attached to
     /// the raw tracepoint `tracepoint` (e.g. `kfree_skb`).
     pub fn empty(name: &str, tracepoint: &str) -> anyhow::Result<Attached> {
-        // BPF_MOV64_IMM(R0, 0); BPF_EXIT_INSN()
-        let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-        let license = c"GPL";
-        let mut prog_name = [0u8; 16];
-        let n = name.len().min(15);
-        prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        let mut load = ProgLoad {
-            prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name,
-            ..ProgLoad::default()
-        };
-        let prog = bpf_fd(BPF_PROG_LOAD, &mut load)?;
+        let prog = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, 0, name)?;
         let tp = std::ffi::CString::new(tracepoint)?;
         let mut open = RawTpOpen {
             name: tp.as_ptr() as u64,

@@ -6,6 +6,7 @@ mod bench_agent;
 mod bench_capture;
 mod bench_interleaved;
 mod bench_paced;
+mod bench_reuseport;
 mod bpf_attach;
 mod demo;
 mod fault_probes;

@@ -235,6 +235,25 @@ fn brief(error: &str) -> String {
     }
 }
 
+impl Group {
+    /// A group as discovered: no readings yet, every member healthy.
+    fn new(
+        key: GroupKey,
+        members: Vec<Member>,
+        program: Option<GroupProgram>,
+        refused: Option<String>,
+    ) -> Group {
+        Group {
+            key,
+            queues: vec![MemberQueue::default(); members.len()],
+            members,
+            healthy: None,
+            program,
+            refused,
+        }
+    }
+}
+
 fn group_name(key: &GroupKey) -> String {
     format!("{}/{}", key.0, key.1)
 }
@@ -438,18 +457,8 @@ impl Actuator {
             self.release(group, &reason);
         }
         self.refuse(&key, reason.clone());
-        let queues = vec![MemberQueue::default(); members.len()];
-        self.groups.insert(
-            key,
-            Group {
-                key,
-                members,
-                queues,
-                healthy: None,
-                program: None,
-                refused: Some(reason),
-            },
-        );
+        self.groups
+            .insert(key, Group::new(key, members, None, Some(reason)));
     }
 
     /// Copies of every member's listener, checked: Err says why not.
@@ -532,18 +541,8 @@ impl Actuator {
                 );
             }
         }
-        let queues = vec![MemberQueue::default(); members.len()];
-        self.groups.insert(
-            key,
-            Group {
-                key,
-                members,
-                queues,
-                healthy: None,
-                program,
-                refused: None,
-            },
-        );
+        self.groups
+            .insert(key, Group::new(key, members, program, None));
     }
 
     /// Reads every acting group's accept queues and decides.
