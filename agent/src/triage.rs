@@ -292,12 +292,15 @@ pub fn render_actuation(a: &ActuationView) -> String {
     let skip = a.decisions.len().saturating_sub(STATUS_DECISIONS);
     for d in &a.decisions[skip..] {
         out.push_str(&format!(
-            "  {} {:?}{} {} {}: {} ({} -> {})\n",
+            "  {} {:?}{} {}{}: {} ({} -> {})\n",
             crate::clock::rfc3339(d.at_unix_ms * 1_000_000),
             d.action,
             if d.applied { "" } else { " (not applied)" },
             d.group,
-            d.member.as_deref().unwrap_or(""),
+            d.member
+                .as_deref()
+                .map(|m| format!(" {m}"))
+                .unwrap_or_default(),
             d.signal,
             d.before,
             d.after
