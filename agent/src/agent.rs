@@ -159,6 +159,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 heartbeat_timeout: Duration::from_millis(config.actuation.heartbeat_timeout_ms),
                 poll_interval: Duration::from_millis(config.actuation.poll_interval_ms),
                 stall_window: Duration::from_millis(config.actuation.stall_window_ms),
+                admission: config.actuation.admission(),
             };
             if settings.selectors.is_empty() {
                 info!(
@@ -171,7 +172,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             let pods = enricher.pods.clone();
             Some(
-                act::Actuator::new(settings, act_state.clone(), pods)
+                act::Actuator::new(settings, maps.accepts, act_state.clone(), pods)
                     .spawn(listeners_rx, stop_act.clone())?,
             )
         }

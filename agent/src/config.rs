@@ -44,6 +44,18 @@ pub struct ActuationConfig {
     pub stall_window_ms: u64,
     /// Audit records kept for `vigil status` and `/v1/actuation`.
     pub audit_records: usize,
+    /// How a group whose members are all saturated refuses new connections
+    /// (`--admission-law`): `pie` (a PI controller on queue delay), `aimd`,
+    /// or `off` (never refuse).
+    pub admission_law: crate::act::admission::AdmissionLaw,
+    /// Queue delay admission control holds a saturated group to: the time
+    /// a new connection may wait in an accept queue.
+    pub queue_delay_target_ms: u64,
+    /// Least fraction of new connections always admitted, however
+    /// overloaded the group (0.1: at least one in ten).
+    pub admission_floor: f64,
+    /// Largest change of the refused fraction per poll.
+    pub max_shed_step: f64,
 }
 
 impl Default for ActuationConfig {
@@ -55,11 +67,25 @@ impl Default for ActuationConfig {
             poll_interval_ms: 100,
             stall_window_ms: 300,
             audit_records: 1024,
+            admission_law: crate::act::admission::AdmissionLaw::Pie,
+            queue_delay_target_ms: 20,
+            admission_floor: 0.1,
+            max_shed_step: 0.1,
         }
     }
 }
 
 impl ActuationConfig {
+    /// Admission control's settings (validated by `Config::validate`).
+    pub fn admission(&self) -> crate::act::admission::AdmissionSettings {
+        crate::act::admission::AdmissionSettings {
+            law: self.admission_law,
+            delay_target: self.queue_delay_target_ms as f64 / 1000.0,
+            floor: self.admission_floor,
+            max_step: self.max_shed_step,
+        }
+    }
+
     /// The parsed selectors (validated by `Config::validate`).
     pub fn selectors(&self) -> Result<Vec<crate::act::selector::Selector>, ConfigError> {
         self.workloads
@@ -515,6 +541,21 @@ impl Config {
         if a.audit_records == 0 || a.audit_records > 100_000 {
             return invalid("actuation.audit_records", "must be 1..=100000".into());
         }
+        if !(1..=10_000).contains(&a.queue_delay_target_ms) {
+            return invalid(
+                "actuation.queue_delay_target_ms",
+                "must be 1..=10000".into(),
+            );
+        }
+        if !(0.01..=1.0).contains(&a.admission_floor) {
+            return invalid(
+                "actuation.admission_floor",
+                "must be 0.01..=1 (the fraction always admitted)".into(),
+            );
+        }
+        if !(0.01..=0.5).contains(&a.max_shed_step) {
+            return invalid("actuation.max_shed_step", "must be 0.01..=0.5".into());
+        }
         Ok(())
     }
 }
@@ -610,6 +651,27 @@ mod tests {
             "actuation.stall_window_ms",
         );
         rejected(|c| c.actuation.audit_records = 0, "actuation.audit_records");
+        rejected(
+            |c| c.actuation.queue_delay_target_ms = 0,
+            "actuation.queue_delay_target_ms",
+        );
+        rejected(
+            |c| c.actuation.admission_floor = 0.0,
+            "actuation.admission_floor",
+        );
+        rejected(
+            |c| c.actuation.admission_floor = f64::NAN,
+            "actuation.admission_floor",
+        );
+        rejected(
+            |c| c.actuation.max_shed_step = 0.9,
+            "actuation.max_shed_step",
+        );
+        let c = Config::from_toml("[actuation]\nadmission_law = \"aimd\"\n").expect("aimd");
+        assert_eq!(
+            c.actuation.admission().law,
+            crate::act::admission::AdmissionLaw::Aimd
+        );
     }
 
     #[test]

@@ -155,6 +155,11 @@ struct AgentArgs {
     /// Example: --actuation enforce --act-on cgroup:/kubepods.slice/kubepods-burstable.slice
     #[arg(long = "act-on", value_name = "SELECTOR")]
     act_on: Vec<String>,
+    /// How a SO_REUSEPORT group whose members are all saturated refuses new
+    /// connections: `pie` (a PI controller on queue delay), `aimd`, or `off`.
+    /// Sets actuation.admission_law [default: pie].
+    #[arg(long, value_enum, value_name = "LAW")]
+    admission_law: Option<vigil::act::admission::AdmissionLaw>,
     /// Load the kernel programs from this eBPF object instead of the
     /// built-in one (tests of a probes build only).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -219,6 +224,9 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     config.probes.object.clone_from(&args.probes_object);
     if let Some(mode) = args.actuation {
         config.actuation.mode = mode;
+    }
+    if let Some(law) = args.admission_law {
+        config.actuation.admission_law = law;
     }
     config
         .actuation

@@ -275,6 +275,26 @@ pub fn render_actuation(a: &ActuationView) -> String {
         if let Some(reason) = &g.reason {
             out.push_str(&format!("              {reason}\n"));
         }
+        if g.reason.is_none() {
+            out.push_str(&format!(
+                "              admission {}: queue delay {:.0} ms, {}{}\n",
+                g.admission,
+                g.queue_delay_ms,
+                if g.shed_fraction > 0.0 {
+                    format!(
+                        "refusing {:.0}% of new connections",
+                        g.shed_fraction * 100.0
+                    )
+                } else {
+                    "admitting every new connection".to_owned()
+                },
+                if g.failing_open {
+                    "  FAILING OPEN (stale heartbeat)"
+                } else {
+                    ""
+                }
+            ));
+        }
         for m in &g.members {
             out.push_str(&format!(
                 "              {:<32} queue {}/{}{}\n",
@@ -292,9 +312,9 @@ pub fn render_actuation(a: &ActuationView) -> String {
     let skip = a.decisions.len().saturating_sub(STATUS_DECISIONS);
     for d in &a.decisions[skip..] {
         out.push_str(&format!(
-            "  {} {:?}{} {}{}: {} ({} -> {})\n",
+            "  {} {}{} {}{}: {} ({} -> {})\n",
             crate::clock::rfc3339(d.at_unix_ms * 1_000_000),
-            d.action,
+            d.action.as_str(),
             if d.applied { "" } else { " (not applied)" },
             d.group,
             d.member

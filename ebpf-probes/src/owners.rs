@@ -13,24 +13,60 @@
 //! after the last event (which no tracepoint reported) are sent as one record.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
 };
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use vigil_abi::{
-    tp_offsets, EventKind, KernelLayout, SockState, AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE,
-    TCP_LISTEN, TCP_SYN_SENT,
+    tp_offsets, AcceptKey, EventKind, KernelLayout, SockState, ACCEPT_PORTS, AF_INET, AF_INET6,
+    IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT,
 };
 
 use crate::{
     handshakes::reconcile_on_accept,
-    kernel::{current_owner, family, layout, read, socket_of_fd, Probed},
+    kernel::{current_owner, family, layout, netns_inode, read, socket_of_fd, Probed},
     retransmit::{emit, Sample},
 };
 
 /// Socket address -> state. LRU so a missed CLOSE can never fill it; size set by the agent.
 #[map]
 pub static VIGIL_SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Connections accept() handed out per (netns, port, process): how fast
+/// each worker of a SO_REUSEPORT group takes connections off its queue,
+/// for acting (a stalled worker accepts none; admission control needs the
+/// group's drain rate).
+#[map]
+pub static VIGIL_ACCEPTS: LruHashMap<AcceptKey, u64> =
+    LruHashMap::with_max_entries(ACCEPT_PORTS, 0);
+
+/// Counts one accepted connection of socket `sk`.
+#[inline(always)]
+fn count_accept(l: &KernelLayout, sk: u64) -> Result<(), i64> {
+    // The upper half is the process (tgid).
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = AcceptKey {
+        netns: netns_inode(Probed(sk))?,
+        pid,
+        port: read(sk, l.skc_num)?,
+        _pad: 0,
+    };
+    let n = VIGIL_ACCEPTS.get_ptr_mut(key).or_else(|| {
+        // BPF_NOEXIST: two CPUs accepting the first connections of a port at
+        // once must not both start the count. Key and value by value, from
+        // the stack: with `&0` (a reference to a constant) every count
+        // started at 65536 on this toolchain, a wrong initial value.
+        let _ = VIGIL_ACCEPTS.insert(key, 0u64, 1);
+        VIGIL_ACCEPTS.get_ptr_mut(key)
+    });
+    if let Some(n) = n {
+        // SAFETY: a valid, aligned map value; atomic (BPF XADD).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
+    Ok(())
+}
 
 /// Starts tracking a socket now owned by the current process.
 #[inline(always)]
@@ -131,6 +167,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let fam = family(Probed(sk))?;
     let protocol: u16 = read(sk, l.sk_protocol)?;
     if (fam == AF_INET || fam == AF_INET6) && protocol == IPPROTO_TCP {
+        let _ = count_accept(&l, sk);
         let state = remember(&l, sk)?;
         reconcile_on_accept(&l, sk, state.owner, state.retrans_seen)?;
     }

@@ -17,6 +17,8 @@ use serde_json::Value;
 use vigil_testbed::netns::{bin_path, loadgen_command, spawn_origin, ChildGuard};
 pub use vigil_testbed::prom::{metric_sum, scrape};
 
+pub mod acting;
+
 /// HTTP message headers the capture counted with `outcome` (`traced`,
 /// `abandoned`, ...) in a scrape of the agent's metrics.
 pub fn capture_outcome(metrics: &str, outcome: &str) -> u64 {
@@ -720,4 +722,16 @@ pub fn vigil_cli(args: &[&str]) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(out.stdout)
+}
+
+/// `vigil status` against `agent`: its exit code and standard output.
+pub fn vigil_status(agent: &Agent) -> anyhow::Result<(Option<i32>, String)> {
+    let out = Command::new(bin_path("vigil")?)
+        .args(["status", "--agent", &agent.metrics_addr.to_string()])
+        .output()
+        .context("running vigil status")?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
 }

@@ -13,7 +13,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::Context;
 use serde_json::Value;
-use vigil_integration_tests::{bpf_available, Agent};
+use vigil_integration_tests::{bpf_available, vigil_status, Agent};
 use vigil_testbed::{netns::bin_path, prom::get};
 
 /// Set by `cargo xtask test` to the fault build's object.
@@ -48,17 +48,6 @@ fn fault_object(test: &str) -> Option<PathBuf> {
             None
         }
     }
-}
-
-fn status(agent: &Agent) -> anyhow::Result<(Option<i32>, String)> {
-    let out = Command::new(bin_path("vigil")?)
-        .args(["status", "--agent", &agent.metrics_addr.to_string()])
-        .output()
-        .context("running vigil status")?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
 }
 
 #[test]
@@ -103,7 +92,7 @@ fn every_program_verifies_on_this_kernel() -> anyhow::Result<()> {
     assert!(line.contains(" 200 "), "{line}\n{body}");
     let health: Value = serde_json::from_str(&body)?;
     assert_eq!(health["status"], "ok", "{body}");
-    let (code, out) = status(&agent)?;
+    let (code, out) = vigil_status(&agent)?;
     assert_eq!(code, Some(0), "vigil status on a healthy agent:\n{out}");
     assert!(out.contains("all delivered"), "{out}");
     let metrics = agent.scrape()?;
@@ -214,7 +203,7 @@ fn a_degraded_agent_says_what_is_missing_everywhere() -> anyhow::Result<()> {
     assert_eq!(degraded[0]["hooks"][0]["status"], "rejected", "{body}");
 
     // vigil status: exit 3 and the reason.
-    let (code, out) = status(&agent)?;
+    let (code, out) = vigil_status(&agent)?;
     assert_eq!(code, Some(3), "vigil status on a degraded agent:\n{out}");
     assert!(out.contains("DEGRADED"), "{out}");
     assert!(

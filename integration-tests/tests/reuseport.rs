@@ -17,20 +17,17 @@ use std::{
     collections::HashMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
-use serde_json::Value;
-use vigil_integration_tests::{abort, bpf_available, tag, Agent, TestCgroup};
-use vigil_testbed::{
-    netns::{bin_path, in_cgroup, spawn_origin, ChildGuard},
-    prom::get,
+use vigil_integration_tests::{
+    abort,
+    acting::{actuation, serial, steering_programs, wait_for_decision, wait_for_group, Fleet},
+    bpf_available, tag, vigil_status, Agent, TestCgroup,
 };
+use vigil_testbed::netns::{bin_path, in_cgroup, spawn_origin, ChildGuard};
 
-const WORKERS: usize = 4;
 /// How long a connection waits for its response head: loopback answers in
 /// about a millisecond; a stopped worker never does.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
@@ -39,13 +36,6 @@ const PER_ROUND: usize = 40;
 /// Least share of connections the kernel's hash leaves to a stopped worker
 /// of four (expected: a quarter).
 const HASH_SHARE_FLOOR: f64 = 0.10;
-
-/// One test of this file at a time: each counts every sk_reuseport program
-/// of the node.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -123,148 +113,10 @@ fn between(
         .collect()
 }
 
-/// Four origin processes, one listener each, sharing `addr` (SO_REUSEPORT).
-struct Fleet {
-    addr: SocketAddr,
-    /// (process, pid, segment size it serves)
-    workers: Vec<(ChildGuard, u32, u64)>,
-    cgroup: TestCgroup,
-}
-
-impl Fleet {
-    fn start(name: &str, port: u16) -> anyhow::Result<Fleet> {
-        let cgroup = TestCgroup::create(&format!("vigil-it-{}/origin", tag(name)))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut workers = Vec::new();
-        for i in 0..WORKERS {
-            let bytes = 1000 + i as u64;
-            let mut cmd = std::process::Command::new(bin_path("vigil-origin")?);
-            cmd.args(["--segment-bytes", &bytes.to_string()]);
-            let (child, pid) = spawn_origin(&mut in_cgroup(&cgroup.procs(), &cmd), addr, 1, 120)?;
-            workers.push((child, pid, bytes));
-        }
-        Ok(Fleet {
-            addr,
-            workers,
-            cgroup,
-        })
-    }
-
-    fn selector(&self) -> String {
-        format!("cgroup:{}", self.cgroup.rel)
-    }
-
-    fn signal(&self, worker: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.workers[worker].1 as i32);
-        nix::sys::signal::kill(pid, signal).context("signalling a worker")
-    }
-
-    fn stop(&self, worker: usize) -> anyhow::Result<()> {
-        self.signal(worker, nix::sys::signal::Signal::SIGSTOP)
-    }
-
-    fn resume(&self, worker: usize) -> anyhow::Result<()> {
-        self.signal(worker, nix::sys::signal::Signal::SIGCONT)
-    }
-
-    fn answered_by(&self, results: &[(Duration, Outcome)], worker: usize) -> f64 {
-        let bytes = self.workers[worker].2;
-        share(results, |o| o == Outcome::Answered(bytes))
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        // A stopped worker would ignore the guard's SIGTERM.
-        for i in 0..self.workers.len() {
-            let _ = self.resume(i);
-        }
-    }
-}
-
-/// sk_reuseport programs named `vigil_reuseport` on the node (bpftool).
-fn steering_programs() -> anyhow::Result<usize> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .context("running bpftool")?;
-    let list: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
-    Ok(list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| p["type"] == "sk_reuseport" && p["name"] == "vigil_reuseport")
-                .count()
-        })
-        .unwrap_or(0))
-}
-
-fn actuation(agent: &Agent) -> anyhow::Result<Value> {
-    let (status, body) = get(agent.metrics_addr, "/v1/actuation")?;
-    anyhow::ensure!(status.contains(" 200 "), "{status}: {body}");
-    Ok(serde_json::from_str(&body)?)
-}
-
-/// Waits until the agent shows the group of `addr` in `state` with every member.
-fn wait_for_group(agent: &Agent, addr: SocketAddr, state: &str) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let view = actuation(agent)?;
-        let group = view["groups"].as_array().and_then(|groups| {
-            groups
-                .iter()
-                .find(|g| {
-                    g["group"]
-                        .as_str()
-                        .is_some_and(|n| n.ends_with(&format!("/{addr}")))
-                })
-                .cloned()
-        });
-        if let Some(g) = group {
-            if g["state"] == state && g["members"].as_array().map(Vec::len) == Some(WORKERS) {
-                return Ok(g);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "group {addr} not {state} after 15 s: {view:#}\n{}",
-                agent.log_text()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits for an audit record with `action` (and `applied`) about `addr`.
-fn wait_for_decision(
-    agent: &Agent,
-    addr: SocketAddr,
-    action: &str,
-    applied: bool,
-) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let view = actuation(agent)?;
-        let found = view["decisions"].as_array().and_then(|d| {
-            d.iter()
-                .find(|r| {
-                    r["action"] == action
-                        && r["applied"] == applied
-                        && r["group"]
-                            .as_str()
-                            .is_some_and(|g| g.ends_with(&format!("/{addr}")))
-                })
-                .cloned()
-        });
-        if let Some(r) = found {
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("no {action} decision (applied={applied}) for {addr}: {view:#}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+/// Share of `results` answered by worker `worker` of `fleet`.
+fn answered_by(fleet: &Fleet, results: &[(Duration, Outcome)], worker: usize) -> f64 {
+    let bytes = fleet.workers[worker].2;
+    share(results, |o| o == Outcome::Answered(bytes))
 }
 
 #[test]
@@ -330,7 +182,7 @@ fn a_stalled_worker_is_steered_around_and_gets_its_share_back() -> anyhow::Resul
     fleet.resume(0)?;
     let resumed = traffic(fleet.addr, t1, Duration::from_secs(4));
     let later = between(&resumed, Duration::from_secs(2), Duration::from_secs(10));
-    let back = fleet.answered_by(&later, 0);
+    let back = answered_by(&fleet, &later, 0);
     eprintln!(
         "from 2 s after SIGCONT: worker 0 answered {:.1}%",
         back * 100.0
@@ -441,18 +293,10 @@ fn recommend_mode_decides_the_same_and_changes_nothing() -> anyhow::Result<()> {
     );
     fleet.resume(0)?;
     wait_for_decision(&agent, fleet.addr, "restore", false)?;
-    let (code, out) = {
-        let out = std::process::Command::new(bin_path("vigil")?)
-            .args(["status", "--agent", &agent.metrics_addr.to_string()])
-            .output()?;
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let (code, out) = vigil_status(&agent)?;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("actuation       recommend"), "{out}");
-    assert!(out.contains("SteerAway (not applied)"), "{out}");
+    assert!(out.contains("steer_away (not applied)"), "{out}");
     assert!(agent.terminate()?.success());
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! Test bed for Vigil: an HLS origin ([`origin`]), a load generator
-//! ([`loadgen`]) and test hosts built from network namespaces ([`netns`]).
+//! Test bed for Vigil: an HLS origin ([`origin`]), load generators
+//! ([`loadgen`]: players; [`connload`]: an open-loop stream of new
+//! connections) and test hosts built from network namespaces ([`netns`]).
 //!
 //! The binaries `vigil-origin` and `vigil-loadgen` are thin wrappers around
 //! these modules; tests may also run them in-process.
 
+pub mod connload;
 pub mod http;
 pub mod loadgen;
 pub mod netns;

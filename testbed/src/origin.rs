@@ -23,9 +23,11 @@ use crate::tracecontext::TraceParent;
 const STOP_POLL: Duration = Duration::from_millis(100);
 /// A connection with no request bytes for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on concurrently served connections (threads) per worker; beyond it
-/// the worker stops accepting until a connection ends.
+/// Default bound on concurrently served connections (threads) per worker;
+/// beyond it the worker stops accepting until a connection ends.
 pub const MAX_CONNECTIONS_PER_WORKER: usize = 512;
+/// Longest artificial service time a request may be given.
+const MAX_SERVICE: Duration = Duration::from_secs(10);
 /// Request bodies (pointless on GET, but legal) larger than this get a 413.
 const MAX_REQUEST_BODY: u64 = 1024 * 1024;
 /// Segments repeat every 251 bytes (a prime, so no alignment with MSS or pages).
@@ -65,6 +67,12 @@ pub struct OriginConfig {
     pub segments: u32,
     /// listen(2) backlog of each worker's accept queue.
     pub backlog: i32,
+    /// Connections a worker serves at once (its slots); with `service`, the
+    /// worker's capacity is `slots / service` connections per second.
+    pub slots_per_worker: usize,
+    /// Time each request takes before its response (work the origin does,
+    /// e.g. a packager or storage fetch); zero: answer at once.
+    pub service: Duration,
 }
 
 impl Default for OriginConfig {
@@ -75,6 +83,8 @@ impl Default for OriginConfig {
             segment_bytes: 1024 * 1024,
             segments: 10,
             backlog: 1024,
+            slots_per_worker: MAX_CONNECTIONS_PER_WORKER,
+            service: Duration::ZERO,
         }
     }
 }
@@ -92,6 +102,19 @@ impl OriginConfig {
         }
         if self.backlog < 0 {
             bail!("backlog must not be negative, got {}", self.backlog);
+        }
+        if self.slots_per_worker == 0 || self.slots_per_worker > MAX_CONNECTIONS_PER_WORKER {
+            bail!(
+                "slots per worker must be 1..={MAX_CONNECTIONS_PER_WORKER}, got {}",
+                self.slots_per_worker
+            );
+        }
+        if self.service > MAX_SERVICE {
+            bail!(
+                "service time must be at most {} ms, got {} ms",
+                MAX_SERVICE.as_millis(),
+                self.service.as_millis()
+            );
         }
         Ok(())
     }
@@ -274,7 +297,7 @@ impl Drop for ActiveGuard<'_> {
 fn accept_loop(worker: usize, listener: TcpListener, shared: &Arc<Shared>) {
     let worker_active = Arc::new(AtomicUsize::new(0));
     while !shared.stopping() {
-        if worker_active.load(Ordering::SeqCst) >= MAX_CONNECTIONS_PER_WORKER {
+        if worker_active.load(Ordering::SeqCst) >= shared.cfg.slots_per_worker {
             // Like a real server out of worker slots: stop accepting and let
             // the kernel's accept queue fill (and overflow, ListenOverflows).
             thread::sleep(Duration::from_millis(10));
@@ -449,6 +472,10 @@ fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Out
     };
     let extra = trace_headers(&req);
     let cfg = &shared.cfg;
+    if !cfg.service.is_zero() {
+        // The slot stays taken meanwhile, as in a worker busy with the request.
+        thread::sleep(cfg.service);
+    }
     match route(req.path(), cfg.segments) {
         Route::Playlist { .. } => {
             let text = playlist(cfg.segments);
@@ -670,6 +697,14 @@ mod tests {
             },
             OriginConfig {
                 segments: MAX_SEGMENTS + 1,
+                ..OriginConfig::default()
+            },
+            OriginConfig {
+                slots_per_worker: 0,
+                ..OriginConfig::default()
+            },
+            OriginConfig {
+                service: MAX_SERVICE + Duration::from_millis(1),
                 ..OriginConfig::default()
             },
         ];

@@ -89,6 +89,7 @@ fn loss_on_link_causes_server_retransmissions() {
                 segment_bytes: 1024 * 1024,
                 segments: 4,
                 backlog: 64,
+                ..OriginConfig::default()
             })?;
             let _ = bound_tx.send(origin.local_addr());
             origin.run(origin_stop)

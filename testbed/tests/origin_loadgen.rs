@@ -31,6 +31,7 @@ impl RunningOrigin {
             segment_bytes: SEGMENT_BYTES,
             segments: SEGMENTS,
             backlog: 64,
+            ..OriginConfig::default()
         })
         .expect("bind origin on loopback");
         let addr = origin.local_addr();

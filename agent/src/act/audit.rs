@@ -6,7 +6,7 @@ use std::{collections::VecDeque, sync::Mutex};
 
 use serde::{Deserialize, Serialize};
 
-/// What was decided or done.
+/// What was decided or done; its name is the JSON's (`steer_away`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
@@ -18,6 +18,12 @@ pub enum Action {
     SteerAway,
     /// A member takes new connections again.
     Restore,
+    /// Admission control began refusing new connections.
+    StartShedding,
+    /// The refused fraction moved (by 5 points or more since the last record).
+    ShedFraction,
+    /// Admission control admits every new connection again.
+    StopShedding,
     /// A group or listener Vigil will not act on, and why.
     Refuse,
 }
@@ -46,6 +52,22 @@ pub struct AuditLog {
     capacity: usize,
 }
 
+impl Action {
+    /// The snake_case name, as in the JSON and `vigil status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Attach => "attach",
+            Action::Detach => "detach",
+            Action::SteerAway => "steer_away",
+            Action::Restore => "restore",
+            Action::StartShedding => "start_shedding",
+            Action::ShedFraction => "shed_fraction",
+            Action::StopShedding => "stop_shedding",
+            Action::Refuse => "refuse",
+        }
+    }
+}
+
 impl AuditLog {
     pub fn new(capacity: usize) -> AuditLog {
         AuditLog {
@@ -60,13 +82,13 @@ impl AuditLog {
         let member = record.member.as_deref().unwrap_or("-");
         if level_warn {
             tracing::warn!(
-                action = ?record.action, mode = %record.mode, applied = record.applied,
+                action = record.action.as_str(), mode = %record.mode, applied = record.applied,
                 group = %record.group, member, signal = %record.signal,
                 before = %record.before, after = %record.after, "actuation refused"
             );
         } else {
             tracing::info!(
-                action = ?record.action, mode = %record.mode, applied = record.applied,
+                action = record.action.as_str(), mode = %record.mode, applied = record.applied,
                 group = %record.group, member, signal = %record.signal,
                 before = %record.before, after = %record.after, "actuation decision"
             );

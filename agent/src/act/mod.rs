@@ -1,5 +1,6 @@
 //! Acting on what the kernel shows: steering new connections of SO_REUSEPORT
-//! groups away from stalled members.
+//! groups away from stalled members, and refusing a fraction of them when
+//! every member is saturated (admission control).
 //!
 //! Opt-in and dry-run first: only listeners of workloads an `--act-on`
 //! selector names are looked at; `recommend` (the default) decides and
@@ -10,10 +11,11 @@
 //! agent controls detaches it.
 //!
 //! One thread owns every group: each poll it reads the members' accept
-//! queues, decides (`steering`), writes the program's control word
-//! (`reuseport`) and publishes an immutable view for `/v1/actuation`,
-//! `vigil status` and the metrics.
+//! queues and the group's accept count, decides (`steering`, `admission`),
+//! writes the program's control word (`reuseport`) and publishes an
+//! immutable view for `/v1/actuation`, `vigil status` and the metrics.
 
+pub mod admission;
 pub mod audit;
 pub mod reuseport;
 pub mod selector;
@@ -33,7 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use vigil_abi::ReuseportOutcome;
 
-use crate::{exposition::Exposition, kube_pods::PodDirectory, sampler::ListenerSample};
+use crate::{
+    exposition::Exposition, kube_pods::PodDirectory, loader::AcceptCounts, sampler::ListenerSample,
+};
+use admission::{Admission, AdmissionLaw, AdmissionSettings, Change, Reading};
 use audit::{Action, AuditLog, AuditRecord};
 use reuseport::GroupProgram;
 use selector::{PodIdentity, Selector, Workload};
@@ -69,10 +74,11 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     pub poll_interval: Duration,
     pub stall_window: Duration,
+    pub admission: AdmissionSettings,
 }
 
 /// What `/v1/actuation` returns, and `vigil status` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ActuationView {
     pub mode: String,
     pub selectors: Vec<String>,
@@ -81,7 +87,7 @@ pub struct ActuationView {
     pub decisions: Vec<AuditRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupView {
     /// `NETNS/ADDRESS:PORT`.
     pub group: String,
@@ -95,6 +101,17 @@ pub struct GroupView {
     pub healthy_members: usize,
     /// New connections by what the program did with them (enforced groups).
     pub connections: BTreeMap<String, u64>,
+    /// `pie`, `aimd`, `off`, or `unavailable` (no accept counts: the accept
+    /// hook is not attached).
+    pub admission: String,
+    /// Fraction of new connections refused (or that would be, in recommend).
+    pub shed_fraction: f64,
+    /// Connections waiting in the accept queues of members that take new
+    /// connections, over the rate the members take them: milliseconds.
+    pub queue_delay_ms: f64,
+    /// The program left connections to the kernel's hash for a stale
+    /// heartbeat since the previous poll.
+    pub failing_open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +181,29 @@ impl ActState {
                 g.healthy_members as u64,
             );
         }
+        let name = "vigil_reuseport_shed_fraction";
+        x.family(name, "gauge", "Fraction of new connections admission control refuses for each group (in recommend mode: would refuse).");
+        for g in &view.groups {
+            x.sample(name, &[("group", g.group.clone())], g.shed_fraction);
+        }
+        let name = "vigil_reuseport_queue_delay_seconds";
+        x.family(name, "gauge", "Each group's queue delay: connections waiting in its members' accept queues over the rate the members accept them.");
+        for g in &view.groups {
+            x.sample(
+                name,
+                &[("group", g.group.clone())],
+                g.queue_delay_ms / 1000.0,
+            );
+        }
+        let name = "vigil_reuseport_failing_open";
+        x.family(name, "gauge", "1 when a group's steering program left new connections to the kernel's hash since the previous poll because the agent's heartbeat was stale.");
+        for g in &view.groups {
+            x.sample(
+                name,
+                &[("group", g.group.clone())],
+                u8::from(g.failing_open),
+            );
+        }
         let name = "vigil_reuseport_connections_total";
         x.family(name, "counter", "New connections the steering program of an enforced group handled, by outcome: hashed (every member healthy: the kernel's hash), steered (to a healthy member), refused, failed_open (stale agent heartbeat: the kernel's hash), select_failed.");
         for g in &view.groups {
@@ -208,6 +248,12 @@ struct Group {
     key: GroupKey,
     members: Vec<Member>,
     queues: Vec<MemberQueue>,
+    admission: Admission,
+    /// The group's accept count and when it was read (ms), at the previous poll.
+    accepted: Option<(u64, u64)>,
+    /// The program's outcome counts at the previous poll.
+    outcomes: [u64; vigil_abi::REUSEPORT_OUTCOMES as usize],
+    failing_open: bool,
     /// Indices of the members that take new connections; None: all.
     healthy: Option<Vec<u32>>,
     program: Option<GroupProgram>,
@@ -242,15 +288,28 @@ impl Group {
         members: Vec<Member>,
         program: Option<GroupProgram>,
         refused: Option<String>,
+        admission: AdmissionSettings,
     ) -> Group {
         Group {
             key,
             queues: vec![MemberQueue::default(); members.len()],
+            admission: Admission::new(admission),
+            accepted: None,
+            outcomes: Default::default(),
+            failing_open: false,
             members,
             healthy: None,
             program,
             refused,
         }
+    }
+}
+
+fn shed_text(fraction: f64) -> String {
+    if fraction == 0.0 {
+        "admits every new connection".to_owned()
+    } else {
+        format!("refuses {:.0}% of new connections", fraction * 100.0)
     }
 }
 
@@ -261,6 +320,9 @@ fn group_name(key: &GroupKey) -> String {
 /// The acting thread.
 pub struct Actuator {
     settings: Settings,
+    /// Accepted connections per (netns, port), from the accept hook; None:
+    /// admission control has no drain rate and refuses nothing.
+    accepts: Option<AcceptCounts>,
     state: Arc<ActState>,
     pods: Option<Arc<RwLock<PodDirectory>>>,
     groups: HashMap<GroupKey, Group>,
@@ -272,10 +334,18 @@ pub struct Actuator {
 impl Actuator {
     pub fn new(
         settings: Settings,
+        accepts: Option<AcceptCounts>,
         state: Arc<ActState>,
         pods: Option<Arc<RwLock<PodDirectory>>>,
     ) -> Actuator {
+        if accepts.is_none() && settings.admission.law != AdmissionLaw::Off {
+            warn!(
+                law = settings.admission.law.as_str(),
+                "admission control needs the accept hook (tracepoint/syscalls/sys_exit_accept4) to know how fast workers take connections; without it no connection is refused"
+            );
+        }
         Actuator {
+            accepts,
             settings,
             state,
             pods,
@@ -297,6 +367,7 @@ impl Actuator {
                 info!(
                     mode = self.settings.mode.as_str(),
                     selectors = %self.selector_names().join(", "),
+                    admission = self.admission_name(),
                     "actuation running"
                 );
                 while !stop.is_cancelled() {
@@ -325,6 +396,14 @@ impl Actuator {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    /// The admission law in force, or `unavailable` without accept counts.
+    fn admission_name(&self) -> &'static str {
+        match (&self.accepts, self.settings.admission.law) {
+            (None, law) if law != AdmissionLaw::Off => "unavailable",
+            (_, law) => law.as_str(),
+        }
     }
 
     fn enforcing(&self) -> bool {
@@ -457,8 +536,10 @@ impl Actuator {
             self.release(group, &reason);
         }
         self.refuse(&key, reason.clone());
-        self.groups
-            .insert(key, Group::new(key, members, None, Some(reason)));
+        self.groups.insert(
+            key,
+            Group::new(key, members, None, Some(reason), self.settings.admission),
+        );
     }
 
     /// Copies of every member's listener, checked: Err says why not.
@@ -499,6 +580,12 @@ impl Actuator {
             return self.refuse_group(key, members, reason);
         }
         let previous = self.groups.remove(&key);
+        // Admission carries over a change of members: a worker coming or
+        // going during an overload must not reset the fraction to zero.
+        let carried = previous
+            .as_ref()
+            .filter(|g| g.refused.is_none())
+            .map(|g| (g.admission.clone(), g.accepted));
         let mut program = previous.and_then(|g| {
             if g.refused.is_some() {
                 return None;
@@ -541,8 +628,15 @@ impl Actuator {
                 );
             }
         }
-        self.groups
-            .insert(key, Group::new(key, members, program, None));
+        let mut group = Group::new(key, members, program, None, self.settings.admission);
+        if let Some((admission, accepted)) = carried {
+            group.admission = admission;
+            group.accepted = accepted;
+        }
+        if let Some(p) = &group.program {
+            group.outcomes = p.outcomes();
+        }
+        self.groups.insert(key, group);
     }
 
     /// Reads every acting group's accept queues and decides.
@@ -562,12 +656,19 @@ impl Actuator {
     }
 
     fn poll_group(&mut self, group: &mut Group, now: u64, window: u64) {
+        let accepted = self.accepted_by_process(group);
         for (m, q) in group.members.iter().zip(group.queues.iter_mut()) {
+            // A process's count is this member's own only if it holds no other.
+            let own = group.members.iter().filter(|o| o.pid == m.pid).count() == 1;
+            let count = accepted
+                .as_ref()
+                .and_then(|a| a.get(&m.pid).copied())
+                .filter(|_| own);
             // A copy for this reading only (see `reuseport`).
             if let Ok((len, cap)) =
                 reuseport::copy_descriptor(m.pid, m.fd).and_then(|fd| reuseport::accept_queue(&fd))
             {
-                q.observe(now, len, cap, window);
+                q.observe(now, len, cap, count, window);
             }
         }
         let decision = steering::healthy_members(&group.queues, now, window);
@@ -575,12 +676,119 @@ impl Actuator {
             self.record_change(group, decision.as_deref(), window);
             group.healthy = decision;
         }
+        let offered = group.program.as_ref().map(|program| {
+            let outcomes = program.outcomes();
+            let failed_open = ReuseportOutcome::FailedOpen as usize;
+            group.failing_open = outcomes[failed_open] > group.outcomes[failed_open];
+            let offered: u64 = outcomes
+                .iter()
+                .zip(&group.outcomes)
+                .map(|(now, before)| now.saturating_sub(*before))
+                .sum();
+            group.outcomes = outcomes;
+            offered
+        });
+        if let Some(accepted) = accepted {
+            self.admit(group, now, accepted.values().sum(), offered);
+        }
         if let Some(program) = group.program.as_mut() {
             // Every poll: the heartbeat keeps the program from failing open.
-            if let Err(e) = program.control(group.healthy.as_deref(), 0) {
+            let refuse_ppm = group.admission.refuse_ppm();
+            if let Err(e) = program.control(group.healthy.as_deref(), refuse_ppm) {
                 warn!(group = %group_name(&group.key), error = %e, "cannot write the steering program's control word; it fails open when the heartbeat goes stale");
             }
         }
+    }
+
+    /// Connections each member process accepted on the group's port since
+    /// the agent started counting; None without the accept hook.
+    fn accepted_by_process(&self, group: &Group) -> Option<HashMap<u32, u64>> {
+        let accepts = self.accepts.as_ref()?;
+        let mut counts = HashMap::new();
+        for m in &group.members {
+            let key = vigil_abi::AcceptKey {
+                netns: group.key.0,
+                pid: m.pid,
+                port: group.key.1.port(),
+                _pad: 0,
+            };
+            // No entry: nothing accepted since the agent started (or evicted
+            // as the least recent of 4096, which such a worker would be).
+            counts.insert(m.pid, accepts.get(&key, 0).unwrap_or(0));
+        }
+        Some(counts)
+    }
+
+    /// Reads the group's queue delay and moves its refused fraction.
+    /// `accepted`: the group's accept count; `offered`: new connections
+    /// the program saw since the previous poll.
+    fn admit(&self, group: &mut Group, now: u64, accepted: u64, offered: Option<u64>) {
+        let takes = |i: usize| {
+            group
+                .healthy
+                .as_ref()
+                .is_none_or(|h| h.contains(&(i as u32)))
+        };
+        let open: Vec<&MemberQueue> = group
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| takes(*i))
+            .map(|(_, q)| q)
+            .collect();
+        let interval = group
+            .accepted
+            .map_or(0.0, |(_, at)| now.saturating_sub(at) as f64 / 1000.0);
+        let reading = Reading {
+            interval,
+            queued: open.iter().map(|q| u64::from(q.len())).sum(),
+            saturated: !open.is_empty() && open.iter().all(|q| q.saturated()),
+            drained: group
+                .accepted
+                .map_or(0, |(before, _)| accepted.saturating_sub(before)),
+            offered: offered.filter(|_| group.accepted.is_some()),
+        };
+        group.accepted = Some((accepted, now));
+        let law = self.settings.admission.law.as_str();
+        let before = group.admission.fraction();
+        let Some(change) = group.admission.observe(reading) else {
+            return;
+        };
+        let delay_ms = group.admission.delay() * 1000.0;
+        let target_ms = self.settings.admission.delay_target * 1000.0;
+        let waiting = format!(
+            "{} connections waiting in {} accept queues",
+            reading.queued,
+            open.len()
+        );
+        let (action, signal, from, to) = match change {
+            Change::Start { fraction } => (
+                Action::StartShedding,
+                format!("queue delay {delay_ms:.0} ms over the {target_ms:.0} ms target with every member saturated ({waiting}; {law})"),
+                before,
+                fraction,
+            ),
+            Change::Fraction { from, to } => (
+                Action::ShedFraction,
+                format!("queue delay {delay_ms:.0} ms against the {target_ms:.0} ms target ({waiting}; {law})"),
+                from,
+                to,
+            ),
+            Change::Stop { from } => (
+                Action::StopShedding,
+                format!("queue delay {delay_ms:.0} ms, under half the {target_ms:.0} ms target, and nothing left to refuse ({law})"),
+                from,
+                0.0,
+            ),
+        };
+        self.record(
+            action,
+            &group.key,
+            None,
+            signal,
+            shed_text(from),
+            shed_text(to),
+        );
     }
 
     fn record_change(&self, group: &Group, after: Option<&[u32]>, window: u64) {
@@ -691,6 +899,10 @@ impl Actuator {
                     members,
                     healthy_members: g.healthy.as_ref().map_or(g.members.len(), Vec::len),
                     connections,
+                    admission: self.admission_name().to_owned(),
+                    shed_fraction: g.admission.fraction(),
+                    queue_delay_ms: g.admission.delay() * 1000.0,
+                    failing_open: g.failing_open,
                 }
             })
             .collect();

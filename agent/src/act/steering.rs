@@ -1,54 +1,93 @@
 //! Which members of a SO_REUSEPORT group take new connections, from each
 //! member's accept queue read every poll (TCP_INFO of the listener: its
-//! queue length and capacity, a syscall on a descriptor the agent holds).
+//! queue length and capacity) and, where the kernel counts them for that
+//! member alone, the connections its process accepted (`VIGIL_ACCEPTS`).
 //!
 //! A member is stalled when its queue held connections for the whole stall
-//! window and never got shorter: nobody accepts from it (a stopped, blocked
-//! or deadlocked worker). A busy but working member takes connections off
-//! its queue, so its length falls between some two readings. Once a stalled
-//! member is steered away from, its queue stops growing but does not shrink,
-//! so it stays stalled until it accepts again; then it is restored at the
-//! next reading.
+//! window, never got shorter, and its process accepted none meanwhile:
+//! nobody accepts from it (a stopped, blocked or deadlocked worker). A busy
+//! but working member accepts, even when an overload keeps its queue full.
+//! Where the accept count is unknown (the accept hook is missing, or one
+//! process holds several members of the group), the queue alone decides: a
+//! working member's length falls between some two readings. Once a stalled
+//! member is steered away from, its queue stops growing but does not
+//! shrink, so it stays stalled until it accepts again; then it is restored
+//! at the next reading.
 
 use std::collections::VecDeque;
+
+/// One reading of a member.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_ms: u64,
+    len: u32,
+    /// Connections its process accepted so far, when known for this member alone.
+    accepted: Option<u64>,
+}
 
 /// A member's accept-queue readings, oldest first.
 #[derive(Debug, Clone, Default)]
 pub struct MemberQueue {
-    readings: VecDeque<(u64, u32)>,
+    readings: VecDeque<Sample>,
     /// Accept-queue capacity at the latest reading.
     pub cap: u32,
 }
 
 impl MemberQueue {
     /// Adds a reading taken at `at_ms` (monotonic), keeping two windows.
-    pub fn observe(&mut self, at_ms: u64, len: u32, cap: u32, window_ms: u64) {
+    pub fn observe(
+        &mut self,
+        at_ms: u64,
+        len: u32,
+        cap: u32,
+        accepted: Option<u64>,
+        window_ms: u64,
+    ) {
         self.cap = cap;
-        self.readings.push_back((at_ms, len));
+        self.readings.push_back(Sample {
+            at_ms,
+            len,
+            accepted,
+        });
         let horizon = at_ms.saturating_sub(2 * window_ms);
-        while self.readings.front().is_some_and(|&(t, _)| t < horizon) {
+        while self.readings.front().is_some_and(|r| r.at_ms < horizon) {
             self.readings.pop_front();
         }
     }
 
     pub fn len(&self) -> u32 {
-        self.readings.back().map_or(0, |&(_, l)| l)
+        self.readings.back().map_or(0, |r| r.len)
+    }
+
+    /// Whether connections waited at this reading or the one before: the
+    /// member has more than it takes (saturated), allowing for the moment
+    /// a busy queue is caught empty.
+    pub fn saturated(&self) -> bool {
+        self.readings.iter().rev().take(2).any(|r| r.len > 0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Whether the queue held connections over all of the last `window_ms`
-    /// and never got shorter.
+    /// Whether the queue held connections over all of the last `window_ms`,
+    /// never got shorter, and (where known) nothing was accepted from it.
     pub fn stalled(&self, now_ms: u64, window_ms: u64) -> bool {
         let start = now_ms.saturating_sub(window_ms);
         // The readings must cover the window: one at or before its start.
-        let Some(first) = self.readings.iter().rposition(|&(t, _)| t <= start) else {
+        let Some(first) = self.readings.iter().rposition(|r| r.at_ms <= start) else {
             return false;
         };
-        let window: Vec<u32> = self.readings.iter().skip(first).map(|&(_, l)| l).collect();
-        window.iter().all(|&l| l > 0) && window.windows(2).all(|p| p[1] >= p[0])
+        let window: Vec<Sample> = self.readings.iter().skip(first).copied().collect();
+        let held = window.iter().all(|r| r.len > 0);
+        let never_shorter = window.windows(2).all(|p| p[1].len >= p[0].len);
+        let accepted_none = window
+            .windows(2)
+            .all(|p| match (p[0].accepted, p[1].accepted) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            });
+        held && never_shorter && accepted_none
     }
 }
 
@@ -88,9 +127,23 @@ mod tests {
     fn queue(readings: &[(u64, u32)]) -> MemberQueue {
         let mut q = MemberQueue::default();
         for &(t, l) in readings {
-            q.observe(t, l, 16, WINDOW);
+            q.observe(t, l, 16, None, WINDOW);
         }
         q
+    }
+
+    #[test]
+    fn a_full_queue_that_is_accepted_from_is_not_stalled() {
+        // An overload keeps the queue at its capacity while the worker accepts.
+        let mut busy = MemberQueue::default();
+        let mut stuck = MemberQueue::default();
+        for (i, t) in (0..=400).step_by(100).enumerate() {
+            busy.observe(t, 16, 16, Some(100 * i as u64), WINDOW);
+            stuck.observe(t, 16, 16, Some(7), WINDOW);
+        }
+        assert!(!busy.stalled(400, WINDOW));
+        assert!(stuck.stalled(400, WINDOW));
+        assert!(busy.saturated() && stuck.saturated());
     }
 
     #[test]
@@ -111,7 +164,7 @@ mod tests {
     fn a_stalled_member_is_restored_once_it_accepts() {
         let mut q = queue(&[(0, 4), (100, 4), (200, 4), (300, 4)]);
         assert!(q.stalled(300, WINDOW));
-        q.observe(400, 1, 16, WINDOW);
+        q.observe(400, 1, 16, None, WINDOW);
         assert!(!q.stalled(400, WINDOW));
     }
 

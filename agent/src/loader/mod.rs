@@ -323,7 +323,13 @@ pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 pub struct ProbeMaps {
     pub events: RingBuf<MapData>,
     pub losses: LossMaps,
+    /// Connections accept() handed out per (netns, port), for admission
+    /// control; None unless the accept hook is attached.
+    pub accepts: Option<AcceptCounts>,
 }
+
+/// `VIGIL_ACCEPTS`: accepted connections per (netns, listening port).
+pub type AcceptCounts = aya::maps::HashMap<MapData, vigil_abi::AcceptKey, u64>;
 
 /// What the kernel side counts of what never reached the agent.
 pub struct LossMaps {
@@ -616,8 +622,18 @@ impl Probes {
                 name: "VIGIL_CAPTURE",
                 source,
             })?;
+        let accepts = aya::maps::HashMap::try_from(take("VIGIL_ACCEPTS")?).map_err(|source| {
+            LoadError::Map {
+                name: "VIGIL_ACCEPTS",
+                source,
+            }
+        })?;
+        let accept_hook = self.hooks.iter().any(|h| {
+            h.hook == "tracepoint/syscalls/sys_exit_accept4" && h.status == HookStatus::Active
+        });
         Ok(ProbeMaps {
             events,
+            accepts: accept_hook.then_some(accepts),
             losses: LossMaps {
                 events: lost,
                 segments,

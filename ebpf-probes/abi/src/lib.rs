@@ -102,6 +102,22 @@ pub struct SockOwner {
     pub comm: [u8; 16],
 }
 
+/// Key of `VIGIL_ACCEPTS`: connections accept() handed out, by the network
+/// namespace and local port of the accepted socket (its listener's port)
+/// and the process that accepted it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AcceptKey {
+    pub netns: u32,
+    pub pid: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// (port, process) pairs `VIGIL_ACCEPTS` counts at once (LRU: the least
+/// recently accepting go first).
+pub const ACCEPT_PORTS: u32 = 4096;
+
 /// Per-socket state kept in the kernel, keyed by the socket's address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -621,6 +637,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no padding or invalid bit patterns.
     unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::AcceptKey {}
     unsafe impl aya::Pod for super::RetransmitRecord {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::SockTuple {}

@@ -30,6 +30,9 @@ use vigil_testbed::origin::{Origin, OriginConfig};
 /// dies, or after --max-seconds.
 ///
 /// Example: vigil-origin --listen 198.18.1.1:8080 --workers 4 --backlog 16
+///
+/// A fixed capacity for overload tests: --slots-per-worker 16 --service-ms
+/// 100 serves at most 160 connections per second per worker.
 #[derive(Debug, Parser)]
 #[command(name = "vigil-origin", version, verbatim_doc_comment)]
 struct Args {
@@ -49,6 +52,15 @@ struct Args {
     /// overflows (TcpExt ListenOverflows) easy to provoke.
     #[arg(long, default_value_t = 1024)]
     backlog: i32,
+    /// Connections each worker serves at once; beyond them it stops
+    /// accepting and its accept queue fills, as a server out of slots.
+    #[arg(long, default_value_t = vigil_testbed::origin::MAX_CONNECTIONS_PER_WORKER)]
+    slots_per_worker: usize,
+    /// Milliseconds each request takes before its response (the origin's
+    /// own work). With --slots-per-worker it fixes the capacity: workers x
+    /// slots / service connections per second.
+    #[arg(long, default_value_t = 0)]
+    service_ms: u64,
     /// Exit by itself after this many seconds, so a forgotten origin does
     /// not run forever.
     #[arg(long, default_value_t = 3600)]
@@ -81,6 +93,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         segment_bytes: args.segment_bytes,
         segments: args.segments,
         backlog: args.backlog,
+        slots_per_worker: args.slots_per_worker,
+        service: Duration::from_millis(args.service_ms),
     };
     let origin = Origin::bind(cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
