@@ -231,6 +231,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             if let Ok(mut r) = registry.lock() {
                 r.otlp = Some(otlp_stats.clone());
             }
+            if logs_enabled {
+                act_state
+                    .audit
+                    .export_to(log_tx.clone(), otlp_stats.clone());
+            }
             (logs_enabled.then_some(log_tx), Some(task))
         }
         None => (None, None),

@@ -68,7 +68,7 @@ impl Default for ActuationConfig {
             stall_window_ms: 300,
             audit_records: 1024,
             admission_law: crate::act::admission::AdmissionLaw::Pie,
-            queue_delay_target_ms: 20,
+            queue_delay_target_ms: 10,
             admission_floor: 0.1,
             max_shed_step: 0.1,
         }

@@ -17,6 +17,7 @@
 //! - after SIGKILL, once the heartbeat is stale, no connection is refused;
 //! - recommend mode refuses nothing and loads no program.
 
+use serde_json::Value;
 use std::{
     thread,
     time::{Duration, Instant},
@@ -26,7 +27,7 @@ use vigil_integration_tests::{
     acting::{
         actuation, group_of, serial, steering_programs, wait_for_decision, wait_for_group, Fleet,
     },
-    bpf_available, vigil_status, Agent,
+    bpf_available, vigil_status, Agent, OtlpSink,
 };
 use vigil_testbed::{
     connload::{self, ConnLoadConfig, ConnOutcome, ConnRecord},
@@ -235,7 +236,16 @@ fn recommend_mode_decides_to_shed_and_refuses_nothing() -> anyhow::Result<()> {
     }
     let _serial = serial();
     let fleet = Fleet::start_with("adrec", 19313, &ORIGIN)?;
-    let mut agent = Agent::start(&["--act-on", &fleet.selector()])?;
+    let sink = OtlpSink::start("adrec-otlp")?;
+    let endpoint = sink.endpoint();
+    let mut agent = Agent::start_with_env(
+        &["--act-on", &fleet.selector()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+        ],
+    )?;
     wait_for_group(&agent, fleet.addr, "recommended")?;
     let records = overload(&fleet, 5.0)?;
     assert_eq!(count(&records, ConnOutcome::Refused), 0, "nothing refused");
@@ -248,5 +258,27 @@ fn recommend_mode_decides_to_shed_and_refuses_nothing() -> anyhow::Result<()> {
     assert!(out.contains("shed_fraction (not applied)"), "{out}");
     assert!(out.contains("admission pie"), "{out}");
     assert!(agent.terminate()?.success());
+
+    // Every decision is an OTLP log record too (flushed at exit).
+    let decisions: Vec<Value> = sink
+        .requests("logs")?
+        .iter()
+        .filter_map(|r| r["records"].as_array())
+        .flatten()
+        .filter(|r| r["body"] == "actuation decision")
+        .cloned()
+        .collect();
+    let started = decisions
+        .iter()
+        .find(|r| r["attributes"]["vigil.actuation.action"] == "start_shedding")
+        .unwrap_or_else(|| panic!("no start_shedding log record: {decisions:#?}"));
+    assert_eq!(started["attributes"]["vigil.actuation.mode"], "recommend");
+    assert_eq!(started["attributes"]["vigil.actuation.applied"], 0);
+    assert!(started["attributes"]["vigil.actuation.group"]
+        .as_str()
+        .is_some_and(|g| g.ends_with(&fleet.addr.to_string())));
+    assert!(started["attributes"]["vigil.actuation.signal"]
+        .as_str()
+        .is_some_and(|s| s.contains("queue delay")));
     Ok(())
 }

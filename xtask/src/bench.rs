@@ -74,7 +74,8 @@ pub struct BenchArgs {
     /// A quick run on the debug build that only checks the benchmark works (CI).
     #[arg(long, conflicts_with = "write")]
     pub smoke: bool,
-    /// Only the HTTP trace-context capture phase (cost and throughput on vs off).
+    /// Only the HTTP trace-context capture phase (cost and throughput on vs
+    /// off; with other --*-only flags: those phases).
     #[arg(long)]
     pub capture_only: bool,
     /// Capture phase: rounds of CPU-per-request runs at a fixed rate
@@ -90,12 +91,24 @@ pub struct BenchArgs {
     /// switch). The 95% interval narrows with the square root of this.
     #[arg(long, default_value_t = 30)]
     pub capture_blocks: u32,
-    /// Only the SO_REUSEPORT steering program's cost per new connection.
-    #[arg(long, conflicts_with = "capture_only")]
+    /// Only the SO_REUSEPORT steering program's cost per new connection
+    /// (with other --*-only flags: those phases).
+    #[arg(long)]
     pub reuseport_only: bool,
     /// Steering phase: new connections of the healthy run (half as many steered).
     #[arg(long, default_value_t = 20_000)]
     pub reuseport_connections: u32,
+    /// Only admission control under a threefold overload (goodput and
+    /// admitted latency without it and with each law; with other --*-only
+    /// flags: those phases).
+    #[arg(long)]
+    pub admission_only: bool,
+    /// Admission phase: seconds of each overload run.
+    #[arg(long, default_value_t = 15)]
+    pub admission_secs: u64,
+    /// Admission phase: rounds of the three runs (off, pie, aimd).
+    #[arg(long, default_value_t = 2)]
+    pub admission_rounds: u32,
 }
 
 impl BenchArgs {
@@ -113,6 +126,9 @@ impl BenchArgs {
             capture_blocks: 2,
             reuseport_only: false,
             reuseport_connections: 400,
+            admission_only: false,
+            admission_secs: 3,
+            admission_rounds: 1,
         }
     }
 }
@@ -234,14 +250,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = crate::build(!args.smoke)?;
     let _stats = BpfStats::enable()?;
-    if !args.capture_only && !args.reuseport_only {
+    let every = !(args.capture_only || args.reuseport_only || args.admission_only);
+    if every {
         retransmit_phase(args, &bin)?;
     }
-    if !args.reuseport_only {
+    if every || args.capture_only {
         crate::bench_capture::run(args, &bin)?;
     }
-    if !args.capture_only {
+    if every || args.reuseport_only {
         crate::bench_reuseport::run(args, &bin)?;
+    }
+    if every || args.admission_only {
+        crate::bench_admission::run(args, &bin)?;
     }
     Ok(())
 }

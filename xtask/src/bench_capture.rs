@@ -46,6 +46,7 @@ use crate::{
     bench_interleaved::{self, Drops, Switching, Traffic},
     bench_paced::{machine_busy_secs, PacedRun, PacedWorkload},
     bpf_attach::Attached,
+    cgroup::{cgroup2_root, OwnCgroup},
 };
 
 pub const SECTION: &str = "## HTTP trace-context capture: cost and throughput";
@@ -135,42 +136,6 @@ impl Capture {
             Capture::OriginReceived => &[PROG_IN],
             Capture::Off | Capture::Empty => &[],
         }
-    }
-}
-
-/// A cgroup below the cgroup v2 root for the origins, removed on drop (once
-/// its processes are gone).
-struct OriginCgroup {
-    dir: PathBuf,
-}
-
-impl OriginCgroup {
-    fn create(root: &Path) -> anyhow::Result<OriginCgroup> {
-        let dir = root.join(ORIGIN_CGROUP);
-        match std::fs::create_dir(&dir) {
-            // Left by an interrupted run: empty, or its origins would still run.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            r => r.with_context(|| format!("creating cgroup {}", dir.display()))?,
-        }
-        Ok(OriginCgroup { dir })
-    }
-
-    /// `cmd`, run in this cgroup.
-    fn command(&self, cmd: &Command) -> Command {
-        vigil_testbed::netns::in_cgroup(&self.dir.join("cgroup.procs"), cmd)
-    }
-}
-
-impl Drop for OriginCgroup {
-    fn drop(&mut self) {
-        // The kernel empties a cgroup a moment after its last process exits.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("bench: cannot remove cgroup {}", self.dir.display());
     }
 }
 
@@ -445,19 +410,6 @@ impl Measured {
     }
 }
 
-/// Mount point of the cgroup v2 hierarchy, as the agent finds it.
-pub(crate) fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            (fs.split_whitespace().next()? == "cgroup2")
-                .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .context("no cgroup v2 hierarchy is mounted")
-}
-
 /// Programs on the cgroup v2 root's inet hooks that are not ours (another
 /// agent's capture, say): they run on this traffic too.
 fn foreign_cgroup_programs(root: &Path, ours: &[u64]) -> anyhow::Result<Vec<String>> {
@@ -700,7 +652,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     };
     let root = cgroup2_root()?;
     let load_at_start = load_average();
-    let origin_cgroup = OriginCgroup::create(&root)?;
+    let origin_cgroup = OwnCgroup::create(ORIGIN_CGROUP)?;
     let link = LinkPair::create("benchcap", LINK_INDEX)?;
     let mut origins = Vec::new();
     for w in &WORKLOADS {

@@ -38,37 +38,6 @@ const WORKERS: usize = 4;
 const CLIENT_THREADS: usize = 8;
 const BENCH_CGROUP: &str = "vigil-bench-reuseport";
 
-/// A cgroup of the bench's own, removed when dropped (after its processes).
-struct BenchCgroup {
-    dir: std::path::PathBuf,
-    rel: String,
-}
-
-impl BenchCgroup {
-    fn create() -> anyhow::Result<BenchCgroup> {
-        let root = crate::bench_capture::cgroup2_root()?;
-        let dir = root.join(BENCH_CGROUP);
-        if !dir.exists() {
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        Ok(BenchCgroup {
-            dir,
-            rel: format!("/{BENCH_CGROUP}"),
-        })
-    }
-}
-
-impl Drop for BenchCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 fn start_group(
     bin: &Path,
     port: u16,
@@ -181,7 +150,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     } else {
         args.reuseport_connections
     };
-    let cgroup = BenchCgroup::create()?;
+    let cgroup = crate::cgroup::OwnCgroup::create(BENCH_CGROUP)?;
     let steered_group = start_group(bin, PORT_STEERED, Some(&cgroup.dir))?;
     let _empty_group = start_group(bin, PORT_EMPTY, None)?;
     let (_empty_prog, empty_id) = attach_empty(PORT_EMPTY)?;
@@ -194,7 +163,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
                 "--actuation",
                 "enforce",
             ])
-            .args(["--act-on", &format!("cgroup:{}", cgroup.rel)])
+            .args(["--act-on", &cgroup.selector()])
             .stderr(Stdio::null()),
     )?;
     let metrics: SocketAddr = METRICS_ADDR.parse()?;

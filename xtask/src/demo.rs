@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::Context;
 use vigil_testbed::{
-    netns::{in_cgroup, loadgen_command, spawn_origin, ChildGuard, LinkPair},
+    netns::{loadgen_command, spawn_origin, ChildGuard, LinkPair},
     prom::{get, metric_sum, scrape},
 };
 
@@ -59,12 +59,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let link = LinkPair::create("demo", DEMO_LINK_INDEX)?;
     link.set_loss(ORIGIN_PORT, args.loss_percent)?;
     let origin_addr = SocketAddr::new(link.server_addr(false), ORIGIN_PORT);
-    let cgroup = DemoCgroup::create()?;
+    let cgroup = crate::cgroup::OwnCgroup::create(DEMO_CGROUP)?;
     let workers: Vec<(ChildGuard, u32)> = (0..DEMO_WORKERS)
         .map(|_| {
             let cmd = link.server.command(bin.join("vigil-origin"));
             spawn_origin(
-                &mut in_cgroup(&cgroup.dir.join("cgroup.procs"), &cmd),
+                &mut cgroup.command(&cmd),
                 origin_addr,
                 1,
                 args.duration_secs + 30,
@@ -82,7 +82,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "--actuation",
         "enforce",
         "--act-on",
-        &format!("cgroup:/{DEMO_CGROUP}"),
+        &cgroup.selector(),
     ]))?;
     // The comparison starts once the agent is attached, and the players after it.
     let ready_by = Instant::now() + Duration::from_secs(30);
@@ -163,32 +163,6 @@ const DEMO_CGROUP: &str = "vigil-demo-origin";
 /// Every minute, from 30 s in, one worker is stopped for this long.
 const STALL_EVERY: Duration = Duration::from_secs(60);
 const STALL_FOR: Duration = Duration::from_secs(20);
-
-/// The cgroup the origin's workers run in, removed after them.
-struct DemoCgroup {
-    dir: std::path::PathBuf,
-}
-
-impl DemoCgroup {
-    fn create() -> anyhow::Result<DemoCgroup> {
-        let dir = crate::bench_capture::cgroup2_root()?.join(DEMO_CGROUP);
-        if !dir.exists() {
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        Ok(DemoCgroup { dir })
-    }
-}
-
-impl Drop for DemoCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
 
 /// SIGCONT to every worker, so none is left stopped (its guard's SIGTERM
 /// would wait).

@@ -2,12 +2,14 @@
 //! (idempotent, seconds when already done); `demo` and `test` run it first.
 
 mod bench;
+mod bench_admission;
 mod bench_agent;
 mod bench_capture;
 mod bench_interleaved;
 mod bench_paced;
 mod bench_reuseport;
 mod bpf_attach;
+mod cgroup;
 mod demo;
 mod fault_probes;
 mod fuzz;

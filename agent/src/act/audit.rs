@@ -1,10 +1,17 @@
 //! Every decision and change acting makes, as a record with the signal that
-//! caused it and the values before and after: logged as it happens, and the
-//! latest kept for `vigil status` and `GET /v1/actuation`.
+//! caused it and the values before and after: logged as it happens, sent as
+//! an OTLP log record when logs are exported, and the latest kept for
+//! `vigil status` and `GET /v1/actuation`.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    sync::{atomic::Ordering, Arc, Mutex, OnceLock},
+};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::export::otlp::{AttrValue, LogRecordOut, OtlpStats, Severity};
 
 /// What was decided or done; its name is the JSON's (`steer_away`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,10 +53,58 @@ pub struct AuditRecord {
     pub after: String,
 }
 
+impl AuditRecord {
+    /// The OTLP log record of this decision (`vigil.actuation.*` attributes).
+    pub fn log_record(&self) -> LogRecordOut {
+        let text =
+            |k: &str, v: &str| (format!("vigil.actuation.{k}"), AttrValue::Str(v.to_owned()));
+        let mut attributes = vec![
+            text("action", self.action.as_str()),
+            text("mode", &self.mode),
+            (
+                "vigil.actuation.applied".into(),
+                AttrValue::Int(i64::from(self.applied)),
+            ),
+            text("group", &self.group),
+            text("signal", &self.signal),
+            text("before", &self.before),
+            text("after", &self.after),
+        ];
+        if let Some(member) = &self.member {
+            attributes.push(text("member", member));
+        }
+        let refused = self.action == Action::Refuse;
+        LogRecordOut {
+            time_unix_nano: self.at_unix_ms * 1_000_000,
+            severity: if refused {
+                Severity::Warn
+            } else {
+                Severity::Info
+            },
+            body: if refused {
+                "actuation refused"
+            } else {
+                "actuation decision"
+            }
+            .into(),
+            attributes,
+            trace_id: None,
+            span_id: None,
+        }
+    }
+}
+
+/// Where records go as OTLP log records, once the exporter runs.
+struct Export {
+    tx: mpsc::Sender<LogRecordOut>,
+    stats: Arc<OtlpStats>,
+}
+
 /// The latest records, bounded.
 pub struct AuditLog {
     records: Mutex<VecDeque<AuditRecord>>,
     capacity: usize,
+    export: OnceLock<Export>,
 }
 
 impl Action {
@@ -73,7 +128,14 @@ impl AuditLog {
         AuditLog {
             records: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             capacity: capacity.max(1),
+            export: OnceLock::new(),
         }
+    }
+
+    /// Sends every later record to the OTLP log exporter too; a full queue
+    /// drops the record there (counted, as the exporter's own) and keeps it here.
+    pub fn export_to(&self, tx: mpsc::Sender<LogRecordOut>, stats: Arc<OtlpStats>) {
+        let _ = self.export.set(Export { tx, stats });
     }
 
     /// Logs `record` and keeps it, forgetting the oldest beyond the capacity.
@@ -92,6 +154,14 @@ impl AuditLog {
                 group = %record.group, member, signal = %record.signal,
                 before = %record.before, after = %record.after, "actuation decision"
             );
+        }
+        if let Some(export) = self.export.get() {
+            if export.tx.try_send(record.log_record()).is_err() {
+                export
+                    .stats
+                    .log_records_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         if let Ok(mut records) = self.records.lock() {
             if records.len() == self.capacity {
@@ -135,5 +205,37 @@ mod tests {
         }
         let kept: Vec<u64> = log.latest().iter().map(|r| r.at_unix_ms).collect();
         assert_eq!(kept, [1, 2]);
+    }
+
+    #[test]
+    fn records_go_to_the_otlp_exporter_once_it_runs() {
+        let log = AuditLog::new(4);
+        log.record(record(1));
+        let (tx, mut rx) = mpsc::channel(1);
+        let stats = Arc::new(OtlpStats::default());
+        log.export_to(tx, stats.clone());
+        log.record(record(2));
+        log.record(record(3));
+        let sent = rx.try_recv().expect("one record queued");
+        assert_eq!(sent.time_unix_nano, 2_000_000);
+        assert_eq!(sent.body, "actuation decision");
+        assert!(sent.attributes.contains(&(
+            "vigil.actuation.action".into(),
+            AttrValue::Str("steer_away".into())
+        )));
+        assert!(
+            rx.try_recv().is_err(),
+            "the record before the export is not sent"
+        );
+        assert_eq!(
+            stats.log_records_dropped.load(Ordering::Relaxed),
+            1,
+            "a full queue drops and counts"
+        );
+        assert_eq!(
+            log.latest().len(),
+            3,
+            "every record is kept for the endpoint"
+        );
     }
 }
