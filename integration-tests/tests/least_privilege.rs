@@ -2,10 +2,14 @@
 //! the agent runs with exactly the set helm/vigil/values.yaml adds (read from
 //! the chart, so the two cannot drift) and attaches every hook; without
 //! NET_ADMIN the kernel refuses to attach the trace-context capture's
-//! packet programs, which kernels without its tracepoints fall back to.
+//! packet programs, which kernels without its tracepoints fall back to;
+//! acting works with the same set, and says which capability it lacks.
 
 use anyhow::{ensure, Context};
-use vigil_integration_tests::{bpf_available, metric_sum, vigil_cli, Agent};
+use vigil_integration_tests::{
+    acting::{serial, steering_programs, wait_for_group, Fleet},
+    bpf_available, metric_sum, vigil_cli, Agent,
+};
 
 const VALUES_YAML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/vigil/values.yaml");
 
@@ -259,4 +263,64 @@ fn without_net_admin_only_the_packet_capture_is_unavailable() -> anyhow::Result<
     }
 
     stops_cleanly(&mut agent)
+}
+
+/// Acting needs nothing beyond the chart's set, and of it exactly
+/// SYS_PTRACE: with the chart's set the agent enforces a group (its steering
+/// program attached); without SYS_PTRACE it cannot take a copy of a worker's
+/// listener (pidfd_getfd), so the group is refused with that reason and
+/// nothing is attached. NET_ADMIN is not needed: the kernel loads
+/// sk_reuseport programs with CAP_BPF alone, and attaching one is a
+/// setsockopt on the listener copy, so an operator who drops NET_ADMIN
+/// (the packet capture's reason for it) still acts.
+#[test]
+fn acting_needs_sys_ptrace_of_the_chart_and_not_net_admin() -> anyhow::Result<()> {
+    if !bpf_available("acting_needs_sys_ptrace_of_the_chart_and_not_net_admin") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let capabilities = chart_capabilities()?;
+    let fleet = Fleet::start("lpact", 19321)?;
+    let selector = fleet.selector();
+    let args = ["--actuation", "enforce", "--act-on", selector.as_str()];
+    let granted: Vec<&str> = capabilities.iter().map(String::as_str).collect();
+    for missing in ["SYS_PTRACE", "NET_ADMIN"] {
+        assert!(
+            granted.contains(&missing),
+            "the chart must add {missing}: {granted:?}"
+        );
+    }
+    let without = |missing: &str| -> Vec<&str> {
+        granted.iter().copied().filter(|c| *c != missing).collect()
+    };
+
+    for (set, name) in [
+        (granted.clone(), "the chart's set"),
+        (without("NET_ADMIN"), "the chart's set without NET_ADMIN"),
+    ] {
+        let mut agent = Agent::start_with_capabilities(&set, &args)?;
+        let group = wait_for_group(&agent, fleet.addr, "enforced")
+            .with_context(|| format!("with {name} {set:?}"))?;
+        assert!(group["program_id"].as_u64().is_some(), "{name}: {group:#}");
+        assert_eq!(steering_programs()?, 1, "{name}");
+        stops_cleanly(&mut agent)?;
+        assert_eq!(steering_programs()?, 0, "{name}: detached on exit");
+    }
+
+    let fewer = without("SYS_PTRACE");
+    let mut agent = Agent::start_with_capabilities(&fewer, &args)?;
+    let group = wait_for_group(&agent, fleet.addr, "refused")?;
+    assert!(
+        group["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("pidfd_getfd")),
+        "without SYS_PTRACE: {group:#}"
+    );
+    assert_eq!(
+        steering_programs()?,
+        0,
+        "without SYS_PTRACE nothing is attached"
+    );
+    stops_cleanly(&mut agent)?;
+    Ok(())
 }
