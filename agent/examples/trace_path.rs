@@ -115,16 +115,14 @@ fn state_owner() -> StateOwner {
     });
     enricher.pods = Some(Arc::new(RwLock::new(pods)));
     let mut registry = Registry::new(
-        vec![],
-        None,
-        vec![],
         SocketHealth::new(Default::default(), 1024),
         SeriesBudget::new(1024, Duration::from_secs(600)),
     );
     registry.traces = vigil::correlate::traces::TraceIndex::new(TRACE_INDEX_ENTRIES);
     StateOwner {
         enricher,
-        registry: Arc::new(Mutex::new(registry)),
+        registry,
+        view: vigil::view::channel().0,
         event_log: None,
         otlp_logs: None,
         otlp_stats: Arc::new(OtlpStats::default()),
@@ -135,6 +133,7 @@ fn state_owner() -> StateOwner {
             64,
             Duration::from_secs(60),
         ))),
+        events_applied: 0,
     }
 }
 
@@ -178,7 +177,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("only {events} of {n} records joined their socket: the harness is broken");
         return std::process::ExitCode::FAILURE;
     }
-    let traces = state.registry.lock().map_or(0, |r| r.traces.len());
+    let traces = state.registry.traces.len();
     // One JSON line, for `cargo xtask bench`.
     println!(
         "{{\"records\":{n},\"ns_per_record\":{:.1},\"traces_indexed\":{traces}}}",

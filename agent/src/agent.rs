@@ -22,7 +22,6 @@ use crate::{
     enrich::Enricher,
     export::otlp::{self, OtlpStats},
     export::prometheus::{self, MetricsSource},
-    exposition::Exposition,
     kube_pods::{self, KubeStats, PodDirectory},
     loader::{sys::IterLink, LoadOptions, Probes, Signal},
     metrics::{PipelineStats, Registry},
@@ -30,6 +29,8 @@ use crate::{
     socket_health::SocketHealth,
     sources::RingSource,
     state::{EventLog, StateOwner},
+    telemetry::Telemetry,
+    view,
 };
 
 /// What the loader takes from the config.
@@ -106,10 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let stats = Arc::new(PipelineStats::default());
-    let registry = Arc::new(Mutex::new(Registry::new(
-        probes.hooks.clone(),
-        Some(maps.losses),
-        probes.program_handles(),
+    let mut registry = Registry::new(
         SocketHealth::new(
             probes.drop_reasons.clone(),
             config.sampler.connection_table_entries,
@@ -118,13 +116,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.metrics.max_series,
             Duration::from_secs(config.metrics.series_idle_expiry_secs),
         ),
-    )));
-    if let Ok(mut r) = registry.lock() {
-        r.traces = TraceIndex::new(config.correlate.trace_index_entries);
-        if pod_watch.is_some() {
-            r.kube = Some(kube_stats.clone());
-        }
+    );
+    registry.traces = TraceIndex::new(config.correlate.trace_index_entries);
+    let mut telemetry = Telemetry::new(
+        probes.hooks.clone(),
+        Some(maps.losses),
+        probes.program_handles(),
+        stats.clone(),
+    );
+    if pod_watch.is_some() {
+        telemetry.kube = Some(kube_stats.clone());
     }
+    let (view, view_rx) = view::channel();
+    let (trace_queries, trace_queries_rx) = view::trace_queries();
     let (tx, rx) = mpsc::channel(config.pipeline.channel_capacity_batches);
     // One snapshot in flight is enough: a newer one replaces an older one anyway.
     let (snapshot_tx, snapshot_rx) = mpsc::channel(1);
@@ -177,9 +181,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             )
         }
     };
-    if let Ok(mut r) = registry.lock() {
-        r.actuation = Some(act_state.clone());
-    }
+    telemetry.actuation = Some(act_state.clone());
     let sampler_thread = match probes.socket_iterator() {
         Some(program) => match IterLink::create(std::os::fd::AsFd::as_fd(&program)) {
             Ok(link) => {
@@ -207,6 +209,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let stop_export = CancellationToken::new();
     let otlp_stats = Arc::new(OtlpStats::default());
+    if otlp.is_some() {
+        telemetry.otlp = Some(otlp_stats.clone());
+    }
+    let receiver_bind = receiver_bind
+        .and_then(|(listener, upstream)| Some((listener, otlp::TracesUpstream::new(upstream)?)));
+    let receiver_stats = receiver_bind
+        .as_ref()
+        .map(|_| Arc::new(crate::correlate::receiver::ReceiverStats::default()));
+    telemetry.receiver = receiver_stats.clone();
+    // Complete from here on: shared by the exporters, read without a lock.
+    let telemetry = Arc::new(telemetry);
     let (otlp_logs, export_task) = match otlp {
         Some(settings) => {
             info!(
@@ -216,10 +229,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             );
             let logs_enabled = settings.logs_enabled();
             let (log_tx, log_rx) = mpsc::channel(otlp::LOG_BUFFER_RECORDS);
-            let (reg, st) = (registry.clone(), stats.clone());
-            let snapshot = move || match reg.lock() {
-                Ok(r) => r.families(&st),
-                Err(_) => Exposition::default(),
+            let (telemetry, view) = (telemetry.clone(), view_rx.clone());
+            // The view is cloned out first: a borrow held over the kernel
+            // reads would hold off the owner's next publication.
+            let snapshot = move || {
+                let view = view.borrow().clone();
+                telemetry.families(&view)
             };
             let task = otlp::spawn(
                 settings.with_start_time(started),
@@ -228,9 +243,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 otlp_stats.clone(),
                 stop_export.clone(),
             );
-            if let Ok(mut r) = registry.lock() {
-                r.otlp = Some(otlp_stats.clone());
-            }
             if logs_enabled {
                 act_state
                     .audit
@@ -245,42 +257,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.correlate.ledger_events_per_connection,
         Duration::from_secs(config.correlate.ledger_retention_secs),
     )));
-    let receiver_task = receiver_bind.and_then(|(listener, upstream)| {
-        use crate::correlate::receiver::{self, ReceiverSettings, ReceiverStats};
-        let upstream = otlp::TracesUpstream::new(upstream)?;
-        let stats = Arc::new(ReceiverStats::default());
-        if let Ok(mut r) = registry.lock() {
-            r.receiver = Some(stats.clone());
-        }
-        let flush = Duration::from_millis(config.agent.shutdown_timeout_ms);
-        Some(receiver::spawn(
-            listener,
-            ReceiverSettings::new(&config.receiver, flush),
-            upstream,
-            ledger.clone(),
-            stats,
-            // A source of spans: it stops accepting when the drain starts.
-            stop_sources.clone(),
-        ))
-    });
+    let receiver_task = receiver_bind
+        .zip(receiver_stats)
+        .map(|((listener, upstream), stats)| {
+            use crate::correlate::receiver::{self, ReceiverSettings};
+            let flush = Duration::from_millis(config.agent.shutdown_timeout_ms);
+            receiver::spawn(
+                listener,
+                ReceiverSettings::new(&config.receiver, flush),
+                upstream,
+                ledger.clone(),
+                stats,
+                // A source of spans: it stops accepting when the drain starts.
+                stop_sources.clone(),
+            )
+        });
     let state_task = tokio::spawn(
         StateOwner {
             enricher,
-            registry: registry.clone(),
+            registry,
+            view,
             event_log,
             otlp_logs,
             otlp_stats: otlp_stats.clone(),
             clock: MonotonicToWall::now(),
             reconcile_every: Duration::from_millis(config.enrich.proc_reconcile_interval_ms),
             ledger: ledger.clone(),
+            events_applied: 0,
         }
-        .run(rx, snapshot_rx),
+        .run(rx, snapshot_rx, trace_queries_rx),
     );
     let metrics_task = tokio::spawn(prometheus::serve(
         listener,
         MetricsSource {
-            registry,
-            stats,
+            view: view_rx,
+            telemetry,
+            trace_queries,
             actuation: act_state,
         },
         stop_exporters.clone(),

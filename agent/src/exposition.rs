@@ -85,7 +85,7 @@ impl<T: SampleValue> SampleValue for &T {
 }
 
 /// The families of one snapshot, in the order they were declared.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Exposition {
     pub families: Vec<Family>,
 }

@@ -19,4 +19,6 @@ pub mod sampler;
 pub mod socket_health;
 pub mod sources;
 pub mod state;
+pub mod telemetry;
 pub mod triage;
+pub mod view;

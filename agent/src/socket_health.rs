@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -138,7 +139,7 @@ pub struct SocketHealth {
     listeners: BTreeMap<ListenerSeries, QueueFill>,
     rtt: BTreeMap<Series, Histogram>,
     connections: BTreeMap<Series, u64>,
-    table: SocketTable,
+    table: Arc<SocketTable>,
     table_cap: usize,
     /// Network namespace -> its TcpExt ListenOverflows at the last look.
     netns_overflows: HashMap<u32, u64>,
@@ -160,7 +161,7 @@ impl SocketHealth {
             listeners: BTreeMap::new(),
             rtt: BTreeMap::new(),
             connections: BTreeMap::new(),
-            table: SocketTable::default(),
+            table: Arc::default(),
             table_cap,
             netns_overflows: HashMap::new(),
             first_pass_done: false,
@@ -202,7 +203,7 @@ impl SocketHealth {
         let mut netns_owner: HashMap<u32, (Series, Identity, SocketAddr)> = HashMap::new();
         self.listeners.clear();
         self.connections.clear();
-        self.table = SocketTable::default();
+        let mut table = SocketTable::default();
         for (l, owner, who) in listeners {
             netns_owner
                 .entry(l.netns)
@@ -216,7 +217,7 @@ impl SocketHealth {
             fill.len += u64::from(l.queue_len);
             fill.cap += u64::from(l.queue_cap);
             fill.sockets += 1;
-            self.table.listeners.push(ListenerRow {
+            table.listeners.push(ListenerRow {
                 netns: l.netns,
                 local: l.local,
                 queue_len: l.queue_len,
@@ -264,9 +265,9 @@ impl SocketHealth {
                     .or_default()
                     .observe(f64::from(c.srtt_us) / 1e6);
             }
-            self.table.connections_sampled += 1;
-            if self.table.connections.len() < self.table_cap {
-                self.table.connections.push(ConnectionRow {
+            table.connections_sampled += 1;
+            if table.connections.len() < self.table_cap {
+                table.connections.push(ConnectionRow {
                     netns: c.netns,
                     state: c.state_name().to_owned(),
                     local: c.endpoints.local,
@@ -283,6 +284,7 @@ impl SocketHealth {
                 });
             }
         }
+        self.table = Arc::new(table);
         overflows
     }
 
@@ -293,7 +295,8 @@ impl SocketHealth {
         self.rtt.retain(|s, _| !gone.contains(s));
     }
 
-    pub fn table(&self) -> &SocketTable {
+    /// The latest sample's table, shared with the views that show it.
+    pub fn table(&self) -> &Arc<SocketTable> {
         &self.table
     }
 

@@ -31,6 +31,7 @@ use crate::{
     sampler::{Sample, Snapshot},
     socket_health::{Overflow, SocketHealth},
     sources::Batch,
+    view::{Publisher, TraceQuery, View, PUBLISH_INTERVAL},
 };
 
 /// Who, in the event log.
@@ -236,7 +237,9 @@ impl EventLog {
 
 pub struct StateOwner {
     pub enricher: Enricher,
-    pub registry: Arc<Mutex<Registry>>,
+    /// The aggregates: this task's alone; readers see them through `view`.
+    pub registry: Registry,
+    pub view: Publisher,
     pub event_log: Option<EventLog>,
     /// OTLP log records, one per event worth a record, when logs are exported.
     pub otlp_logs: Option<mpsc::Sender<LogRecordOut>>,
@@ -246,6 +249,8 @@ pub struct StateOwner {
     pub reconcile_every: std::time::Duration,
     /// Per-connection history that received spans are joined with.
     pub ledger: Arc<Mutex<ConnectionLedger>>,
+    /// Kernel events applied so far (0 at the start).
+    pub events_applied: u64,
 }
 
 /// Attributes every record about a socket carries: OpenTelemetry semantic
@@ -316,30 +321,61 @@ fn unix_now_ns() -> u64 {
 }
 
 impl StateOwner {
-    /// Runs until the event sources hang up; snapshots are taken while they last.
+    /// Runs until the event sources hang up; snapshots are taken while they
+    /// last. Publishes a view of the aggregates at most every
+    /// `PUBLISH_INTERVAL` while events change them, at once after a socket
+    /// sample, and a last one when the sources have hung up.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Batch>,
         mut snapshots: mpsc::Receiver<Snapshot>,
+        mut trace_queries: mpsc::Receiver<TraceQuery>,
     ) {
-        let mut processed: u64 = 0;
         let mut reconcile = tokio::time::interval(self.reconcile_every);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.tick().await; // the first tick is immediate; bootstrap just scanned
+        let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
+        publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish();
         loop {
             tokio::select! {
                 _ = reconcile.tick() => self.enricher.reconcile(),
+                _ = publish.tick() => if self.view.due() {
+                    self.publish();
+                },
                 batch = events.recv() => match batch {
                     Some(batch) => {
-                        processed += batch.len() as u64;
                         self.apply_events(batch);
+                        if self.view.due() {
+                            self.publish();
+                        }
                     }
                     None => break,
                 },
-                Some(snapshot) = snapshots.recv() => self.apply_snapshot(snapshot),
+                Some(snapshot) = snapshots.recv() => {
+                    self.apply_snapshot(snapshot);
+                    self.publish();
+                }
+                Some(query) = trace_queries.recv() => {
+                    // The asker may have given up (timeout): nothing to do then.
+                    let _ = query.reply.send(self.registry.traces.get(&query.trace_id));
+                }
             }
         }
-        info!(events = processed, "state owner drained all events");
+        self.publish();
+        info!(
+            events = self.events_applied,
+            "state owner drained all events"
+        );
+    }
+
+    /// Publishes a view of the aggregates as they are now.
+    pub fn publish(&mut self) {
+        self.view.publish(View {
+            families: self.registry.families(),
+            sockets: self.registry.health.table().clone(),
+            events_applied: self.events_applied,
+        });
     }
 
     /// Attributes, aggregates and logs one batch of kernel events.
@@ -377,9 +413,9 @@ impl StateOwner {
                 }
             })
             .collect();
-        let Ok(mut registry) = self.registry.lock() else {
-            return;
-        };
+        self.events_applied += batch.len() as u64;
+        self.view.mark_changed();
+        let registry = &mut self.registry;
         for (e, who) in batch.iter().zip(&identities) {
             match e {
                 KernelEvent::Retransmit(r) => {
@@ -389,15 +425,16 @@ impl StateOwner {
                 KernelEvent::Trace(_) => {}
             }
         }
-        self.index_traces(&batch, &identities, &mut registry);
-        self.export_logs(&batch, &identities, &registry.health);
-        self.remember(&batch, &registry.health);
+        index_traces(&self.clock, &batch, &identities, registry);
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
         registry.proc_socket_entries = self.enricher.proc_sockets();
+        self.export_logs(&batch, &identities, &self.registry.health);
+        self.remember(&batch, &self.registry.health);
         let Some(log) = &mut self.event_log else {
             return;
         };
         let enricher = &self.enricher;
+        let health = &self.registry.health;
         let written = batch
             .iter()
             .zip(&identities)
@@ -416,7 +453,7 @@ impl StateOwner {
                     }
                     KernelEvent::Drop(d) => {
                         let peer = d.endpoints.and_then(|ep| enricher.peer_pod(ep.remote.ip()));
-                        let reason = registry.health.reason_name(d.reason);
+                        let reason = health.reason_name(d.reason);
                         log.write_drop(d, &reason, peer, owner(&d.owner))
                     }
                     KernelEvent::Trace(t) => log.write_trace(t, owner(&t.owner)),
@@ -426,56 +463,6 @@ impl StateOwner {
         if let Err(e) = written {
             warn!(error = %e, "event log write failed; disabling the event log");
             self.event_log = None;
-        }
-    }
-
-    /// Which connections carried each trace, and the kernel events stamped
-    /// with it, for `vigil explain`.
-    fn index_traces(&self, batch: &Batch, identities: &[Arc<Identity>], registry: &mut Registry) {
-        for (e, who) in batch.iter().zip(identities) {
-            let (stamp, event) = match e {
-                KernelEvent::Trace(t) => {
-                    if let Some(ctx) = t.trace.context() {
-                        let at = self.clock.to_unix_ns(t.ts_ns);
-                        registry.traces.message(t, ctx, at, who);
-                    }
-                    (t.trace, None)
-                }
-                KernelEvent::Retransmit(r) => (
-                    r.trace,
-                    (r.counted_segments() > 0).then(|| TraceKernelEvent {
-                        at_unix_ns: self.clock.to_unix_ns(r.ts_ns),
-                        kind: "retransmit".into(),
-                        cookie: r.cookie,
-                        local: Some(r.endpoints.local),
-                        remote: Some(r.endpoints.remote),
-                        span_id: String::new(),
-                        segments: r.counted_segments(),
-                        reason: None,
-                    }),
-                ),
-                KernelEvent::Drop(d) => (
-                    d.trace,
-                    Some(TraceKernelEvent {
-                        at_unix_ns: self.clock.to_unix_ns(d.ts_ns),
-                        kind: "drop".into(),
-                        cookie: 0,
-                        local: d.endpoints.map(|ep| ep.local),
-                        remote: d.endpoints.map(|ep| ep.remote),
-                        span_id: String::new(),
-                        segments: 0,
-                        reason: Some(registry.health.reason_name(d.reason)),
-                    }),
-                ),
-            };
-            match (stamp, event) {
-                (Stamp::Invalid, _) => registry.traces.invalid_stamps += 1,
-                (Stamp::Context(ctx), Some(mut event)) => {
-                    event.span_id = ctx.span_id_hex();
-                    registry.traces.event(&ctx, event);
-                }
-                _ => {}
-            }
         }
     }
 
@@ -673,9 +660,8 @@ impl StateOwner {
                 }
             }
         }
-        let Ok(mut registry) = self.registry.lock() else {
-            return;
-        };
+        self.view.mark_changed();
+        let registry = &mut self.registry;
         let ls = snapshot.samples.iter().filter_map(|s| match s {
             Sample::Listener(l) => Some(l),
             Sample::Connection(_) => None,
@@ -691,7 +677,6 @@ impl StateOwner {
         );
         registry.cgroup_cache_entries = self.enricher.cgroups.cached();
         registry.proc_socket_entries = self.enricher.proc_sockets();
-        drop(registry);
         self.record_overflows(&overflows);
         self.remember_samples(&snapshot);
     }
@@ -720,5 +705,174 @@ impl StateOwner {
             }
         }
         ledger.expire(now);
+    }
+}
+
+/// Which connections carried each trace, and the kernel events stamped
+/// with it, for `vigil explain`.
+fn index_traces(
+    clock: &MonotonicToWall,
+    batch: &Batch,
+    identities: &[Arc<Identity>],
+    registry: &mut Registry,
+) {
+    for (e, who) in batch.iter().zip(identities) {
+        let (stamp, event) = match e {
+            KernelEvent::Trace(t) => {
+                if let Some(ctx) = t.trace.context() {
+                    let at = clock.to_unix_ns(t.ts_ns);
+                    registry.traces.message(t, ctx, at, who);
+                }
+                (t.trace, None)
+            }
+            KernelEvent::Retransmit(r) => (
+                r.trace,
+                (r.counted_segments() > 0).then(|| TraceKernelEvent {
+                    at_unix_ns: clock.to_unix_ns(r.ts_ns),
+                    kind: "retransmit".into(),
+                    cookie: r.cookie,
+                    local: Some(r.endpoints.local),
+                    remote: Some(r.endpoints.remote),
+                    span_id: String::new(),
+                    segments: r.counted_segments(),
+                    reason: None,
+                }),
+            ),
+            KernelEvent::Drop(d) => (
+                d.trace,
+                Some(TraceKernelEvent {
+                    at_unix_ns: clock.to_unix_ns(d.ts_ns),
+                    kind: "drop".into(),
+                    cookie: 0,
+                    local: d.endpoints.map(|ep| ep.local),
+                    remote: d.endpoints.map(|ep| ep.remote),
+                    span_id: String::new(),
+                    segments: 0,
+                    reason: Some(registry.health.reason_name(d.reason)),
+                }),
+            ),
+        };
+        match (stamp, event) {
+            (Stamp::Invalid, _) => registry.traces.invalid_stamps += 1,
+            (Stamp::Context(ctx), Some(mut event)) => {
+                event.span_id = ctx.span_id_hex();
+                registry.traces.event(&ctx, event);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        cardinality::SeriesBudget,
+        events::{Endpoints, RetransmitKind},
+        view,
+    };
+
+    fn retransmit(segs: u32) -> KernelEvent {
+        KernelEvent::Retransmit(RetransmitEvent {
+            kind: RetransmitKind::Segment,
+            ts_ns: 1,
+            cookie: 1,
+            sk_addr: 1,
+            netns: 7,
+            tcp_state: 1,
+            segs,
+            err: 0,
+            total_retrans: 0,
+            counted: None,
+            seq: 0,
+            bytes: 1,
+            trace: Stamp::None,
+            endpoints: Endpoints {
+                local: "198.18.1.1:80".parse().expect("addr"),
+                remote: "198.18.1.2:5000".parse().expect("addr"),
+            },
+            owner: None,
+        })
+    }
+
+    fn segments(view: &View) -> f64 {
+        view.families
+            .families
+            .iter()
+            .find(|f| f.name == "vigil_tcp_retransmitted_segments_total")
+            .map_or(0.0, |f| {
+                f.points
+                    .iter()
+                    .map(|p| match p.value {
+                        crate::exposition::Value::Number(n) => n,
+                        crate::exposition::Value::Histogram(_) => 0.0,
+                    })
+                    .sum()
+            })
+    }
+
+    /// The seam: readers see the owner's aggregates only through published
+    /// views, a view a reader still holds is never changed under it, a new
+    /// one follows events within the publication interval, and questions
+    /// about a trace are answered by the owner between batches.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_owner_publishes_views_and_answers_trace_questions() {
+        let (publisher, mut views) = view::channel();
+        let owner = StateOwner {
+            enricher: Enricher::bootstrap(Duration::from_secs(3600), 64),
+            registry: Registry::new(
+                SocketHealth::new(Default::default(), 16),
+                SeriesBudget::new(16, Duration::from_secs(600)),
+            ),
+            view: publisher,
+            event_log: None,
+            otlp_logs: None,
+            otlp_stats: Arc::new(OtlpStats::default()),
+            clock: MonotonicToWall::now(),
+            reconcile_every: Duration::from_secs(3600),
+            ledger: Arc::new(Mutex::new(ConnectionLedger::new(
+                16,
+                4,
+                Duration::from_secs(60),
+            ))),
+            events_applied: 0,
+        };
+        let (events, events_rx) = mpsc::channel(4);
+        let (_snapshots, snapshots_rx) = mpsc::channel(1);
+        let (queries, queries_rx) = view::trace_queries();
+        let task = tokio::spawn(owner.run(events_rx, snapshots_rx, queries_rx));
+
+        let held = views.borrow_and_update().clone();
+        let sent = std::time::Instant::now();
+        events
+            .send(vec![retransmit(3), retransmit(2)])
+            .await
+            .expect("owner running");
+        let fresh = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                views.changed().await.expect("owner running");
+                let v = views.borrow_and_update().clone();
+                if v.events_applied == 2 {
+                    return v;
+                }
+            }
+        })
+        .await
+        .expect("a view with the batch");
+        assert!(
+            sent.elapsed() < PUBLISH_INTERVAL * 3,
+            "published {:?} after the batch",
+            sent.elapsed()
+        );
+        assert_eq!(segments(&fresh), 5.0);
+        assert_eq!((held.events_applied, segments(&held)), (0, 0.0));
+
+        assert!(matches!(queries.ask([9; 16]).await, Ok(None)));
+        drop(events);
+        task.await.expect("owner drained");
+        assert!(queries.ask([9; 16]).await.is_err(), "the owner has stopped");
+        assert_eq!(views.borrow().events_applied, 2, "the last view");
     }
 }

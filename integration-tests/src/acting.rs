@@ -108,6 +108,28 @@ pub fn steering_programs() -> anyhow::Result<usize> {
         .unwrap_or(0))
 }
 
+/// The kernel objects of acting the agent's ledger lists ("kernel object
+/// created"): each steering program and its maps.
+pub fn acting_objects(agent: &Agent) -> Vec<(String, u64, String)> {
+    agent
+        .kernel_objects()
+        .into_iter()
+        .filter(|(_, _, name)| name == "vigil_reuseport" || name.starts_with("VIGIL_RP_"))
+        .collect()
+}
+
+/// Waits until bpftool finds none of `objects` (the kernel frees a replaced
+/// or detached program, and then its maps, after an RCU grace period).
+pub fn wait_until_released(objects: &[(String, u64, String)], what: &str) -> anyhow::Result<()> {
+    crate::wait_for(Duration::from_secs(10), what, || {
+        let left: Vec<_> = objects
+            .iter()
+            .filter(|(kind, id, _)| crate::bpftool_shows(kind, *id))
+            .collect();
+        Ok(left.is_empty().then_some(()))
+    })
+}
+
 /// `GET /v1/actuation`.
 pub fn actuation(agent: &Agent) -> anyhow::Result<Value> {
     let (status, body) = get(agent.metrics_addr, "/v1/actuation")?;

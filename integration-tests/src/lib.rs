@@ -299,6 +299,18 @@ pub fn wait_for_segments(agent: &Agent, netns: &str, kernel: u64) -> anyhow::Res
     }
 }
 
+/// Whether bpftool still finds the object the agent logged as `kind`.
+pub fn bpftool_shows(kind: &str, id: u64) -> bool {
+    let tool_kind = match kind {
+        "program" => "prog",
+        other => other, // "map", "link"
+    };
+    Command::new("bpftool")
+        .args([tool_kind, "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Polls `f` until it returns Some, or fails after `timeout`.
 pub fn wait_for<T>(
     timeout: Duration,

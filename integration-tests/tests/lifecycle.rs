@@ -3,19 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use vigil_integration_tests::{bpf_available, tag, wait_for, Agent, TestCgroup};
-
-/// Whether bpftool still finds the object the agent logged as `kind`.
-fn bpftool_shows(kind: &str, id: u64) -> bool {
-    let tool_kind = match kind {
-        "program" => "prog",
-        other => other, // "map", "link"
-    };
-    Command::new("bpftool")
-        .args([tool_kind, "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use vigil_integration_tests::{bpf_available, bpftool_shows, tag, wait_for, Agent, TestCgroup};
 
 /// Program ids some BPF link still points at. bpftool fails the whole
 /// listing when a link it is reading goes away meanwhile (another test's

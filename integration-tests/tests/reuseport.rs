@@ -23,8 +23,11 @@ use std::{
 
 use vigil_integration_tests::{
     abort,
-    acting::{actuation, serial, steering_programs, wait_for_decision, wait_for_group, Fleet},
-    bpf_available, tag, vigil_status, Agent, TestCgroup,
+    acting::{
+        acting_objects, actuation, serial, steering_programs, wait_for_decision, wait_for_group,
+        wait_until_released, Fleet,
+    },
+    bpf_available, bpftool_shows, tag, vigil_status, Agent, TestCgroup,
 };
 use vigil_testbed::netns::{bin_path, in_cgroup, spawn_origin, ChildGuard};
 
@@ -223,6 +226,7 @@ fn a_killed_agent_fails_open_and_a_restart_leaves_nothing_behind() -> anyhow::Re
     let args = ["--actuation", "enforce", "--act-on", selector.as_str()];
     let mut agent = Agent::start(&args)?;
     wait_for_group(&agent, fleet.addr, "enforced")?;
+    let killed = ledger_of_acting(&agent)?;
     let t0 = Instant::now();
     fleet.stop(0)?;
     let steering = traffic(fleet.addr, t0, Duration::from_secs(2));
@@ -256,6 +260,11 @@ fn a_killed_agent_fails_open_and_a_restart_leaves_nothing_behind() -> anyhow::Re
     // A restart enforcing the group replaces the orphan; SIGTERM removes its own.
     let mut agent = Agent::start(&args)?;
     wait_for_group(&agent, fleet.addr, "enforced")?;
+    let restarted = ledger_of_acting(&agent)?;
+    wait_until_released(
+        &killed,
+        "the killed agent's program and maps to be released",
+    )?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while steering_programs()? != 1 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
@@ -267,7 +276,37 @@ fn a_killed_agent_fails_open_and_a_restart_leaves_nothing_behind() -> anyhow::Re
     );
     assert!(agent.terminate()?.success());
     assert_eq!(steering_programs()?, 0, "nothing left behind");
+    wait_until_released(
+        &restarted,
+        "every object of acting to be released after SIGTERM",
+    )?;
     Ok(())
+}
+
+/// Acting's kernel objects in the agent's ledger: one steering program and
+/// its three maps for the one group, each visible to bpftool (so the checks
+/// that they go away can fail).
+fn ledger_of_acting(agent: &Agent) -> anyhow::Result<Vec<(String, u64, String)>> {
+    let objects = acting_objects(agent);
+    let mut names: Vec<&str> = objects.iter().map(|(_, _, n)| n.as_str()).collect();
+    names.sort_unstable();
+    anyhow::ensure!(
+        names
+            == [
+                "VIGIL_RP_CONTROL",
+                "VIGIL_RP_COUNTS",
+                "VIGIL_RP_MEMBERS",
+                "vigil_reuseport"
+            ],
+        "acting's objects in the ledger: {objects:?}"
+    );
+    for (kind, id, name) in &objects {
+        anyhow::ensure!(
+            bpftool_shows(kind, *id),
+            "{kind} {name} (id {id}) not visible while enforcing"
+        );
+    }
+    Ok(objects)
 }
 
 #[test]

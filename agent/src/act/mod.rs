@@ -597,7 +597,10 @@ impl Actuator {
             let result = match program.as_mut() {
                 Some(p) => p.set_members(&refs),
                 None => {
-                    GroupProgram::attach(&refs, self.settings.heartbeat_timeout.as_nanos() as u64)
+                    // The ledger's lines for this group's objects name it.
+                    let timeout = self.settings.heartbeat_timeout.as_nanos() as u64;
+                    tracing::info_span!("steering", group = %group_name(&key))
+                        .in_scope(|| GroupProgram::attach(&refs, timeout))
                         .map(|p| {
                             self.record(
                                 Action::Attach,

@@ -172,6 +172,7 @@ impl GroupProgram {
             .attach(via.as_fd())
             .map_err(aya_err("attaching to the group"))?;
         group.program_id = program.info().map(|i| i.id()).unwrap_or(0);
+        crate::loader::log_kernel_objects(&group.ebpf);
         // Members after attaching: a socket is in one socket array at a time,
         // so a program a killed agent left on the group (and its array) must
         // be replaced, and its array freed (deferred by the kernel), first.

@@ -4,11 +4,7 @@
 //! Hand-rolled on purpose: one route, bounded request size and time, no
 //! keep-alive; a full HTTP stack would be most of the agent's dependencies.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -19,8 +15,9 @@ use tracing::{debug, info};
 
 use crate::{
     correlate::{traceparent::TraceContext, traces::TraceRecordOut},
-    metrics::{PipelineStats, Registry},
     socket_health::{ConnectionRow, ListenerRow},
+    telemetry::Telemetry,
+    view::{TraceQueries, ViewReceiver},
 };
 
 const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
@@ -40,10 +37,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
+/// What the endpoint serves from: the state owner's latest view, the live
+/// telemetry, and the owner's answers about one trace. No lock the event
+/// path takes.
 #[derive(Clone)]
 pub struct MetricsSource {
-    pub registry: Arc<Mutex<Registry>>,
-    pub stats: Arc<PipelineStats>,
+    pub view: ViewReceiver,
+    pub telemetry: Arc<Telemetry>,
+    pub trace_queries: TraceQueries,
     pub actuation: Arc<crate::act::ActState>,
 }
 
@@ -97,23 +98,27 @@ pub struct Explanation {
     pub listeners: Vec<ListenerRow>,
 }
 
-fn explanation(source: &MetricsSource, id: &str) -> Result<String, (&'static str, String)> {
+async fn explanation(source: &MetricsSource, id: &str) -> Result<String, (&'static str, String)> {
     let trace_id = TraceContext::parse_trace_id(id)
         .map_err(|e| ("400 Bad Request", format!("not a trace id ({e}): {id:?}\n")))?;
-    let r = source.registry.lock().map_err(|_| {
-        (
-            "500 Internal Server Error",
-            "state unavailable\n".to_owned(),
-        )
-    })?;
-    let trace = r.traces.get(&trace_id).ok_or((
-        "404 Not Found",
-        format!(
-            "no kernel record of trace {}: no HTTP/1.1 message carried it on this node, or it was evicted\n",
-            hex::encode(trace_id)
-        ),
-    ))?;
-    let table = r.health.table();
+    let trace = source
+        .trace_queries
+        .ask(trace_id)
+        .await
+        .map_err(|_| {
+            (
+                "503 Service Unavailable",
+                "the agent is shutting down\n".to_owned(),
+            )
+        })?
+        .ok_or((
+            "404 Not Found",
+            format!(
+                "no kernel record of trace {}: no HTTP/1.1 message carried it on this node, or it was evicted\n",
+                hex::encode(trace_id)
+            ),
+        ))?;
+    let table = source.view.borrow().sockets.clone();
     let connections = table
         .connections
         .iter()
@@ -159,7 +164,8 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
     }
     match request_path(&head) {
         Some("/metrics") => {
-            let body = source.registry.lock().map(|r| r.render(&source.stats)).ok();
+            let view = source.view.borrow().clone();
+            let body = Some(source.telemetry.render(&view));
             respond_with(
                 &mut stream,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -168,15 +174,12 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
             .await
         }
         Some("/v1/sockets") => {
-            let body = source
-                .registry
-                .lock()
-                .ok()
-                .and_then(|r| serde_json::to_string(r.health.table()).ok());
+            let sockets = source.view.borrow().sockets.clone();
+            let body = serde_json::to_string(&*sockets).ok();
             respond_with(&mut stream, "application/json", body).await
         }
         Some(path) if path.starts_with(TRACES_PATH) => {
-            let body = explanation(source, &path[TRACES_PATH.len()..]);
+            let body = explanation(source, &path[TRACES_PATH.len()..]).await;
             match body {
                 Ok(body) => respond(&mut stream, "200 OK", "application/json", &body).await,
                 Err((status, why)) => respond(&mut stream, status, "text/plain", &why).await,
@@ -187,8 +190,8 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
             respond_with(&mut stream, "application/json", body).await
         }
         Some(crate::health::HEALTH_PATH) => {
-            let health = source.registry.lock().map(|r| r.health_report()).ok();
-            match health.and_then(|h| serde_json::to_string(&h).ok().map(|body| (h, body))) {
+            let health = source.telemetry.health_report();
+            match serde_json::to_string(&health).ok().map(|body| (health, body)) {
                 Some((h, body)) => {
                     // 503 while degraded: a readiness probe shows it.
                     let status = if h.is_degraded() {
@@ -231,7 +234,7 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
     }
 }
 
-/// 200 with `body`, or 500 when the registry could not produce it.
+/// 200 with `body`, or 500 when it could not be serialised.
 async fn respond_with(
     stream: &mut TcpStream,
     content_type: &str,
@@ -244,7 +247,7 @@ async fn respond_with(
                 stream,
                 "500 Internal Server Error",
                 "text/plain",
-                "registry unavailable\n",
+                "cannot serialise the response\n",
             )
             .await
         }

@@ -538,33 +538,8 @@ impl Probes {
         Err(LoadError::SignalUnavailable { signal, reasons })
     }
 
-    /// One log line per kernel object, so operators (and tests) can account for them.
     fn log_kernel_objects(&self) {
-        for (name, program) in self.ebpf.programs() {
-            if let Ok(info) = program.info() {
-                info!(
-                    kind = "program",
-                    id = info.id(),
-                    name,
-                    "kernel object created"
-                );
-            }
-        }
-        for (name, map) in self.ebpf.maps() {
-            let id = match map {
-                aya::maps::Map::RingBuf(m)
-                | aya::maps::Map::PerCpuArray(m)
-                | aya::maps::Map::LruHashMap(m)
-                | aya::maps::Map::PerCpuLruHashMap(m)
-                | aya::maps::Map::Array(m)
-                | aya::maps::Map::SkStorage(m)
-                | aya::maps::Map::CgroupArray(m) => m.info().map(|i| i.id()).ok(),
-                _ => None,
-            };
-            if let Some(id) = id {
-                info!(kind = "map", id, name, "kernel object created");
-            }
-        }
+        log_kernel_objects(&self.ebpf);
     }
 
     /// The attached programs, for reading their kernel statistics.
@@ -959,4 +934,38 @@ fn describe(step: &str, e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+/// One log line per program and map of `ebpf`: the ledger of kernel objects
+/// the agent created, so operators (and tests) can account for them. The
+/// loader's objects and each acting group's go through it alike.
+pub fn log_kernel_objects(ebpf: &Ebpf) {
+    for (name, program) in ebpf.programs() {
+        if let Ok(info) = program.info() {
+            info!(
+                kind = "program",
+                id = info.id(),
+                name,
+                "kernel object created"
+            );
+        }
+    }
+    for (name, map) in ebpf.maps() {
+        let id = match map {
+            aya::maps::Map::RingBuf(m)
+            | aya::maps::Map::PerCpuArray(m)
+            | aya::maps::Map::LruHashMap(m)
+            | aya::maps::Map::PerCpuLruHashMap(m)
+            | aya::maps::Map::Array(m)
+            | aya::maps::Map::SkStorage(m)
+            | aya::maps::Map::CgroupArray(m)
+            | aya::maps::Map::HashMap(m)
+            | aya::maps::Map::PerCpuHashMap(m)
+            | aya::maps::Map::ReusePortSockArray(m) => m.info().map(|i| i.id()).ok(),
+            _ => None,
+        };
+        if let Some(id) = id {
+            info!(kind = "map", id, name, "kernel object created");
+        }
+    }
 }
