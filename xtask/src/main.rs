@@ -10,9 +10,11 @@ mod bench_paced;
 mod bench_reuseport;
 mod bpf_attach;
 mod cgroup;
+mod chart;
 mod demo;
 mod fault_probes;
 mod fuzz;
+mod image;
 #[path = "../../build-support/probes_toolchain.rs"]
 mod probes_toolchain;
 mod setup;
@@ -47,6 +49,12 @@ enum Task {
     /// Measure the agent against bpftrace on the same traffic; `--write` updates BENCHMARKS.md.
     Bench(bench::BenchArgs),
     /// Run the cargo-fuzz targets (fuzz/fuzz_targets), each for a while.
+    /// Build the agent's OCI image archive (no registry, no container engine):
+    /// the stripped release binary and the files it needs, tagged with the chart's appVersion.
+    Image(image::ImageArgs),
+    /// The Helm chart's checks: helm lint --strict, helm template (default and
+    /// every optional feature on), kubernetes-validate, the schema, security and alert tests.
+    Chart,
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -132,6 +140,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     setup::ensure()?;
     lint()?;
     let bin_dir = build(false)?;
+    // The chart's checks compare its schema with `vigil default-config`.
+    chart::check(&bin_dir.join("vigil"))?;
+    // The image's entrypoint is run from the archive by integration-tests/tests/image.rs.
+    let image_archive = image::build(&image::ImageArgs { out: None })?;
     let filter_args: Vec<String> = filter.into_iter().collect();
     // Unit tests (pure logic; some read the running kernel's BTF and /proc).
     run(Command::new("cargo")
@@ -155,6 +167,7 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         .args(["test", "-p", "vigil-integration-tests", "--tests"])
         .env("VIGIL_BIN_DIR", &bin_dir)
         .env(fault_probes::ENV, &fault_object)
+        .env(image::ARCHIVE_ENV, &image_archive)
         .arg("--")
         .args(["--test-threads", "2"])
         .args(&filter_args))
@@ -171,6 +184,8 @@ fn main() -> ExitCode {
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Test { filter } => test(filter),
+        Task::Image(args) => image::build(&args).map(|_| ()),
+        Task::Chart => setup::ensure().and_then(|()| chart::build_and_check()),
         Task::Fuzz { seconds, target } => {
             setup::ensure().and_then(|()| fuzz::run_targets(seconds, target))
         }

