@@ -39,6 +39,10 @@ pub struct ImageArgs {
     /// The archive to write (default: target/image/vigil-TAG.oci.tar).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also write the image's files as a directory tree here (the Dockerfile
+    /// copies it into a scratch image, so both images hold the same files).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
 }
 
 /// The image's name and tag, read from the chart so the two cannot disagree.
@@ -151,6 +155,9 @@ pub fn build(args: &ImageArgs) -> anyhow::Result<PathBuf> {
     );
     files.insert(CA_BUNDLE.to_owned(), (ca, 0o644));
 
+    if let Some(dir) = &args.rootfs {
+        write_tree(dir, &files)?;
+    }
     let layer_tar = layer(&files)?;
     let written = write_archive(&out, &image, &layer_tar)?;
     fs::remove_dir_all(&work)?;
@@ -193,6 +200,21 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
         "ldd printed no libraries for a dynamic executable:\n{text}"
     );
     Ok(libs)
+}
+
+/// The image's files as a directory tree under `dir`.
+fn write_tree(dir: &Path, files: &BTreeMap<String, (PathBuf, u32)>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, (source, mode)) in files {
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(source, &target)
+            .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(*mode))?;
+    }
+    Ok(())
 }
 
 /// The layer as an uncompressed tar: every parent directory, then the files
@@ -351,6 +373,25 @@ mod tests {
             top_level_scalar("name: v\nappVersion: \"0.3.1\"\n", "appVersion").as_deref(),
             Some("0.3.1")
         );
+    }
+
+    /// The Dockerfile's build arguments default to the kernel programs' pin.
+    #[test]
+    fn dockerfile_follows_the_probes_pin() {
+        let pin = crate::setup::pin().expect("probes-toolchain.toml");
+        let dockerfile =
+            fs::read_to_string(workspace_root().join("Dockerfile")).expect("Dockerfile");
+        let arg = |name: &str| {
+            dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+                .map(str::to_owned)
+        };
+        assert_eq!(arg("LLVM"), Some(pin.llvm.clone()));
+        assert_eq!(arg("PROBES_CHANNEL"), Some(pin.rust_channel.clone()));
+        assert_eq!(arg("BPF_LINKER"), Some(pin.bpf_linker.clone()));
+        assert!(dockerfile.contains("cargo xtask image --rootfs /rootfs"));
+        assert!(dockerfile.contains(&format!("ENTRYPOINT [\"/{BINARY_IN_IMAGE}\"]")));
     }
 
     #[test]

@@ -143,7 +143,10 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     // The chart's checks compare its schema with `vigil default-config`.
     chart::check(&bin_dir.join("vigil"))?;
     // The image's entrypoint is run from the archive by integration-tests/tests/image.rs.
-    let image_archive = image::build(&image::ImageArgs { out: None })?;
+    let image_archive = image::build(&image::ImageArgs {
+        out: None,
+        rootfs: None,
+    })?;
     let filter_args: Vec<String> = filter.into_iter().collect();
     // Unit tests (pure logic; some read the running kernel's BTF and /proc).
     run(Command::new("cargo")
