@@ -334,34 +334,20 @@ pub type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Endpoints, Owner, RetransmitKind};
+    use crate::events::{Owner, RetransmitKind};
     use std::time::Duration;
 
     fn event(segs: u32, err: i32, kind: RetransmitKind) -> RetransmitEvent {
         RetransmitEvent {
-            kind,
-            ts_ns: 1,
-            cookie: 1,
-            sk_addr: 1,
-            netns: 7,
-            tcp_state: 1,
-            segs,
             err,
-            total_retrans: 0,
-            counted: None,
-            seq: 0,
-            bytes: 1,
-            trace: crate::correlate::traceparent::Stamp::None,
-            endpoints: Endpoints {
-                local: "198.18.1.1:80".parse().expect("addr"),
-                remote: "198.18.1.2:5000".parse().expect("addr"),
-            },
+            kind,
             owner: Some(Owner {
                 pid: 3,
                 comm: "origin".into(),
                 cgroup_id: 9,
                 source: OwnerSource::Kernel,
             }),
+            ..RetransmitEvent::example(segs)
         }
     }
 

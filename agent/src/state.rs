@@ -768,33 +768,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        cardinality::SeriesBudget,
-        events::{Endpoints, RetransmitKind},
-        view,
-    };
+    use crate::{cardinality::SeriesBudget, view};
 
     fn retransmit(segs: u32) -> KernelEvent {
-        KernelEvent::Retransmit(RetransmitEvent {
-            kind: RetransmitKind::Segment,
-            ts_ns: 1,
-            cookie: 1,
-            sk_addr: 1,
-            netns: 7,
-            tcp_state: 1,
-            segs,
-            err: 0,
-            total_retrans: 0,
-            counted: None,
-            seq: 0,
-            bytes: 1,
-            trace: Stamp::None,
-            endpoints: Endpoints {
-                local: "198.18.1.1:80".parse().expect("addr"),
-                remote: "198.18.1.2:5000".parse().expect("addr"),
-            },
-            owner: None,
-        })
+        KernelEvent::Retransmit(RetransmitEvent::example(segs))
     }
 
     fn segments(view: &View) -> f64 {
