@@ -467,6 +467,34 @@ pub fn tcp_state_name(state: u32) -> &'static str {
 }
 
 #[cfg(test)]
+impl RetransmitEvent {
+    /// A data-segment retransmit of `segs` segments on one IPv4 connection,
+    /// without owner or trace, for tests to vary.
+    pub fn example(segs: u32) -> RetransmitEvent {
+        RetransmitEvent {
+            kind: RetransmitKind::Segment,
+            ts_ns: 1,
+            cookie: 1,
+            sk_addr: 1,
+            netns: 7,
+            tcp_state: 1,
+            segs,
+            err: 0,
+            total_retrans: 0,
+            counted: None,
+            seq: 0,
+            bytes: 1,
+            trace: crate::correlate::traceparent::Stamp::None,
+            endpoints: Endpoints {
+                local: "198.18.1.1:80".parse().expect("addr"),
+                remote: "198.18.1.2:5000".parse().expect("addr"),
+            },
+            owner: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use vigil_abi::SockTuple;
@@ -787,33 +815,5 @@ mod tests {
         );
         e.kind = RetransmitKind::SynAck;
         assert_eq!(e.counted_segments(), 1);
-    }
-}
-
-#[cfg(test)]
-impl RetransmitEvent {
-    /// A data-segment retransmit of `segs` segments on one IPv4 connection,
-    /// without owner or trace, for tests to vary.
-    pub fn example(segs: u32) -> RetransmitEvent {
-        RetransmitEvent {
-            kind: RetransmitKind::Segment,
-            ts_ns: 1,
-            cookie: 1,
-            sk_addr: 1,
-            netns: 7,
-            tcp_state: 1,
-            segs,
-            err: 0,
-            total_retrans: 0,
-            counted: None,
-            seq: 0,
-            bytes: 1,
-            trace: crate::correlate::traceparent::Stamp::None,
-            endpoints: Endpoints {
-                local: "198.18.1.1:80".parse().expect("addr"),
-                remote: "198.18.1.2:5000".parse().expect("addr"),
-            },
-            owner: None,
-        }
     }
 }
