@@ -14,7 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    act::{self, ActState, ActuationMode},
+    act::{
+        self,
+        services::{ServiceSettings, Services},
+        ActState, ActuationMode,
+    },
+    api,
     cardinality::SeriesBudget,
     clock::MonotonicToWall,
     config::Config,
@@ -32,6 +37,10 @@ use crate::{
     telemetry::Telemetry,
     view,
 };
+
+/// Streams (load reports and target watches) one workload may hold open on
+/// the control API: a service needs two.
+const STREAMS_PER_WORKLOAD: usize = 8;
 
 /// What the loader takes from the config.
 pub fn load_options(config: &Config) -> LoadOptions {
@@ -182,6 +191,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     telemetry.actuation = Some(act_state.clone());
+    let stop_control = CancellationToken::new();
+    let control = match config.actuation.mode {
+        ActuationMode::Off => None,
+        mode => {
+            let services = Arc::new(Mutex::new(Services::new(
+                ServiceSettings {
+                    mode,
+                    selectors: config.actuation.selectors()?,
+                    pool_law: config.actuation.pool_controller,
+                    period_ms: config.actuation.control_period_ms,
+                    max_registrations: config.actuation.max_registrations,
+                    max_streams_per_workload: STREAMS_PER_WORKLOAD,
+                },
+                act_state.clone(),
+            )));
+            telemetry.services = Some(services.clone());
+            let api = api::control::ControlApi::new(services.clone(), enricher.pods.clone());
+            let serve = tokio::spawn(api::control::serve(
+                config.agent.control_socket.clone(),
+                api,
+                stop_control.clone(),
+            ));
+            let control_loop = tokio::spawn(api::control::control_loop(
+                services,
+                view_rx.clone(),
+                stop_control.clone(),
+            ));
+            Some((serve, control_loop))
+        }
+    };
     let sampler_thread = match probes.socket_iterator() {
         Some(program) => match IterLink::create(std::os::fd::AsFd::as_fd(&program)) {
             Ok(link) => {
@@ -306,10 +345,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = sigint.recv() => info!("SIGINT: shutting down"),
     }
 
-    // Acting first: every steering program is detached before anything else stops.
+    // Acting first: every steering program is detached before anything else
+    // stops, and services stop getting targets (their socket is removed).
     stop_act.cancel();
+    stop_control.cancel();
     if let Some(thread) = act_thread {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    if let Some((serve, control_loop)) = control {
+        match serve.await {
+            Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
+            Err(e) => warn!(error = %e, "control API task failed"),
+            Ok(Ok(())) => {}
+        }
+        let _ = control_loop.await;
     }
     // Sources drain the ring and hang up; the state owner then drains its queue.
     let drain = async {

@@ -56,6 +56,15 @@ pub struct ActuationConfig {
     pub admission_floor: f64,
     /// Largest change of the refused fraction per poll.
     pub max_shed_step: f64,
+    /// How often the control API's services report their load and their
+    /// targets are re-evaluated.
+    pub control_period_ms: u32,
+    /// How services' connection pools are sized (`--pool-controller`):
+    /// `kernel` (Little's law with the kernel's view of the upstream) or
+    /// `classic` (the wait/idle rules teams run today).
+    pub pool_controller: crate::act::pools::PoolLaw,
+    /// Services registered with the control API at once, on this node.
+    pub max_registrations: usize,
 }
 
 impl Default for ActuationConfig {
@@ -71,6 +80,9 @@ impl Default for ActuationConfig {
             queue_delay_target_ms: 10,
             admission_floor: 0.1,
             max_shed_step: 0.1,
+            control_period_ms: 1000,
+            pool_controller: crate::act::pools::PoolLaw::Kernel,
+            max_registrations: 256,
         }
     }
 }
@@ -115,6 +127,9 @@ pub struct AgentConfig {
     /// NODE_NAME environment variable (the chart sets it from the downward
     /// API), else the kernel's hostname.
     pub node_name: Option<String>,
+    /// The Unix socket of the control API (served unless actuation is off);
+    /// the chart shares its directory with pods.
+    pub control_socket: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -124,6 +139,7 @@ impl Default for AgentConfig {
             event_log: None,
             shutdown_timeout_ms: 5_000,
             node_name: None,
+            control_socket: PathBuf::from(vigil_control::DEFAULT_SOCKET),
         }
     }
 }
@@ -556,6 +572,22 @@ impl Config {
         if !(0.01..=0.5).contains(&a.max_shed_step) {
             return invalid("actuation.max_shed_step", "must be 0.01..=0.5".into());
         }
+        if !(100..=60_000).contains(&a.control_period_ms) {
+            return invalid("actuation.control_period_ms", "must be 100..=60000".into());
+        }
+        if !(1..=10_000).contains(&a.max_registrations) {
+            return invalid("actuation.max_registrations", "must be 1..=10000".into());
+        }
+        if self.agent.control_socket.as_os_str().is_empty()
+            || self.agent.control_socket.as_os_str().len() > 100
+            || !self.agent.control_socket.is_absolute()
+        {
+            return invalid(
+                "agent.control_socket",
+                "must be an absolute path of at most 100 bytes (a Unix socket's limit is 108)"
+                    .into(),
+            );
+        }
         Ok(())
     }
 }
@@ -651,6 +683,14 @@ mod tests {
             "actuation.stall_window_ms",
         );
         rejected(|c| c.actuation.audit_records = 0, "actuation.audit_records");
+        rejected(
+            |c| c.actuation.control_period_ms = 10,
+            "actuation.control_period_ms",
+        );
+        rejected(
+            |c| c.agent.control_socket = "control.sock".into(),
+            "agent.control_socket",
+        );
         rejected(
             |c| c.actuation.queue_delay_target_ms = 0,
             "actuation.queue_delay_target_ms",

@@ -2,6 +2,7 @@
 
 pub mod act;
 pub mod agent;
+pub mod api;
 pub mod cardinality;
 pub mod clock;
 pub mod config;

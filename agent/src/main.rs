@@ -160,6 +160,16 @@ struct AgentArgs {
     /// Sets actuation.admission_law [default: pie].
     #[arg(long, value_enum, value_name = "LAW")]
     admission_law: Option<vigil::act::admission::AdmissionLaw>,
+    /// How services registered with the control API get their pool sizes:
+    /// `kernel` (Little's law, with retransmits and RTT toward the upstream
+    /// from the kernel) or `classic` (wait and idle-share rules).
+    /// Sets actuation.pool_controller [default: kernel].
+    #[arg(long, value_enum, value_name = "LAW")]
+    pool_controller: Option<vigil::act::pools::PoolLaw>,
+    /// The control API's Unix socket. Sets agent.control_socket
+    /// [default: /run/vigil/control.sock].
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Load the kernel programs from this eBPF object instead of the
     /// built-in one (tests of a probes build only).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -224,6 +234,12 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     config.probes.object.clone_from(&args.probes_object);
     if let Some(mode) = args.actuation {
         config.actuation.mode = mode;
+    }
+    if let Some(law) = args.pool_controller {
+        config.actuation.pool_controller = law;
+    }
+    if let Some(path) = args.control_socket.clone() {
+        config.agent.control_socket = path;
     }
     if let Some(law) = args.admission_law {
         config.actuation.admission_law = law;

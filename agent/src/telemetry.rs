@@ -33,6 +33,8 @@ pub struct Telemetry {
     pub receiver: Option<Arc<crate::correlate::receiver::ReceiverStats>>,
     /// Acting's groups and decisions.
     pub actuation: Option<Arc<crate::act::ActState>>,
+    /// The control API's registrations, refusals and target changes.
+    pub services: Option<Arc<std::sync::Mutex<crate::act::services::Services>>>,
 }
 
 impl Telemetry {
@@ -51,6 +53,7 @@ impl Telemetry {
             otlp: None,
             receiver: None,
             actuation: None,
+            services: None,
         }
     }
 
@@ -255,6 +258,9 @@ impl Telemetry {
         }
         if let Some(act) = &self.actuation {
             act.describe(x);
+        }
+        if let Some(services) = self.services.as_ref().and_then(|s| s.lock().ok()) {
+            services.describe(x);
         }
         let name = "vigil_signal_degraded";
         x.family(

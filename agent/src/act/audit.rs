@@ -33,6 +33,9 @@ pub enum Action {
     StopShedding,
     /// A group or listener Vigil will not act on, and why.
     Refuse,
+    /// A target of a service registered with the control API changed (the
+    /// member names the setting: `pool NAME`, `listeners`, ...).
+    SetTarget,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +122,7 @@ impl Action {
             Action::ShedFraction => "shed_fraction",
             Action::StopShedding => "stop_shedding",
             Action::Refuse => "refuse",
+            Action::SetTarget => "set_target",
         }
     }
 }

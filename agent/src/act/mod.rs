@@ -17,8 +17,12 @@
 
 pub mod admission;
 pub mod audit;
+pub mod concurrency;
+pub mod listeners;
+pub mod pools;
 pub mod reuseport;
 pub mod selector;
+pub mod services;
 pub mod steering;
 
 use std::{
@@ -41,7 +45,7 @@ use crate::{
 use admission::{Admission, AdmissionLaw, AdmissionSettings, Change, Reading};
 use audit::{Action, AuditLog, AuditRecord};
 use reuseport::GroupProgram;
-use selector::{PodIdentity, Selector, Workload};
+use selector::Selector;
 use steering::MemberQueue;
 
 /// `--actuation`, `actuation.mode`.
@@ -457,28 +461,6 @@ impl Actuator {
         }
     }
 
-    fn workload(&self, pid: u32, process: &str) -> Workload {
-        let cgroup = selector::cgroup_of(pid);
-        let pod = match (&self.pods, &cgroup) {
-            (Some(pods), Some(path)) => crate::enrich::workload::parse(path).and_then(|r| {
-                let dir = pods.read().ok()?;
-                let meta = dir.by_uid(&r.uid)?;
-                Some(PodIdentity {
-                    namespace: meta.namespace.clone(),
-                    name: meta.name.clone(),
-                    labels: meta.labels.clone(),
-                })
-            }),
-            _ => None,
-        };
-        Workload {
-            pid,
-            process: process.to_owned(),
-            cgroup,
-            pod,
-        }
-    }
-
     /// Groups of selected workloads from the sampler's latest listeners.
     fn discover(&mut self, listeners: &[ListenerSample]) {
         let mut found: HashMap<GroupKey, Vec<(Member, bool)>> = HashMap::new();
@@ -489,7 +471,7 @@ impl Actuator {
                 fd: l.fd,
                 process: owner.comm.to_string(),
             };
-            let w = self.workload(owner.pid, &owner.comm);
+            let w = selector::workload_of(owner.pid, &owner.comm, self.pods.as_deref());
             let selected = self.settings.selectors.iter().any(|s| s.matches(&w));
             found
                 .entry((l.netns, l.local))

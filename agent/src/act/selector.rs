@@ -3,7 +3,9 @@
 //! to the root), `process:NAME`, `pod:NAMESPACE/NAME`, `namespace:NAME`,
 //! `label:KEY=VALUE`. A workload is selected when any selector matches it.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr, sync::RwLock};
+
+use crate::kube_pods::PodDirectory;
 
 /// One `--act-on` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +147,42 @@ impl Selector {
             self,
             Selector::Pod { .. } | Selector::Namespace(_) | Selector::Label { .. }
         )
+    }
+}
+
+impl Workload {
+    /// The identity the control API authorizes by: the pod when known, else
+    /// the cgroup (processes of one cgroup are one workload), else the pid.
+    pub fn key(&self) -> String {
+        match (&self.pod, &self.cgroup) {
+            (Some(p), _) => format!("pod {}/{}", p.namespace, p.name),
+            (None, Some(c)) => format!("cgroup /{c}"),
+            (None, None) => format!("pid {}", self.pid),
+        }
+    }
+}
+
+/// What a selector is matched against for process `pid`: its cgroup, and
+/// its pod when the Kubernetes API told us about it.
+pub fn workload_of(pid: u32, process: &str, pods: Option<&RwLock<PodDirectory>>) -> Workload {
+    let cgroup = cgroup_of(pid);
+    let pod = match (pods, &cgroup) {
+        (Some(pods), Some(path)) => crate::enrich::workload::parse(path).and_then(|r| {
+            let dir = pods.read().ok()?;
+            let meta = dir.by_uid(&r.uid)?;
+            Some(PodIdentity {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                labels: meta.labels.clone(),
+            })
+        }),
+        _ => None,
+    };
+    Workload {
+        pid,
+        process: process.to_owned(),
+        cgroup,
+        pod,
     }
 }
 

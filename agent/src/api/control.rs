@@ -1,0 +1,214 @@
+//! The control API (`proto/vigil/control/v1`) over the agent's Unix socket.
+//!
+//! Authorization is by the socket's peer credentials: the caller's pid (from
+//! SO_PEERCRED, taken by the kernel at connect) -> its cgroup -> its pod, the
+//! same resolution acting's selectors use. A registration belongs to that
+//! workload; every other caller gets PERMISSION_DENIED. Bounded everywhere a
+//! client could make the agent hold memory: message size, streams per
+//! connection and per workload, connections, registrations.
+
+use std::{
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+    time::Duration,
+};
+
+use tokio::{net::UnixListener, sync::watch};
+use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{transport::server::UdsConnectInfo, Request, Response, Status, Streaming};
+use tracing::{info, warn};
+use vigil_control::v1::{
+    self,
+    control_server::{Control, ControlServer},
+};
+
+use crate::{
+    act::{selector, services::Services},
+    kube_pods::PodDirectory,
+    view::View,
+};
+
+/// HTTP/2 streams one connection may hold at once.
+const STREAMS_PER_CONNECTION: u32 = 8;
+
+#[derive(Clone)]
+pub struct ControlApi {
+    services: Arc<Mutex<Services>>,
+    pods: Option<Arc<RwLock<PodDirectory>>>,
+}
+
+impl ControlApi {
+    pub fn new(services: Arc<Mutex<Services>>, pods: Option<Arc<RwLock<PodDirectory>>>) -> Self {
+        ControlApi { services, pods }
+    }
+
+    fn services(&self) -> Result<MutexGuard<'_, Services>, Status> {
+        self.services
+            .lock()
+            .map_err(|_| Status::internal("the control loop failed; restart the agent"))
+    }
+
+    /// The caller's workload, from the connection's peer credentials.
+    fn caller<T>(&self, req: &Request<T>) -> Result<selector::Workload, Status> {
+        let pid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0);
+        let refuse = |why: String| {
+            let mut s = self.services.lock().ok();
+            if let Some(s) = s.as_mut() {
+                s.refused(crate::api::validate::Refusal::Denied(why.clone()));
+            }
+            Status::permission_denied(why)
+        };
+        let Some(pid) = pid else {
+            return Err(refuse(
+                "no peer credentials on the connection: call over the agent's Unix socket".into(),
+            ));
+        };
+        let process = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default();
+        let w = selector::workload_of(pid, &process, self.pods.as_deref());
+        if w.cgroup.is_none() {
+            return Err(refuse(format!(
+                "the caller (pid {pid}) has no cgroup the agent can read: it cannot be told apart from other workloads"
+            )));
+        }
+        Ok(w)
+    }
+}
+
+type TargetStream = Pin<Box<dyn Stream<Item = Result<v1::Targets, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlApi {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let resp = self.services()?.register(caller, req.get_ref())?;
+        Ok(Response::new(resp))
+    }
+
+    async fn report_load(
+        &self,
+        req: Request<Streaming<v1::LoadReport>>,
+    ) -> Result<Response<v1::ReportSummary>, Status> {
+        let key = self.caller(&req)?.key();
+        let _open = self.services()?.open_stream(&key)?;
+        let mut stream = req.into_inner();
+        let mut reports = 0;
+        while let Some(report) = stream.message().await? {
+            // A refused report ends the stream with its status; the ones
+            // before it stand.
+            self.services()?.report(&key, &report)?;
+            reports += 1;
+        }
+        Ok(Response::new(v1::ReportSummary { reports }))
+    }
+
+    type WatchTargetsStream = TargetStream;
+
+    async fn watch_targets(
+        &self,
+        req: Request<v1::WatchTargetsRequest>,
+    ) -> Result<Response<TargetStream>, Status> {
+        let key = self.caller(&req)?.key();
+        let (targets, open) = {
+            let mut services = self.services()?;
+            let targets = services.watch(&key, &req.get_ref().registration)?;
+            (targets, services.open_stream(&key)?)
+        };
+        // The stream holds the guard: the workload's stream count drops when
+        // the client goes away.
+        let stream = WatchStream::new(targets).map(move |t| {
+            let _open = &open;
+            Ok(t)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Binds the socket, replacing a stale one a previous agent left. Mode 0666:
+/// pods run as any uid, and authorization is by peer credentials, not by
+/// who may connect.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serves the API on `path` until `stop`, then removes the socket.
+pub async fn serve(path: PathBuf, api: ControlApi, stop: CancellationToken) -> std::io::Result<()> {
+    let listener = bind(&path)?;
+    info!(socket = %path.display(), "control API listening");
+    let service = ControlServer::new(api)
+        .max_decoding_message_size(vigil_control::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(vigil_control::MAX_MESSAGE_BYTES);
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop.cancelled(),
+        )
+        .await;
+    if let Err(e) = std::fs::remove_file(&path) {
+        warn!(socket = %path.display(), error = %e, "cannot remove the control API socket");
+    } else {
+        info!(socket = %path.display(), "control API socket removed");
+    }
+    result.map_err(std::io::Error::other)
+}
+
+/// The control loop: every period, the latest reports and socket sample
+/// become targets.
+pub async fn control_loop(
+    services: Arc<Mutex<Services>>,
+    view: watch::Receiver<Arc<View>>,
+    stop: CancellationToken,
+) {
+    let period = match services.lock() {
+        Ok(s) => Duration::from_millis(u64::from(s.period_ms())),
+        Err(_) => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = stop.cancelled() => return,
+        }
+        let sockets = Arc::clone(&view.borrow().sockets);
+        match services.lock() {
+            Ok(mut s) => s.tick(&sockets),
+            Err(_) => return,
+        }
+    }
+}
