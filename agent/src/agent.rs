@@ -218,7 +218,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 view_rx.clone(),
                 stop_control.clone(),
             ));
-            Some((serve, control_loop))
+            let sysctls = act::sysctls::spawn(
+                act::sysctls::SysctlAdvisor::new(
+                    mode,
+                    config.actuation.selectors()?,
+                    enricher.pods.clone(),
+                    act_state.clone(),
+                ),
+                view_rx.clone(),
+                Duration::from_millis(u64::from(config.actuation.control_period_ms)),
+                stop_control.clone(),
+            )?;
+            Some((serve, control_loop, sysctls))
         }
     };
     let sampler_thread = match probes.socket_iterator() {
@@ -352,7 +363,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(thread) = act_thread {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
-    if let Some((serve, control_loop)) = control {
+    if let Some((serve, control_loop, sysctls)) = control {
+        // Sysctls it changed are put back before the agent goes on stopping.
+        let _ = tokio::task::spawn_blocking(move || sysctls.join()).await;
         match serve.await {
             Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
             Err(e) => warn!(error = %e, "control API task failed"),

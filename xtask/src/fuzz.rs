@@ -16,6 +16,7 @@ const TARGETS: &[&str] = &[
     "text_formats",
     "origin_request",
     "traceparent",
+    "control_messages",
 ];
 
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {

@@ -48,13 +48,13 @@ enum Task {
     },
     /// Measure the agent against bpftrace on the same traffic; `--write` updates BENCHMARKS.md.
     Bench(bench::BenchArgs),
-    /// Run the cargo-fuzz targets (fuzz/fuzz_targets), each for a while.
     /// Build the agent's OCI image archive (no registry, no container engine):
     /// the stripped release binary and the files it needs, tagged with the chart's appVersion.
     Image(image::ImageArgs),
     /// The Helm chart's checks: helm lint --strict, helm template (default and
     /// every optional feature on), kubernetes-validate, the schema, security and alert tests.
     Chart,
+    /// Run the cargo-fuzz targets (fuzz/fuzz_targets), each for a while.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]

@@ -182,6 +182,17 @@ pub fn chart_python_venv() -> PathBuf {
     crate::workspace_root().join("target").join("chart-python")
 }
 
+/// grpcio-tools (with grpcio and protobuf) for the control API's Python
+/// client, generated from the proto at test time.
+const CONTROL_PYTHON_PACKAGES: &[&str] = &["grpcio-tools==1.85.4"];
+
+/// The venv the control API's Python client runs from (`target/control-python`).
+pub fn control_python_venv() -> PathBuf {
+    crate::workspace_root()
+        .join("target")
+        .join("control-python")
+}
+
 /// A venv at `venv` holding exactly `packages`; a stamp file names the pinned
 /// set, so a version bump reinstalls and an unchanged one takes no time.
 fn ensure_venv(venv: &Path, packages: &[&str], what: &str) -> anyhow::Result<()> {
@@ -277,6 +288,11 @@ pub fn ensure() -> anyhow::Result<()> {
         &chart_python_venv(),
         CHART_PYTHON_PACKAGES,
         "kubernetes-validate",
+    )?;
+    ensure_venv(
+        &control_python_venv(),
+        CONTROL_PYTHON_PACKAGES,
+        "grpcio-tools (the control API's Python client)",
     )?;
     ensure_helm()?;
     eprintln!("setup: toolchain and tools ready");

@@ -36,6 +36,10 @@ pub enum Action {
     /// A target of a service registered with the control API changed (the
     /// member names the setting: `pool NAME`, `listeners`, ...).
     SetTarget,
+    /// A sysctl of a pod's network namespace was (or would be) changed.
+    SetSysctl,
+    /// A changed sysctl was put back to the value found.
+    RestoreSysctl,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +127,8 @@ impl Action {
             Action::StopShedding => "stop_shedding",
             Action::Refuse => "refuse",
             Action::SetTarget => "set_target",
+            Action::SetSysctl => "set_sysctl",
+            Action::RestoreSysctl => "restore_sysctl",
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod reuseport;
 pub mod selector;
 pub mod services;
 pub mod steering;
+pub mod sysctls;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -33,6 +33,23 @@ use crate::{
 
 /// HTTP/2 streams one connection may hold at once.
 const STREAMS_PER_CONNECTION: u32 = 8;
+/// What tonic decodes at most; messages above the API's own limit but below
+/// this get RESOURCE_EXHAUSTED from the handlers (tonic itself would answer
+/// OUT_OF_RANGE, where gRPC's convention for a message too large is
+/// RESOURCE_EXHAUSTED).
+const DECODE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Refuses a message larger than the API's limit.
+fn sized<M: prost::Message>(m: &M) -> Result<(), Status> {
+    let len = m.encoded_len();
+    if len > vigil_control::MAX_MESSAGE_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "message of {len} bytes: at most {} (vigil_control::MAX_MESSAGE_BYTES)",
+            vigil_control::MAX_MESSAGE_BYTES
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct ControlApi {
@@ -94,6 +111,7 @@ impl Control for ControlApi {
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         let caller = self.caller(&req)?;
+        sized(req.get_ref())?;
         let resp = self.services()?.register(caller, req.get_ref())?;
         Ok(Response::new(resp))
     }
@@ -109,6 +127,7 @@ impl Control for ControlApi {
         while let Some(report) = stream.message().await? {
             // A refused report ends the stream with its status; the ones
             // before it stand.
+            sized(&report)?;
             self.services()?.report(&key, &report)?;
             reports += 1;
         }
@@ -167,7 +186,7 @@ pub async fn serve(path: PathBuf, api: ControlApi, stop: CancellationToken) -> s
     let listener = bind(&path)?;
     info!(socket = %path.display(), "control API listening");
     let service = ControlServer::new(api)
-        .max_decoding_message_size(vigil_control::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(DECODE_LIMIT)
         .max_encoding_message_size(vigil_control::MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
