@@ -309,6 +309,21 @@ pub fn render_actuation(a: &ActuationView) -> String {
             ));
         }
     }
+    for s in &a.services {
+        out.push_str(&format!(
+            "  service     {}  {}, {} reports, generation {}{}
+",
+            s.workload,
+            s.mode,
+            s.reports,
+            s.generation,
+            if s.targets.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.targets.join("; "))
+            }
+        ));
+    }
     let skip = a.decisions.len().saturating_sub(STATUS_DECISIONS);
     for d in &a.decisions[skip..] {
         out.push_str(&format!(

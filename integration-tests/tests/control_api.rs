@@ -112,6 +112,24 @@ fn the_control_api_serves_only_each_workload_its_own_targets() -> anyhow::Result
     );
     assert_eq!(grown["reports"], 3, "{grown}");
     eprintln!("pool grown after {:?}", started.elapsed());
+    // `vigil status` and /v1/actuation show the registration and its target.
+    let view = vigil_integration_tests::acting::actuation(&agent)?;
+    let shown = view["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["workload"] == reg["workload"]).cloned())
+        .with_context(|| format!("no service in {view:#}"))?;
+    assert_eq!(shown["mode"], "binding", "{shown}");
+    // The status is a moment later: by then the pool may have grown again
+    // (8, 16, 32: one doubling per period).
+    assert!(shown["generation"].as_u64() >= Some(1), "{shown}");
+    assert!(
+        shown["targets"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t
+                .as_str()
+                .is_some_and(|t| t.starts_with("pool upstream max_idle=")))),
+        "{shown}"
+    );
 
     // Another cgroup cannot watch or report to it.
     let mut other = client(&intruder, &socket, &["intrude", &id])?;

@@ -88,8 +88,23 @@ pub struct ActuationView {
     pub mode: String,
     pub selectors: Vec<String>,
     pub groups: Vec<GroupView>,
+    /// Services registered with the control API and their targets.
+    #[serde(default)]
+    pub services: Vec<ServiceView>,
     /// The latest audit records, oldest first.
     pub decisions: Vec<AuditRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// `pod NAMESPACE/NAME` or `cgroup /PATH`.
+    pub workload: String,
+    /// `advisory` or `binding`.
+    pub mode: String,
+    pub reports: u64,
+    pub generation: u64,
+    /// Each target in force, e.g. `pool upstream max_idle=8 max_open=16`.
+    pub targets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +148,7 @@ pub struct MemberView {
 pub struct ActState {
     pub audit: AuditLog,
     view: Mutex<Arc<ActuationView>>,
+    services: Mutex<Vec<ServiceView>>,
 }
 
 impl ActState {
@@ -140,13 +156,22 @@ impl ActState {
         ActState {
             audit: AuditLog::new(audit_records),
             view: Mutex::new(Arc::new(ActuationView::default())),
+            services: Mutex::new(Vec::new()),
         }
     }
 
     pub fn view(&self) -> ActuationView {
         let mut view = self.view.lock().map(|v| (**v).clone()).unwrap_or_default();
+        view.services = self.services.lock().map(|s| s.clone()).unwrap_or_default();
         view.decisions = self.audit.latest();
         view
+    }
+
+    /// The control API's registrations, as the control loop last saw them.
+    pub fn publish_services(&self, services: Vec<ServiceView>) {
+        if let Ok(mut s) = self.services.lock() {
+            *s = services;
+        }
     }
 
     fn publish(&self, view: ActuationView) {
@@ -897,6 +922,8 @@ impl Actuator {
             mode: self.settings.mode.as_str().to_owned(),
             selectors: self.selector_names(),
             groups,
+            // Filled in by `view` from the control loop's latest.
+            services: Vec::new(),
             decisions: Vec::new(),
         });
     }

@@ -293,6 +293,45 @@ impl Services {
         v
     }
 
+    /// What `/v1/actuation` and `vigil status` show of the registrations.
+    fn publish_views(&self) {
+        let views = self
+            .registrations()
+            .into_iter()
+            .map(|r| {
+                let t = &r.targets;
+                let mut targets: Vec<String> = t
+                    .pools
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "pool {} max_idle={} max_open={}",
+                            p.pool, p.max_idle, p.max_open
+                        )
+                    })
+                    .collect();
+                let counts = [
+                    ("listeners", &t.listeners),
+                    ("concurrency_limit", &t.concurrency_limit),
+                    ("listen_backlog", &t.listen_backlog),
+                ];
+                for (name, c) in counts {
+                    if let Some(c) = c {
+                        targets.push(format!("{name} {}", c.value));
+                    }
+                }
+                super::ServiceView {
+                    workload: r.workload,
+                    mode: mode_name(r.mode).to_owned(),
+                    reports: r.reports,
+                    generation: t.generation,
+                    targets,
+                }
+            })
+            .collect();
+        self.act.publish_services(views);
+    }
+
     /// One control period over the latest reports and socket sample.
     pub fn tick(&mut self, sockets: &SocketTable) {
         let ids: Vec<String> = self.registrations.keys().cloned().collect();
@@ -306,6 +345,7 @@ impl Services {
             }
             self.registrations.insert(id, reg);
         }
+        self.publish_views();
     }
 
     fn publish(&mut self, reg: &Registration, changes: &[Change]) {
