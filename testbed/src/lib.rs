@@ -10,6 +10,7 @@ pub mod http;
 pub mod loadgen;
 pub mod netns;
 pub mod origin;
+pub mod pool_episode;
 pub mod prom;
 pub mod tracecontext;
 

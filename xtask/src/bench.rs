@@ -62,9 +62,10 @@ pub struct BenchArgs {
     /// Seconds of traffic.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
-    /// Loss from origin to players, in percent.
+    /// Loss in percent: origin to players (retransmit phase), each
+    /// direction of the upstream link (pool phase).
     #[arg(long, default_value_t = 10)]
-    loss_percent: u8,
+    pub loss_percent: u8,
     /// Concurrent player connections.
     #[arg(long, default_value_t = 16)]
     players: u32,
@@ -109,6 +110,16 @@ pub struct BenchArgs {
     /// Admission phase: rounds of the three runs (off, pie, aimd).
     #[arg(long, default_value_t = 2)]
     pub admission_rounds: u32,
+    /// Only the pool controllers (classic vs kernel-informed) on a lossy
+    /// upstream episode (with other --*-only flags: those phases).
+    #[arg(long)]
+    pub pools_only: bool,
+    /// Pool phase: rounds of the two episodes.
+    #[arg(long, default_value_t = 2)]
+    pub pool_rounds: u32,
+    /// Pool phase: seconds the upstream link is lossy (--loss-percent).
+    #[arg(long, default_value_t = 20)]
+    pub pool_lossy_secs: u64,
 }
 
 impl BenchArgs {
@@ -129,6 +140,9 @@ impl BenchArgs {
             admission_only: false,
             admission_secs: 3,
             admission_rounds: 1,
+            pools_only: false,
+            pool_rounds: 1,
+            pool_lossy_secs: 3,
         }
     }
 }
@@ -250,7 +264,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = crate::build(!args.smoke)?;
     let _stats = BpfStats::enable()?;
-    let every = !(args.capture_only || args.reuseport_only || args.admission_only);
+    let every =
+        !(args.capture_only || args.reuseport_only || args.admission_only || args.pools_only);
     if every {
         retransmit_phase(args, &bin)?;
     }
@@ -262,6 +277,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if every || args.admission_only {
         crate::bench_admission::run(args, &bin)?;
+    }
+    if every || args.pools_only {
+        crate::bench_pools::run(args, &bin)?;
     }
     Ok(())
 }

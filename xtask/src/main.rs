@@ -7,6 +7,7 @@ mod bench_agent;
 mod bench_capture;
 mod bench_interleaved;
 mod bench_paced;
+mod bench_pools;
 mod bench_reuseport;
 mod bpf_attach;
 mod cgroup;
