@@ -553,6 +553,7 @@ fn listeners_of(reg: &mut Registration, sockets: &SocketTable) -> Option<Listene
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::validate::tests::request;
     use crate::socket_health::{ConnectionRow, ListenerRow};
 
     fn services() -> Services {
@@ -575,23 +576,6 @@ mod tests {
             process: "vigil-origin".into(),
             cgroup: Some(cgroup.into()),
             pod: None,
-        }
-    }
-
-    fn request() -> v1::RegisterRequest {
-        v1::RegisterRequest {
-            pools: vec![v1::Pool {
-                name: "upstream".into(),
-                upstream: "198.18.0.2:8080".into(),
-                max_idle: 4,
-                max_open: 8,
-                idle_bounds: Some(v1::Bounds { min: 2, max: 64 }),
-                open_bounds: Some(v1::Bounds { min: 4, max: 128 }),
-            }],
-            listeners: 2,
-            listener_bounds: Some(v1::Bounds { min: 1, max: 4 }),
-            serving_port: 8080,
-            ..Default::default()
         }
     }
 

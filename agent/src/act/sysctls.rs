@@ -138,11 +138,23 @@ impl SysctlAdvisor {
     }
 
     fn record(&self, netns: u32, applied: bool, signal: String, before: String, after: String) {
+        self.audit(Action::SetSysctl, netns, applied, signal, before, after);
+    }
+
+    fn audit(
+        &self,
+        action: Action,
+        netns: u32,
+        applied: bool,
+        signal: String,
+        before: String,
+        after: String,
+    ) {
         self.act.audit.record(AuditRecord {
             at_unix_ms: crate::clock::unix_now_ns() / 1_000_000,
             mode: self.mode.as_str().to_owned(),
             applied,
-            action: Action::SetSysctl,
+            action,
             group: format!("netns {netns}"),
             member: Some(SOMAXCONN.to_owned()),
             signal,
@@ -265,17 +277,14 @@ impl SysctlAdvisor {
                     c.workload
                 ),
             };
-            self.act.audit.record(AuditRecord {
-                at_unix_ms: crate::clock::unix_now_ns() / 1_000_000,
-                mode: self.mode.as_str().to_owned(),
+            self.audit(
+                Action::RestoreSysctl,
+                netns,
                 applied,
-                action: Action::RestoreSysctl,
-                group: format!("netns {netns}"),
-                member: Some(SOMAXCONN.to_owned()),
                 signal,
-                before: c.new.to_string(),
-                after: c.old.to_string(),
-            });
+                c.new.to_string(),
+                c.old.to_string(),
+            );
         }
     }
 }

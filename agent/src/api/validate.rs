@@ -233,7 +233,7 @@ pub fn pool_loads(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn request() -> v1::RegisterRequest {
