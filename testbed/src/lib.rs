@@ -7,6 +7,7 @@
 //! these modules; tests may also run them in-process.
 
 pub mod connload;
+pub mod control_client;
 pub mod http;
 pub mod loadgen;
 pub mod netns;
