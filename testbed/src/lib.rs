@@ -1,17 +1,21 @@
 //! Test bed for Vigil: an HLS origin ([`origin`]), load generators
 //! ([`loadgen`]: players; [`connload`]: an open-loop stream of new
 //! connections) and test hosts built from network namespaces ([`netns`]).
+//! The origin relays to an upstream through a keep-alive [`pool`].
 //!
 //! The binaries `vigil-origin` and `vigil-loadgen` are thin wrappers around
 //! these modules; tests may also run them in-process.
 
 pub mod connload;
+pub mod control_client;
 pub mod http;
 pub mod loadgen;
 pub mod netns;
 pub mod origin;
+pub mod pool;
 pub mod pool_episode;
 pub mod prom;
+pub mod samples;
 pub mod tracecontext;
 
 /// Asks the kernel to send SIGTERM when the parent dies, so servers and load

@@ -5,18 +5,26 @@
 //! kernel spreads connections over per-worker accept queues exactly as in a real
 //! multi-worker origin (nginx `reuseport`). That is what lets tests stall or
 //! overflow one worker's queue. Connections are served by blocking threads.
+//!
+//! While running, an [`OriginHandle`] changes the number of workers, the
+//! concurrency limit and the backlog of new listeners, and takes each control
+//! period's load ([`OriginHandle::take_period`]): what the control API needs.
+//! With an upstream, `/upstream/{stream}/segN.ts` is fetched from another
+//! origin's `/live/...` through a keep-alive [`Pool`].
 
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::http::{self, HttpError, RequestHead, MAX_HEAD_BYTES};
+use crate::pool::{Pool, PoolConfig};
+use crate::samples::Samples;
 use crate::tracecontext::TraceParent;
 
 /// How often blocked accept()/read() calls wake to look at the stop flag.
@@ -35,7 +43,7 @@ const PATTERN_PERIOD: usize = 251;
 /// Largest multiple of the period under 64 KiB: one write of segment bytes.
 const SEGMENT_CHUNK: usize = PATTERN_PERIOD * 256;
 /// Hard limits that keep a typo in a flag from allocating or spawning wildly.
-const MAX_WORKERS: usize = 256;
+pub const MAX_WORKERS: usize = 256;
 const MAX_SEGMENTS: u32 = 1_000_000;
 
 /// Byte `index` of segment `segment`: what a client should receive.
@@ -73,6 +81,11 @@ pub struct OriginConfig {
     /// Time each request takes before its response (work the origin does,
     /// e.g. a packager or storage fetch); zero: answer at once.
     pub service: Duration,
+    /// Another origin `/upstream/...` requests are relayed to, and its pool.
+    pub upstream: Option<SocketAddr>,
+    pub pool: PoolConfig,
+    /// Requests in flight at most; beyond it a request gets 503 at once. 0: none.
+    pub concurrency_limit: u32,
 }
 
 impl Default for OriginConfig {
@@ -85,6 +98,9 @@ impl Default for OriginConfig {
             backlog: 1024,
             slots_per_worker: MAX_CONNECTIONS_PER_WORKER,
             service: Duration::ZERO,
+            upstream: None,
+            pool: PoolConfig::default(),
+            concurrency_limit: 0,
         }
     }
 }
@@ -125,13 +141,17 @@ impl OriginConfig {
 pub enum Route<'a> {
     Playlist { stream: &'a str },
     Segment { stream: &'a str, index: u32 },
+    /// A segment of the upstream origin; it bounds the index, not us.
+    Upstream { stream: &'a str, index: u32 },
     NotFound,
 }
 
 /// Maps a request path to a resource; `segments` bounds valid segment indices.
 pub fn route(path: &str, segments: u32) -> Route<'_> {
-    let Some(rest) = path.strip_prefix("/live/") else {
-        return Route::NotFound;
+    let (upstream, rest) = match (path.strip_prefix("/live/"), path.strip_prefix("/upstream/")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => return Route::NotFound,
     };
     let Some((stream, file)) = rest.split_once('/') else {
         return Route::NotFound;
@@ -139,7 +159,7 @@ pub fn route(path: &str, segments: u32) -> Route<'_> {
     if !valid_stream_name(stream) {
         return Route::NotFound;
     }
-    if file == "index.m3u8" {
+    if file == "index.m3u8" && !upstream {
         return Route::Playlist { stream };
     }
     let index = file
@@ -149,6 +169,7 @@ pub fn route(path: &str, segments: u32) -> Route<'_> {
         .filter(|d| d.bytes().all(|c| c.is_ascii_digit()) && (d == &"0" || !d.starts_with('0')))
         .and_then(|d| d.parse::<u32>().ok());
     match index {
+        Some(index) if upstream => Route::Upstream { stream, index },
         Some(index) if index < segments => Route::Segment { stream, index },
         _ => Route::NotFound,
     }
@@ -165,9 +186,7 @@ pub fn valid_stream_name(name: &str) -> bool {
 
 /// Listeners bound and ready; [`Origin::run`] serves them.
 pub struct Origin {
-    cfg: OriginConfig,
-    listeners: Vec<TcpListener>,
-    local_addr: SocketAddr,
+    shared: Arc<Shared>,
 }
 
 impl Origin {
@@ -186,48 +205,63 @@ impl Origin {
             listeners.push(listener);
         }
         Ok(Origin {
-            cfg,
-            listeners,
-            local_addr: addr,
+            shared: Arc::new(Shared::new(cfg, addr, listeners)),
         })
     }
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.shared.local_addr
+    }
+
+    /// Changes and measures the origin while it runs (also before).
+    pub fn handle(&self) -> OriginHandle {
+        OriginHandle(Arc::clone(&self.shared))
     }
 
     /// Serves until `stop` is set, then waits up to 2 s for open connections.
     pub fn run(self, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-        let shared = Arc::new(Shared::new(self.cfg, stop));
-        let mut workers = Vec::with_capacity(self.listeners.len());
-        for (i, listener) in self.listeners.into_iter().enumerate() {
-            let worker_shared = Arc::clone(&shared);
-            let handle = thread::Builder::new()
-                .name(format!("origin-w{i}"))
-                .spawn(move || accept_loop(i, listener, &worker_shared));
-            match handle {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    // Stop the workers already running before reporting.
-                    shared.stop.store(true, Ordering::SeqCst);
-                    for w in workers {
-                        let _ = w.join();
+        let shared = self.shared;
+        let started = {
+            let mut workers = shared.lock_workers();
+            let Workers::Bound(listeners) = std::mem::replace(&mut *workers, Workers::Stopped)
+            else {
+                bail!("origin already ran");
+            };
+            let mut running = Vec::with_capacity(listeners.len());
+            let mut spawned = Ok(());
+            for listener in listeners {
+                match spawn_worker(listener, &shared) {
+                    Ok(w) => running.push(w),
+                    Err(e) => {
+                        spawned = Err(e);
+                        break;
                     }
-                    return Err(e).context("spawning origin worker thread");
                 }
             }
+            *workers = Workers::Running(running);
+            spawned
+        };
+        if started.is_ok() {
+            while !stop.load(Ordering::SeqCst) {
+                thread::sleep(STOP_POLL);
+            }
         }
+        shared.stop.store(true, Ordering::SeqCst);
+        let workers = std::mem::replace(&mut *shared.lock_workers(), Workers::Stopped);
         let mut panicked = 0;
-        for w in workers {
-            if w.join().is_err() {
-                panicked += 1;
+        if let Workers::Running(workers) = workers {
+            for w in workers {
+                if w.thread.join().is_err() {
+                    panicked += 1;
+                }
             }
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }
+        started?;
         if panicked > 0 {
             bail!("{panicked} origin worker thread(s) panicked");
         }
@@ -238,6 +272,115 @@ impl Origin {
 /// Binds and serves until `stop` is set (checked every 100 ms).
 pub fn serve(cfg: OriginConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     Origin::bind(cfg)?.run(stop)
+}
+
+/// One period of the origin's own load, as the control API reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OriginPeriod {
+    /// Requests in flight when the period was taken.
+    pub in_flight: u32,
+    /// Requests answered in the period (those shed with 503 excluded) and
+    /// their latency, from a complete request head to the response written.
+    pub requests: u64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    /// Requests answered 503 over the concurrency limit.
+    pub shed: u64,
+}
+
+/// The running origin's settings and load (cheap to clone).
+#[derive(Clone)]
+pub struct OriginHandle(Arc<Shared>);
+
+impl OriginHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr
+    }
+
+    /// SO_REUSEPORT listeners (workers) now.
+    pub fn listeners(&self) -> usize {
+        match &*self.0.lock_workers() {
+            Workers::Bound(l) => l.len(),
+            Workers::Running(w) => w.len(),
+            Workers::Stopped => 0,
+        }
+    }
+
+    /// Adds workers (each binds the same address and joins the SO_REUSEPORT
+    /// group) or removes the newest ones (each stops accepting, serves what
+    /// its queue held and closes its listener; accepted connections go on).
+    pub fn set_listeners(&self, n: usize) -> anyhow::Result<()> {
+        if n == 0 || n > MAX_WORKERS {
+            bail!("listeners must be 1..={MAX_WORKERS}, got {n}");
+        }
+        let shared = &self.0;
+        let mut removed = Vec::new();
+        {
+            let mut workers = shared.lock_workers();
+            let backlog = shared.backlog.load(Ordering::Relaxed);
+            match &mut *workers {
+                Workers::Bound(listeners) => {
+                    while listeners.len() < n {
+                        listeners.push(bind_listener(shared.local_addr, backlog)?);
+                    }
+                    listeners.truncate(n);
+                }
+                Workers::Running(running) => {
+                    while running.len() < n {
+                        let listener = bind_listener(shared.local_addr, backlog)?;
+                        running.push(spawn_worker(listener, shared)?);
+                    }
+                    while running.len() > n {
+                        if let Some(w) = running.pop() {
+                            w.stop.store(true, Ordering::SeqCst);
+                            removed.push(w);
+                        }
+                    }
+                }
+                Workers::Stopped => bail!("origin stopped"),
+            }
+        }
+        // Joined without the lock: a worker takes up to STOP_POLL to notice.
+        for w in removed {
+            let _ = w.thread.join();
+        }
+        Ok(())
+    }
+
+    pub fn listen_backlog(&self) -> i32 {
+        self.0.backlog.load(Ordering::Relaxed)
+    }
+
+    /// The backlog listeners created from now on pass to listen(2).
+    pub fn set_listen_backlog(&self, backlog: i32) {
+        self.0.backlog.store(backlog.max(0), Ordering::Relaxed);
+    }
+
+    pub fn concurrency_limit(&self) -> u32 {
+        self.0.concurrency_limit.load(Ordering::Relaxed)
+    }
+
+    /// 0: no limit. Requests already in flight are never cut.
+    pub fn set_concurrency_limit(&self, limit: u32) {
+        self.0.concurrency_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// The pool toward `--upstream`, if any.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.0.pool.as_ref()
+    }
+
+    /// This period's load; the next period starts empty.
+    pub fn take_period(&self) -> OriginPeriod {
+        let served = lock(&self.0.served).take();
+        OriginPeriod {
+            in_flight: self.0.in_flight.load(Ordering::SeqCst),
+            requests: served.count(),
+            latency_p50_ms: served.quantile_ms(0.5),
+            latency_p99_ms: served.quantile_ms(0.99),
+            shed: self.0.shed.swap(0, Ordering::SeqCst),
+        }
+    }
 }
 
 fn bind_listener(addr: SocketAddr, backlog: i32) -> anyhow::Result<TcpListener> {
@@ -260,22 +403,53 @@ fn bind_listener(addr: SocketAddr, backlog: i32) -> anyhow::Result<TcpListener> 
 
 struct Shared {
     cfg: OriginConfig,
-    stop: Arc<AtomicBool>,
+    local_addr: SocketAddr,
+    /// Set once `run`'s stop flag is seen: every worker and connection ends.
+    stop: AtomicBool,
     active: AtomicUsize,
+    workers: Mutex<Workers>,
+    next_worker: AtomicUsize,
+    backlog: AtomicI32,
+    concurrency_limit: AtomicU32,
+    in_flight: AtomicU32,
+    shed: AtomicU64,
+    served: Mutex<Samples>,
+    pool: Option<Pool>,
     /// `SEGMENT_CHUNK + PATTERN_PERIOD` bytes; segment n's chunks are the
     /// window starting at `7n mod 251`, so no segment is ever materialised.
     pattern: Vec<u8>,
 }
 
+enum Workers {
+    /// Bound by `Origin::bind`, not accepting until `run`.
+    Bound(Vec<TcpListener>),
+    Running(Vec<Worker>),
+    Stopped,
+}
+
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
 impl Shared {
-    fn new(cfg: OriginConfig, stop: Arc<AtomicBool>) -> Shared {
+    fn new(cfg: OriginConfig, local_addr: SocketAddr, listeners: Vec<TcpListener>) -> Shared {
         let pattern = (0..SEGMENT_CHUNK + PATTERN_PERIOD)
             .map(|i| segment_byte(0, i as u64))
             .collect();
         Shared {
-            cfg,
-            stop,
+            local_addr,
+            stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            workers: Mutex::new(Workers::Bound(listeners)),
+            next_worker: AtomicUsize::new(0),
+            backlog: AtomicI32::new(cfg.backlog),
+            concurrency_limit: AtomicU32::new(cfg.concurrency_limit),
+            in_flight: AtomicU32::new(0),
+            shed: AtomicU64::new(0),
+            served: Mutex::new(Samples::default()),
+            pool: cfg.upstream.map(|up| Pool::new(up, cfg.pool)),
+            cfg,
             pattern,
         }
     }
@@ -283,6 +457,15 @@ impl Shared {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+
+    fn lock_workers(&self) -> MutexGuard<'_, Workers> {
+        lock(&self.workers)
+    }
+}
+
+/// Locks through poisoning: every holder leaves the state consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Decrements the live-connection count however the connection thread ends.
@@ -294,9 +477,21 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-fn accept_loop(worker: usize, listener: TcpListener, shared: &Arc<Shared>) {
+fn spawn_worker(listener: TcpListener, shared: &Arc<Shared>) -> anyhow::Result<Worker> {
+    let id = shared.next_worker.fetch_add(1, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker_stop = Arc::clone(&stop);
+    let worker_shared = Arc::clone(shared);
+    let thread = thread::Builder::new()
+        .name(format!("origin-w{id}"))
+        .spawn(move || accept_loop(id, &listener, &worker_shared, &worker_stop))
+        .context("spawning origin worker thread")?;
+    Ok(Worker { stop, thread })
+}
+
+fn accept_loop(worker: usize, listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) {
     let worker_active = Arc::new(AtomicUsize::new(0));
-    while !shared.stopping() {
+    while !shared.stopping() && !stop.load(Ordering::SeqCst) {
         if worker_active.load(Ordering::SeqCst) >= shared.cfg.slots_per_worker {
             // Like a real server out of worker slots: stop accepting and let
             // the kernel's accept queue fill (and overflow, ListenOverflows).
@@ -313,26 +508,46 @@ fn accept_loop(worker: usize, listener: TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        worker_active.fetch_add(1, Ordering::SeqCst);
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let conn_shared = Arc::clone(shared);
-        let conn_worker_active = Arc::clone(&worker_active);
-        let spawned = thread::Builder::new()
-            .name(format!("origin-w{worker}-c"))
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let _global = ActiveGuard(&conn_shared.active);
-                let _worker = ActiveGuard(&conn_worker_active);
-                if let Err(e) = serve_connection(&stream, &conn_shared) {
-                    tracing::debug!(%peer, error = %e, "connection ended with error");
-                }
-            });
-        if let Err(e) = spawned {
-            // The closure (and its guards) never ran: undo the counts here.
-            worker_active.fetch_sub(1, Ordering::SeqCst);
-            shared.active.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(worker, error = %e, "cannot spawn connection thread");
+        spawn_connection(worker, stream, peer, shared, &worker_active);
+    }
+    if shared.stopping() {
+        return;
+    }
+    // Removed from the group: serve what the queue already holds, since
+    // closing a listener resets the connections still queued on it.
+    if listener.set_nonblocking(true).is_ok() {
+        while let Ok((stream, peer)) = listener.accept() {
+            spawn_connection(worker, stream, peer, shared, &worker_active);
         }
+    }
+}
+
+fn spawn_connection(
+    worker: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    worker_active: &Arc<AtomicUsize>,
+) {
+    worker_active.fetch_add(1, Ordering::SeqCst);
+    shared.active.fetch_add(1, Ordering::SeqCst);
+    let conn_shared = Arc::clone(shared);
+    let conn_worker_active = Arc::clone(worker_active);
+    let spawned = thread::Builder::new()
+        .name(format!("origin-w{worker}-c"))
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let _global = ActiveGuard(&conn_shared.active);
+            let _worker = ActiveGuard(&conn_worker_active);
+            if let Err(e) = serve_connection(&stream, &conn_shared) {
+                tracing::debug!(%peer, error = %e, "connection ended with error");
+            }
+        });
+    if let Err(e) = spawned {
+        // The closure (and its guards) never ran: undo the counts here.
+        worker_active.fetch_sub(1, Ordering::SeqCst);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(worker, error = %e, "cannot spawn connection thread");
     }
 }
 
@@ -439,6 +654,7 @@ enum Outcome {
 }
 
 fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Outcome> {
+    let started = Instant::now();
     let req = match http::parse_request_head(head) {
         Ok(r) => r,
         Err(e) => return reject(out, &e),
@@ -471,6 +687,11 @@ fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Out
         }
     };
     let extra = trace_headers(&req);
+    let Some(_in_flight) = Admission::enter(shared) else {
+        let status = (503, "Service Unavailable");
+        write_text(out, &req, status, "overloaded\n", &extra, keep_alive, head_only)?;
+        return Ok(finish(keep_alive, body));
+    };
     let cfg = &shared.cfg;
     if !cfg.service.is_zero() {
         // The slot stays taken meanwhile, as in a worker busy with the request.
@@ -501,24 +722,102 @@ fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Out
                 write_segment(out, shared, index)?;
             }
         }
-        Route::NotFound => {
-            let msg = b"not found\n";
-            write_head(
-                out,
-                &req,
-                404,
-                "Not Found",
-                "text/plain",
-                msg.len() as u64,
-                &extra,
-                keep_alive,
-            )?;
-            if !head_only {
-                out.write_all(msg)?;
+        Route::Upstream { stream, index } => {
+            match fetch_upstream(shared.pool.as_ref(), stream, index, &extra) {
+                Ok(segment) => {
+                    let len = segment.len() as u64;
+                    write_head(out, &req, 200, "OK", "video/mp2t", len, &extra, keep_alive)?;
+                    if !head_only {
+                        out.write_all(&segment)?;
+                    }
+                }
+                Err((status, msg)) => {
+                    write_text(out, &req, status, msg, &extra, keep_alive, head_only)?;
+                }
             }
         }
+        Route::NotFound => {
+            let status = (404, "Not Found");
+            write_text(out, &req, status, "not found\n", &extra, keep_alive, head_only)?;
+        }
     }
+    lock(&shared.served).record(started.elapsed());
     Ok(finish(keep_alive, body))
+}
+
+/// A request counted in flight until dropped; `enter` refuses it over the
+/// concurrency limit (and counts it shed).
+struct Admission<'a>(&'a AtomicU32);
+
+impl<'a> Admission<'a> {
+    fn enter(shared: &'a Shared) -> Option<Admission<'a>> {
+        let limit = shared.concurrency_limit.load(Ordering::Relaxed);
+        // One atomic step, so concurrent requests never overshoot the limit.
+        let admitted = shared
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(Admission(&shared.in_flight))
+        } else {
+            shared.shed.fetch_add(1, Ordering::SeqCst);
+            None
+        }
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The upstream's segment through the pool, or the status and body to
+/// answer instead: its 404 is relayed, any other failure is a 502.
+fn fetch_upstream(
+    pool: Option<&Pool>,
+    stream: &str,
+    index: u32,
+    trace: &[(&'static str, String)],
+) -> Result<Vec<u8>, ((u16, &'static str), &'static str)> {
+    const NOT_FOUND: ((u16, &str), &str) = ((404, "Not Found"), "not found\n");
+    const BAD_GATEWAY: ((u16, &str), &str) = ((502, "Bad Gateway"), "bad gateway\n");
+    let Some(pool) = pool else {
+        return Err(NOT_FOUND);
+    };
+    // Our span (the traceparent we answer with) is the upstream request's parent.
+    match pool.get(&format!("/live/{stream}/seg{index}.ts"), trace) {
+        Ok(r) if r.head.status == 200 => Ok(r.body),
+        Ok(r) if r.head.status == 404 => Err(NOT_FOUND),
+        Ok(r) => {
+            tracing::debug!(status = r.head.status, "upstream answered an error");
+            Err(BAD_GATEWAY)
+        }
+        Err(e) => {
+            tracing::debug!(error = ?e, "upstream request failed");
+            Err(BAD_GATEWAY)
+        }
+    }
+}
+
+/// A short text/plain response (errors and refusals).
+fn write_text(
+    out: &mut impl Write,
+    req: &RequestHead,
+    (status, reason): (u16, &str),
+    msg: &str,
+    extra: &[(&str, String)],
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    let len = msg.len() as u64;
+    write_head(out, req, status, reason, "text/plain", len, extra, keep_alive)?;
+    if !head_only {
+        out.write_all(msg.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn finish(keep_alive: bool, body: u64) -> Outcome {
@@ -659,17 +958,31 @@ mod tests {
             assert_eq!(route(bad, 10), Route::NotFound, "{bad}");
         }
         assert_eq!(route("/live/demo/seg0.ts", 0), Route::NotFound);
+        // Upstream segments are bounded by the upstream, not by our segments.
+        assert_eq!(
+            route("/upstream/demo/seg12.ts", 10),
+            Route::Upstream {
+                stream: "demo",
+                index: 12
+            }
+        );
+        for bad in [
+            "/upstream/demo/index.m3u8",
+            "/upstream/demo/seg01.ts",
+            "/upstream/de.mo/seg1.ts",
+            "/upstream/demo",
+        ] {
+            assert_eq!(route(bad, 10), Route::NotFound, "{bad}");
+        }
     }
 
     #[test]
     fn segment_windows_match_segment_byte() {
-        let shared = Shared::new(
-            OriginConfig {
-                segment_bytes: SEGMENT_CHUNK * 2 + 17,
-                ..OriginConfig::default()
-            },
-            Arc::new(AtomicBool::new(false)),
-        );
+        let cfg = OriginConfig {
+            segment_bytes: SEGMENT_CHUNK * 2 + 17,
+            ..OriginConfig::default()
+        };
+        let shared = Shared::new(cfg, SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new());
         for index in [0u32, 1, 250, 251, 1000] {
             let mut out = Vec::new();
             write_segment(&mut out, &shared, index).expect("write to Vec");

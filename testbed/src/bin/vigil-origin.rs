@@ -1,6 +1,7 @@
 //! `vigil-origin`: the HLS origin used by Vigil's tests and demo.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use vigil_control::v1::Bounds;
+use vigil_testbed::control_client::{self, parse_bounds, ControlConfig};
 use vigil_testbed::origin::{Origin, OriginConfig};
+use vigil_testbed::pool::PoolConfig;
 
 /// Serves HLS over HTTP/1.1 for Vigil's tests, demo and benchmarks.
 ///
@@ -25,6 +29,33 @@ use vigil_testbed::origin::{Origin, OriginConfig};
 /// bound, one line is printed to stdout:
 ///
 ///   vigil-origin listening on ADDR workers=N pid=PID
+///
+/// With --upstream ADDR (another vigil-origin), GET /upstream/{stream}/segN.ts
+/// is fetched from ADDR's /live/{stream}/segN.ts through a keep-alive pool
+/// (--pool-max-idle, --pool-max-open) and relayed with the same body; the
+/// upstream's 404 is relayed, any other failure is a 502. The traceparent we
+/// answer with is sent upstream as the parent. With --concurrency-limit N,
+/// requests in flight beyond N are answered 503 at once.
+///
+/// With --control-socket PATH the origin is a client of Vigil's control API:
+/// it registers its pool (--pool-name), listeners and concurrency limit with
+/// their bounds, reports its load every control period and applies targets:
+/// BINDING ones always, ADVISORY ones only with --apply-advice, each clamped
+/// to the origin's bounds. Each target field received prints one line:
+///
+///   vigil-origin target generation=G mode=MODE applied=BOOL FIELDS reason="R"
+///
+/// MODE is binding, advisory or unspecified; BOOL is true or false; FIELDS is
+/// one of
+///   pool=NAME max_idle=N max_open=M
+///   listeners=N
+///   concurrency_limit=N
+///   listen_backlog=N      (applies to listeners created afterwards)
+/// and R is the agent's reason, quoted with \" \\ \n escapes. With
+/// applied=true the numbers are those now in force (the target's, clamped);
+/// with applied=false, the target's as sent. When the agent is unreachable
+/// the origin serves with its current settings and registers again every
+/// few seconds.
 ///
 /// The process stops cleanly (exit 0) on SIGTERM or SIGINT, when its parent
 /// dies, or after --max-seconds.
@@ -65,6 +96,49 @@ struct Args {
     /// not run forever.
     #[arg(long, default_value_t = 3600)]
     max_seconds: u64,
+    /// Another origin (ip:port) that /upstream/... requests are relayed to.
+    #[arg(long)]
+    upstream: Option<SocketAddr>,
+    /// Idle connections the upstream pool keeps (Go: MaxIdleConnsPerHost).
+    #[arg(long, default_value_t = PoolConfig::default().max_idle)]
+    pool_max_idle: u32,
+    /// Connections the upstream pool opens at most, 0: unlimited (Go:
+    /// MaxConnsPerHost); beyond them requests wait up to 5 s.
+    #[arg(long, default_value_t = PoolConfig::default().max_open)]
+    pool_max_open: u32,
+    /// Requests in flight at most; beyond them 503 at once. 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    concurrency_limit: u32,
+    /// The Vigil agent's control API socket; unset: no control client.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// The upstream pool's name in the control API ([A-Za-z0-9._-]{1,64}).
+    #[arg(long, default_value = "upstream", value_parser = parse_pool_name)]
+    pool_name: String,
+    /// Where a target may put the pool's max_idle (MIN:MAX; MAX 0: no advice).
+    #[arg(long, default_value = "0:64", value_parser = parse_bounds)]
+    pool_idle_bounds: Bounds,
+    /// Where a target may put the pool's max_open (MIN:MAX; MAX 0: no advice).
+    #[arg(long, default_value = "1:256", value_parser = parse_bounds)]
+    pool_open_bounds: Bounds,
+    /// Where a target may put the number of listeners (MIN:MAX, MAX 0: no
+    /// advice; at most 256 are ever run).
+    #[arg(long, default_value = "1:16", value_parser = parse_bounds)]
+    listener_bounds: Bounds,
+    /// Where a target may put the concurrency limit (MIN:MAX; MAX 0: no advice).
+    #[arg(long, default_value = "1:4096", value_parser = parse_bounds)]
+    concurrency_bounds: Bounds,
+    /// Apply ADVISORY targets too, not only BINDING ones.
+    #[arg(long)]
+    apply_advice: bool,
+}
+
+fn parse_pool_name(s: &str) -> Result<String, String> {
+    if control_client::valid_pool_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not [A-Za-z0-9._-]{{1,64}}"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -95,6 +169,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         backlog: args.backlog,
         slots_per_worker: args.slots_per_worker,
         service: Duration::from_millis(args.service_ms),
+        upstream: args.upstream,
+        pool: PoolConfig {
+            max_idle: args.pool_max_idle,
+            max_open: args.pool_max_open,
+            ..PoolConfig::default()
+        },
+        concurrency_limit: args.concurrency_limit,
     };
     let origin = Origin::bind(cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -140,6 +221,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::process::id()
         )?;
         out.flush()?;
+    }
+    // After the line above, so target lines always follow it.
+    if let Some(socket) = args.control_socket {
+        let cfg = ControlConfig {
+            socket,
+            pool_name: args.pool_name,
+            idle_bounds: args.pool_idle_bounds,
+            open_bounds: args.pool_open_bounds,
+            listener_bounds: args.listener_bounds,
+            concurrency_bounds: args.concurrency_bounds,
+            apply_advice: args.apply_advice,
+        };
+        // Not joined: it ends with the process, whatever it is waiting on.
+        control_client::spawn(cfg, origin.handle(), Arc::clone(&stop))?;
     }
     origin.run(stop)
 }
