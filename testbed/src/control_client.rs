@@ -13,7 +13,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use anyhow::Context;
-use vigil_control::v1::{Bounds, LoadReport, Mode, Pool, PoolLoad, PoolTarget, RegisterRequest, Targets};
+use vigil_control::v1::{
+    Bounds, LoadReport, Mode, Pool, PoolLoad, PoolTarget, RegisterRequest, Targets,
+};
 use vigil_control::Session;
 
 use crate::origin::{OriginHandle, MAX_WORKERS};
@@ -345,7 +347,9 @@ mod tests {
     #[test]
     fn pool_names() {
         assert!(valid_pool_name("upstream") && valid_pool_name("cdn-1.edge_a"));
-        assert!(!valid_pool_name("") && !valid_pool_name("a b") && !valid_pool_name(&"x".repeat(65)));
+        assert!(
+            !valid_pool_name("") && !valid_pool_name("a b") && !valid_pool_name(&"x".repeat(65))
+        );
     }
 
     #[test]

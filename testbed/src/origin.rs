@@ -139,10 +139,18 @@ impl OriginConfig {
 /// What a request target resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
-    Playlist { stream: &'a str },
-    Segment { stream: &'a str, index: u32 },
+    Playlist {
+        stream: &'a str,
+    },
+    Segment {
+        stream: &'a str,
+        index: u32,
+    },
     /// A segment of the upstream origin; it bounds the index, not us.
-    Upstream { stream: &'a str, index: u32 },
+    Upstream {
+        stream: &'a str,
+        index: u32,
+    },
     NotFound,
 }
 
@@ -689,7 +697,15 @@ fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Out
     let extra = trace_headers(&req);
     let Some(_in_flight) = Admission::enter(shared) else {
         let status = (503, "Service Unavailable");
-        write_text(out, &req, status, "overloaded\n", &extra, keep_alive, head_only)?;
+        write_text(
+            out,
+            &req,
+            status,
+            "overloaded\n",
+            &extra,
+            keep_alive,
+            head_only,
+        )?;
         return Ok(finish(keep_alive, body));
     };
     let cfg = &shared.cfg;
@@ -738,7 +754,15 @@ fn respond(head: &[u8], shared: &Shared, out: &mut impl Write) -> io::Result<Out
         }
         Route::NotFound => {
             let status = (404, "Not Found");
-            write_text(out, &req, status, "not found\n", &extra, keep_alive, head_only)?;
+            write_text(
+                out,
+                &req,
+                status,
+                "not found\n",
+                &extra,
+                keep_alive,
+                head_only,
+            )?;
         }
     }
     lock(&shared.served).record(started.elapsed());
@@ -813,7 +837,16 @@ fn write_text(
     head_only: bool,
 ) -> io::Result<()> {
     let len = msg.len() as u64;
-    write_head(out, req, status, reason, "text/plain", len, extra, keep_alive)?;
+    write_head(
+        out,
+        req,
+        status,
+        reason,
+        "text/plain",
+        len,
+        extra,
+        keep_alive,
+    )?;
     if !head_only {
         out.write_all(msg.as_bytes())?;
     }

@@ -237,7 +237,13 @@ impl Pool {
     ) -> Result<Response, (PoolError, bool)> {
         let mut lease = self.checkout().map_err(|e| (e, false))?;
         let mut got_bytes = false;
-        let result = exchange(&mut lease.conn, self.upstream, path, headers, &mut got_bytes);
+        let result = exchange(
+            &mut lease.conn,
+            self.upstream,
+            path,
+            headers,
+            &mut got_bytes,
+        );
         let reusable = matches!(&result, Ok((_, true)));
         let retry = result.is_err() && lease.reused && !got_bytes;
         self.checkin(lease, reusable);
@@ -368,7 +374,8 @@ impl Conn {
             return false;
         }
         let mut byte = [0u8; 1];
-        let open = matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        let open =
+            matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         open && stream.set_nonblocking(false).is_ok()
     }
 }
@@ -382,10 +389,7 @@ fn exchange(
     headers: &[(&str, String)],
     got_bytes: &mut bool,
 ) -> Result<(Response, bool), PoolError> {
-    let io_err = |io_error| PoolError::Io {
-        upstream,
-        io_error,
-    };
+    let io_err = |io_error| PoolError::Io { upstream, io_error };
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {upstream}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -401,10 +405,12 @@ fn exchange(
         upstream,
         http_error,
     })?;
-    let framing = head.body_length().map_err(|http_error| PoolError::Response {
-        upstream,
-        http_error,
-    })?;
+    let framing = head
+        .body_length()
+        .map_err(|http_error| PoolError::Response {
+            upstream,
+            http_error,
+        })?;
     let (body, reusable) = match framing {
         BodyLength::Exactly(length) => {
             if length > MAX_BODY_BYTES {
