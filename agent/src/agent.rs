@@ -207,7 +207,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 act_state.clone(),
             )));
             telemetry.services = Some(services.clone());
-            let api = api::control::ControlApi::new(services.clone(), enricher.pods.clone());
+            let (restore_tx, restore_rx) = std::sync::mpsc::channel();
+            let api =
+                api::control::ControlApi::new(services.clone(), enricher.pods.clone(), restore_tx);
             let serve = tokio::spawn(api::control::serve(
                 config.agent.control_socket.clone(),
                 api,
@@ -227,6 +229,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 ),
                 view_rx.clone(),
                 Duration::from_millis(u64::from(config.actuation.control_period_ms)),
+                restore_rx,
                 stop_control.clone(),
             )?;
             Some((serve, control_loop, sysctls))

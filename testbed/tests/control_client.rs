@@ -93,6 +93,15 @@ impl Control for MockAgent {
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn restore_sysctls(
+        &self,
+        _request: Request<vigil_control::v1::RestoreSysctlsRequest>,
+    ) -> Result<Response<vigil_control::v1::RestoreSysctlsResponse>, Status> {
+        Err(Status::unimplemented(
+            "the origin never asks for sysctls back",
+        ))
+    }
 }
 
 /// The mock agent served on its own thread; the server ends with the test.

@@ -19,11 +19,13 @@ pub mod admission;
 pub mod audit;
 pub mod concurrency;
 pub mod listeners;
+pub mod netns;
 pub mod pools;
 pub mod reuseport;
 pub mod selector;
 pub mod services;
 pub mod steering;
+pub mod sysctl_rules;
 pub mod sysctls;
 
 use std::{

@@ -1,111 +1,80 @@
-//! The sysctl advisor: `net.core.somaxconn` of each pod's network namespace
-//! against the connections its listeners drop at full accept queues.
+//! The sysctl advisor: each pod network namespace's `net.core.somaxconn`,
+//! `tcp_max_syn_backlog`, `ip_local_port_range` and `tcp_tw_reuse` against
+//! what its sockets suffer (the rules: `sysctl_rules`).
 //!
-//! The kernel caps every listen backlog at the namespace's somaxconn, so a
-//! listener whose queue capacity equals somaxconn and that drops connections
-//! is held back by the sysctl, not by the service: the advisor recommends
-//! doubling it (at most once per `STEP_INTERVAL` per namespace, up to
-//! `MAX_SOMAXCONN`). It always recommends; it writes the sysctl only in
-//! `enforce` for selected workloads, remembers the value it found, and puts
-//! it back when the agent stops.
+//! It always recommends (an audit record per advice, at most once per
+//! `STEP_INTERVAL` per namespace and sysctl); it writes only in `enforce`
+//! for selected workloads, remembers the value it found, and puts it back
+//! when the agent stops or the workload asks (the control API's
+//! RestoreSysctls).
 //!
 //! Services read somaxconn at `listen()` (Go: once per process, at its first
 //! listen), so a raised value helps listeners created afterwards: the
 //! listen-backlog target of the control API tells the service to listen
-//! again. Kubernetes treats `net.core.somaxconn` (like `tcp_max_syn_backlog`
-//! and `tcp_tw_reuse`) as an unsafe sysctl: a pod may set it in
+//! again. The port range and TIME_WAIT reuse apply to the next `connect()`;
+//! tcp_max_syn_backlog to the next SYN. Kubernetes treats all four but the
+//! port range as unsafe sysctls: a pod may set them in
 //! `securityContext.sysctls` only on nodes whose kubelet allows it with
 //! `--allowed-unsafe-sysctls`, which is why the agent can do it from outside.
-//!
-//! A namespace is entered with setns(2) on a short-lived thread of its own
-//! (never on a runtime thread: setns moves only the calling thread), which
-//! needs CAP_SYS_ADMIN; without it the advisor recommends and records the
-//! refusal.
+//! Entering a namespace needs CAP_SYS_ADMIN; without it the advisor records
+//! the refusal.
 
 use std::{
-    collections::HashMap,
-    fs::File,
-    os::fd::{AsFd, OwnedFd},
-    sync::{Arc, RwLock},
+    collections::{HashMap, HashSet},
+    os::fd::OwnedFd,
+    sync::{mpsc, Arc, RwLock},
     time::{Duration, Instant},
 };
 
 use tracing::warn;
+use vigil_control::v1::SysctlChange;
 
 use super::{
     audit::{Action, AuditRecord},
+    netns::{self, Reading},
     selector::{self, Selector},
+    sysctl_rules::{self, Dropping, Observed},
     ActState, ActuationMode,
 };
 use crate::{kube_pods::PodDirectory, socket_health::SocketTable};
 
-pub const SOMAXCONN: &str = "net.core.somaxconn";
-const MAX_SOMAXCONN: u32 = 65_535;
+/// The shortest time between two pieces of advice on one sysctl of a
+/// namespace: a change takes effect at the next listen or connect.
 const STEP_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Runs `f` on a new thread inside the network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &OwnedFd,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = ns.try_clone()?;
-    std::thread::Builder::new()
-        .name("vigil-netns".into())
-        .spawn(move || {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            f()
-        })?
-        .join()
-        .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
-}
-
-fn sysctl_path(name: &str) -> String {
-    format!("/proc/sys/{}", name.replace('.', "/"))
-}
-
-/// A sysctl's value in namespace `ns`.
-pub fn read_in(ns: &OwnedFd, name: &str) -> std::io::Result<u32> {
-    let path = sysctl_path(name);
-    in_netns(ns, move || {
-        std::fs::read_to_string(&path)?
-            .trim()
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    })
-}
-
-/// Sets a sysctl in namespace `ns`.
-pub fn write_in(ns: &OwnedFd, name: &str, value: u32) -> std::io::Result<()> {
-    let path = sysctl_path(name);
-    in_netns(ns, move || std::fs::write(&path, value.to_string()))
-}
-
-/// The network namespace `inode` through a thread of `pid` in it: usually
-/// the process's own, but a thread may have entered another one (setns),
-/// and sockets belong to the namespace they were made in.
-fn netns_of(pid: u32, inode: u32) -> Option<OwnedFd> {
-    use std::os::unix::fs::MetadataExt;
-    let open = |path: String| {
-        let f = File::open(path).ok()?;
-        (f.metadata().ok()?.ino() == u64::from(inode)).then(|| OwnedFd::from(f))
-    };
-    open(format!("/proc/{pid}/ns/net")).or_else(|| {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .ok()?
-            .filter_map(Result::ok)
-            .find_map(|t| open(format!("{}/ns/net", t.path().display())))
-    })
-}
+/// The shortest time between two readings of a namespace (each one a thread
+/// entering it).
+const READ_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A value the advisor wrote, and what to put back.
 struct Changed {
     /// Keeps the namespace alive and reachable after its processes are gone.
     ns: OwnedFd,
-    old: u32,
-    new: u32,
-    /// The workload it was written for.
+    old: String,
+    new: String,
+    /// The workload it was written for (`Workload::key`).
     workload: String,
+}
+
+/// A workload asking for its namespace's sysctls back.
+pub struct RestoreRequest {
+    pub workload: String,
+    pub reply: tokio::sync::oneshot::Sender<Vec<SysctlChange>>,
+}
+
+/// One namespace's sockets in the latest sample.
+#[derive(Default)]
+struct Seen {
+    observed: Observed,
+    /// A process with a socket in it: the way in, and its workload.
+    owner: Option<(u32, String)>,
+}
+
+#[derive(Default)]
+struct NetnsState {
+    /// Listener drops per listener at the previous tick.
+    drops: HashMap<std::net::SocketAddr, u32>,
+    reading: Option<(Instant, Reading)>,
+    last_step: HashMap<&'static str, Instant>,
 }
 
 pub struct SysctlAdvisor {
@@ -113,10 +82,11 @@ pub struct SysctlAdvisor {
     selectors: Vec<Selector>,
     pods: Option<Arc<RwLock<PodDirectory>>>,
     act: Arc<ActState>,
-    /// Listener drops summed per namespace at the previous tick.
-    drops: HashMap<u32, u64>,
-    last_step: HashMap<u32, Instant>,
-    changed: HashMap<u32, Changed>,
+    netns: HashMap<u32, NetnsState>,
+    changed: HashMap<(u32, &'static str), Changed>,
+    /// Workloads that asked for their values back: advised, never written
+    /// again until the agent restarts.
+    held_back: HashSet<String>,
 }
 
 impl SysctlAdvisor {
@@ -131,24 +101,20 @@ impl SysctlAdvisor {
             selectors,
             pods,
             act,
-            drops: HashMap::new(),
-            last_step: HashMap::new(),
+            netns: HashMap::new(),
             changed: HashMap::new(),
+            held_back: HashSet::new(),
         }
-    }
-
-    fn record(&self, netns: u32, applied: bool, signal: String, before: String, after: String) {
-        self.audit(Action::SetSysctl, netns, applied, signal, before, after);
     }
 
     fn audit(
         &self,
         action: Action,
         netns: u32,
+        name: &str,
         applied: bool,
         signal: String,
-        before: String,
-        after: String,
+        (before, after): (&str, &str),
     ) {
         self.act.audit.record(AuditRecord {
             at_unix_ms: crate::clock::unix_now_ns() / 1_000_000,
@@ -156,144 +122,240 @@ impl SysctlAdvisor {
             applied,
             action,
             group: format!("netns {netns}"),
-            member: Some(SOMAXCONN.to_owned()),
+            member: Some(name.to_owned()),
             signal,
-            before,
-            after,
+            before: before.to_owned(),
+            after: after.to_owned(),
         });
+    }
+
+    /// The latest sample's sockets, per namespace.
+    fn seen(sockets: &SocketTable) -> HashMap<u32, Seen> {
+        let mut by_netns: HashMap<u32, Seen> = HashMap::new();
+        for l in &sockets.listeners {
+            let seen = by_netns.entry(l.netns).or_default();
+            seen.observed.listener_drops.push(Dropping {
+                local: l.local,
+                queue_cap: l.queue_cap,
+                dropped: u64::from(l.drops),
+            });
+            if let (Some(pid), None) = (l.pid, &seen.owner) {
+                seen.owner = Some((pid, l.process.clone().unwrap_or_default()));
+            }
+        }
+        for c in &sockets.connections {
+            if !matches!(c.state.as_str(), "ESTAB" | "SYN-SENT") {
+                continue;
+            }
+            let seen = by_netns.entry(c.netns).or_default();
+            seen.observed.connections.push((c.local.port(), c.remote));
+            if let (Some(pid), None) = (c.pid, &seen.owner) {
+                seen.owner = Some((pid, c.process.clone().unwrap_or_default()));
+            }
+        }
+        by_netns
     }
 
     /// One period over the latest socket sample.
     pub fn tick(&mut self, sockets: &SocketTable) {
-        let mut by_netns: HashMap<u32, Vec<&crate::socket_health::ListenerRow>> = HashMap::new();
-        for l in &sockets.listeners {
-            by_netns.entry(l.netns).or_default().push(l);
-        }
         let now = Instant::now();
-        for (netns, rows) in by_netns {
-            let total: u64 = rows.iter().map(|l| u64::from(l.drops)).sum();
-            let dropped = self
-                .drops
-                .insert(netns, total)
-                .map_or(0, |d| total.saturating_sub(d));
-            if dropped == 0
-                || self
+        let seen = Self::seen(sockets);
+        self.netns.retain(|n, _| seen.contains_key(n));
+        for (netns, mut seen) in seen {
+            let state = self.netns.entry(netns).or_default();
+            // Drops since the previous tick, per listener.
+            let mut grew = false;
+            for d in &mut seen.observed.listener_drops {
+                let total = u32::try_from(d.dropped).unwrap_or(u32::MAX);
+                let then = state.drops.insert(d.local, total);
+                d.dropped = then.map_or(0, |t| u64::from(total.saturating_sub(t)));
+                grew |= d.dropped > 0;
+            }
+            let due = state
+                .reading
+                .is_none_or(|(at, _)| now.duration_since(at) >= READ_INTERVAL);
+            if !(due || grew) {
+                continue;
+            }
+            let Some((pid, process)) = seen.owner.clone() else {
+                continue;
+            };
+            self.look(netns, pid, &process, &seen.observed, now);
+        }
+    }
+
+    fn look(&mut self, netns: u32, pid: u32, process: &str, observed: &Observed, now: Instant) {
+        let workload = selector::workload_of(pid, process, self.pods.as_deref());
+        let Some(ns) = netns::netns_of(pid, netns) else {
+            return warn!(
+                pid,
+                netns, "sysctl advisor: no thread of the process is in its network namespace"
+            );
+        };
+        let reading = match Reading::of(&ns) {
+            Ok(r) => r,
+            Err(e) => {
+                let state = self.netns.entry(netns).or_default();
+                let logged = state
                     .last_step
-                    .get(&netns)
-                    .is_some_and(|t| now.duration_since(*t) < STEP_INTERVAL)
+                    .get("read")
+                    .is_some_and(|t| now.duration_since(*t) < STEP_INTERVAL);
+                state.last_step.insert("read", now);
+                state.reading = None;
+                if !logged {
+                    let why = format!(
+                        "cannot read the namespace of {} (entering it needs CAP_SYS_ADMIN): {e}",
+                        workload.key()
+                    );
+                    self.audit(
+                        Action::SetSysctl,
+                        netns,
+                        "read",
+                        false,
+                        why,
+                        ("unknown", "untouched"),
+                    );
+                }
+                return;
+            }
+        };
+        let state = self.netns.entry(netns).or_default();
+        let before = state.reading.replace((now, reading)).map(|(_, r)| r);
+        let advice = sysctl_rules::advise(&reading, before.as_ref(), observed);
+        let selected = self.mode == ActuationMode::Enforce
+            && self.selectors.iter().any(|s| s.matches(&workload));
+        let held_back = self.held_back.contains(&workload.key());
+        let enforce = selected && !held_back;
+        for a in advice {
+            let state = self.netns.entry(netns).or_default();
+            if state
+                .last_step
+                .get(a.name)
+                .is_some_and(|t| now.duration_since(*t) < STEP_INTERVAL)
             {
                 continue;
             }
-            let Some(owner) = rows
-                .iter()
-                .find(|l| l.drops > 0)
-                .and_then(|l| Some((l.pid?, l)))
-            else {
+            state.last_step.insert(a.name, now);
+            let mut signal = format!("{} ({})", a.signal, workload.key());
+            if selected && held_back {
+                signal.push_str("; not written: the workload asked for its values back");
+            }
+            if !enforce {
+                self.audit(
+                    Action::SetSysctl,
+                    netns,
+                    a.name,
+                    false,
+                    signal,
+                    (&a.before, &a.after),
+                );
+                continue;
+            }
+            match netns::write_in(&ns, a.name, &a.after) {
+                Ok(()) => {
+                    self.audit(
+                        Action::SetSysctl,
+                        netns,
+                        a.name,
+                        true,
+                        signal,
+                        (&a.before, &a.after),
+                    );
+                    let old = self
+                        .changed
+                        .get(&(netns, a.name))
+                        .map_or(a.before.clone(), |c| c.old.clone());
+                    let ns = match ns.try_clone() {
+                        Ok(ns) => ns,
+                        Err(e) => {
+                            warn!(netns, error = %e, "sysctl advisor: cannot keep the namespace to restore it");
+                            continue;
+                        }
+                    };
+                    self.changed.insert(
+                        (netns, a.name),
+                        Changed {
+                            ns,
+                            old,
+                            new: a.after,
+                            workload: workload.key(),
+                        },
+                    );
+                }
+                Err(e) => self.audit(
+                    Action::SetSysctl,
+                    netns,
+                    a.name,
+                    false,
+                    format!("{signal}; writing it failed: {e}"),
+                    (&a.before, &a.before),
+                ),
+            }
+        }
+    }
+
+    /// Puts back the values changed for the workloads `which` accepts.
+    fn restore(&mut self, which: impl Fn(&str) -> bool, why: &str) -> Vec<SysctlChange> {
+        let keys: Vec<_> = self
+            .changed
+            .iter()
+            .filter(|(_, c)| which(&c.workload))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut restored = Vec::new();
+        for key @ (netns, name) in keys {
+            let Some(c) = self.changed.remove(&key) else {
                 continue;
             };
-            self.last_step.insert(netns, now);
-            self.advise(netns, owner.0, owner.1, dropped);
-        }
-    }
-
-    fn advise(
-        &mut self,
-        netns: u32,
-        pid: u32,
-        row: &crate::socket_health::ListenerRow,
-        dropped: u64,
-    ) {
-        let process = row.process.clone().unwrap_or_default();
-        let workload = selector::workload_of(pid, &process, self.pods.as_deref());
-        let Some(ns) = netns_of(pid, netns) else {
-            return warn!(
-                pid,
-                netns,
-                "sysctl advisor: no thread of the listener's process is in its network namespace"
-            );
-        };
-        let current = match read_in(&ns, SOMAXCONN) {
-            Ok(v) => v,
-            Err(e) => {
-                let why = format!(
-                    "cannot read {SOMAXCONN} in the namespace (needs CAP_SYS_ADMIN for setns): {e}"
-                );
-                return self.record(netns, false, why, "unknown".into(), "untouched".into());
-            }
-        };
-        // The service asked for less than somaxconn: its backlog, not the
-        // sysctl, is the limit (the control API's listen-backlog target).
-        if row.queue_cap < current || current >= MAX_SOMAXCONN {
-            return;
-        }
-        let next = current.saturating_mul(2).min(MAX_SOMAXCONN);
-        let signal = format!(
-            "{dropped} connections dropped at full accept queues of {} on {} ({}), capped by {SOMAXCONN}",
-            row.queue_cap,
-            row.local,
-            workload.key()
-        );
-        let enforce = self.mode == ActuationMode::Enforce
-            && self.selectors.iter().any(|s| s.matches(&workload));
-        if !enforce {
-            return self.record(netns, false, signal, current.to_string(), next.to_string());
-        }
-        match write_in(&ns, SOMAXCONN, next) {
-            Ok(()) => {
-                self.record(netns, true, signal, current.to_string(), next.to_string());
-                let old = self.changed.get(&netns).map_or(current, |c| c.old);
-                self.changed.insert(
-                    netns,
-                    Changed {
-                        ns,
-                        old,
-                        new: next,
-                        workload: workload.key(),
-                    },
-                );
-            }
-            Err(e) => self.record(
-                netns,
-                false,
-                format!("{signal}; writing it failed: {e}"),
-                current.to_string(),
-                current.to_string(),
-            ),
-        }
-    }
-
-    /// Puts back every value the advisor changed (at exit).
-    pub fn restore_all(&mut self) {
-        for (netns, c) in std::mem::take(&mut self.changed) {
-            let result = write_in(&c.ns, SOMAXCONN, c.old);
+            let result = netns::write_in(&c.ns, name, &c.old);
             let applied = result.is_ok();
-            let signal = match result {
-                Ok(()) => format!(
-                    "agent stopping: restoring the value found for {}",
-                    c.workload
-                ),
+            let reason = match result {
+                Ok(()) => format!("{why}: restoring the value found for {}", c.workload),
                 Err(e) => format!(
-                    "agent stopping: restoring the value found for {} failed: {e}",
+                    "{why}: restoring the value found for {} failed: {e}",
                     c.workload
                 ),
             };
             self.audit(
                 Action::RestoreSysctl,
                 netns,
+                name,
                 applied,
-                signal,
-                c.new.to_string(),
-                c.old.to_string(),
+                reason.clone(),
+                (&c.new, &c.old),
             );
+            restored.push(SysctlChange {
+                name: name.to_owned(),
+                before: c.new,
+                after: c.old,
+                applied,
+                reason,
+            });
         }
+        restored.sort_by(|a, b| a.name.cmp(&b.name));
+        restored
+    }
+
+    /// Puts back every value the advisor changed (at exit).
+    pub fn restore_all(&mut self) {
+        self.restore(|_| true, "agent stopping");
+    }
+
+    /// Puts back what was changed for one workload, on its request, and
+    /// writes nothing more for it until the agent restarts.
+    pub fn restore_for(&mut self, workload: &str) -> Vec<SysctlChange> {
+        self.held_back.insert(workload.to_owned());
+        self.restore(|w| w == workload, "the workload asked")
     }
 }
 
-/// The advisor's thread: a tick per `period` until `stop`, then restore.
+/// The advisor's thread: a tick per `period` until `stop`, answering restore
+/// requests as they come, then restore everything.
 pub fn spawn(
     mut advisor: SysctlAdvisor,
     view: tokio::sync::watch::Receiver<Arc<crate::view::View>>,
     period: Duration,
+    requests: mpsc::Receiver<RestoreRequest>,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -304,40 +366,12 @@ pub fn spawn(
                 advisor.tick(&sockets);
                 let until = Instant::now() + period;
                 while !stop.is_cancelled() && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(50));
+                    // Short waits: the stop token is not a channel.
+                    if let Ok(r) = requests.recv_timeout(Duration::from_millis(50)) {
+                        let _ = r.reply.send(advisor.restore_for(&r.workload));
+                    }
                 }
             }
             advisor.restore_all();
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_and_writes_in_the_own_namespace() {
-        // The agent's own namespace, entered through its own fd: reading
-        // works unprivileged, and the value is the host's.
-        let Ok(f) = File::open("/proc/self/ns/net") else {
-            return;
-        };
-        let ns = OwnedFd::from(f);
-        match read_in(&ns, SOMAXCONN) {
-            Ok(v) => {
-                let host: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-                    .expect("readable")
-                    .trim()
-                    .parse()
-                    .expect("a number");
-                assert_eq!(v, host);
-            }
-            // setns needs CAP_SYS_ADMIN even into one's own namespace.
-            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}"),
-        }
-        assert_eq!(
-            sysctl_path("net.core.somaxconn"),
-            "/proc/sys/net/core/somaxconn"
-        );
-    }
 }

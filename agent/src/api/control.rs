@@ -3,9 +3,9 @@
 //! Authorization is by the socket's peer credentials: the caller's pid (from
 //! SO_PEERCRED, taken by the kernel at connect) -> its cgroup -> its pod, the
 //! same resolution acting's selectors use. A registration belongs to that
-//! workload; every other caller gets PERMISSION_DENIED. Bounded everywhere a
+//! workload; every other caller gets PERMISSION_DENIED. Bounded where a
 //! client could make the agent hold memory: message size, streams per
-//! connection and per workload, connections, registrations.
+//! connection and per workload, registrations.
 
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -26,7 +26,7 @@ use vigil_control::v1::{
 };
 
 use crate::{
-    act::{selector, services::Services},
+    act::{selector, services::Services, sysctls::RestoreRequest},
     kube_pods::PodDirectory,
     view::View,
 };
@@ -51,15 +51,27 @@ fn sized<M: prost::Message>(m: &M) -> Result<(), Status> {
     Ok(())
 }
 
+/// How long RestoreSysctls waits for the advisor (it enters namespaces).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct ControlApi {
     services: Arc<Mutex<Services>>,
     pods: Option<Arc<RwLock<PodDirectory>>>,
+    sysctls: std::sync::mpsc::Sender<RestoreRequest>,
 }
 
 impl ControlApi {
-    pub fn new(services: Arc<Mutex<Services>>, pods: Option<Arc<RwLock<PodDirectory>>>) -> Self {
-        ControlApi { services, pods }
+    pub fn new(
+        services: Arc<Mutex<Services>>,
+        pods: Option<Arc<RwLock<PodDirectory>>>,
+        sysctls: std::sync::mpsc::Sender<RestoreRequest>,
+    ) -> Self {
+        ControlApi {
+            services,
+            pods,
+            sysctls,
+        }
     }
 
     fn services(&self) -> Result<MutexGuard<'_, Services>, Status> {
@@ -153,6 +165,23 @@ impl Control for ControlApi {
             Ok(t)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn restore_sysctls(
+        &self,
+        req: Request<v1::RestoreSysctlsRequest>,
+    ) -> Result<Response<v1::RestoreSysctlsResponse>, Status> {
+        let workload = self.caller(&req)?.key();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || Status::unavailable("the sysctl advisor is not running");
+        self.sysctls
+            .send(RestoreRequest { workload, reply })
+            .map_err(|_| gone())?;
+        let restored = tokio::time::timeout(RESTORE_TIMEOUT, answer)
+            .await
+            .map_err(|_| Status::unavailable("the sysctl advisor did not answer in time"))?
+            .map_err(|_| gone())?;
+        Ok(Response::new(v1::RestoreSysctlsResponse { restored }))
     }
 }
 
