@@ -184,7 +184,7 @@ fn ephemeral_port_advice_is_enforced_and_restored_on_request() -> anyhow::Result
     if !bpf_available("ephemeral_port_advice_is_enforced_and_restored_on_request") {
         return Ok(());
     }
-    let link = LinkPair::create(&tag("sysports"), 81)?;
+    let link = LinkPair::create(&tag("sysports"), 83)?;
     link.client.run(&[
         "sysctl",
         "-qw",
