@@ -26,7 +26,7 @@ use crate::{
     correlate::{ledger::ConnectionLedger, traces::TraceIndex},
     enrich::Enricher,
     export::otlp::{self, OtlpStats},
-    export::prometheus::{self, MetricsSource},
+    export::{http, prometheus::MetricsSource},
     kube_pods::{self, KubeStats, PodDirectory},
     loader::{sys::IterLink, LoadOptions, Probes, Signal},
     metrics::{PipelineStats, Registry},
@@ -60,7 +60,8 @@ pub fn load_options(config: &Config) -> LoadOptions {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a port in use must fail before any kernel object exists.
-    let listener = prometheus::bind(config.agent.metrics_addr).await?;
+    let listener = http::bind(config.agent.metrics_addr).await?;
+    let queries = http::bind_queries(&config.agent.query_socket)?;
     let event_log = match &config.agent.event_log {
         Some(path) => Some(
             EventLog::open(path)
@@ -340,14 +341,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         .run(rx, snapshot_rx, trace_queries_rx),
     );
-    let metrics_task = tokio::spawn(prometheus::serve(
+    let source = MetricsSource {
+        view: view_rx,
+        telemetry,
+        trace_queries,
+        actuation: act_state,
+    };
+    let metrics_task = tokio::spawn(http::serve_metrics(
         listener,
-        MetricsSource {
-            view: view_rx,
-            telemetry,
-            trace_queries,
-            actuation: act_state,
-        },
+        source.clone(),
+        stop_exporters.clone(),
+    ));
+    let queries_task = tokio::spawn(http::serve_queries(
+        queries,
+        config.agent.query_socket.clone(),
+        source,
         stop_exporters.clone(),
     ));
     info!("vigil agent running; SIGTERM or Ctrl-C stops it");
@@ -420,6 +428,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = watch.await;
     }
     let _ = metrics_task.await;
+    let _ = queries_task.await;
     if let Some(thread) = sampler_thread {
         // It checks for the stop at least every 50 ms, and between namespaces.
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -130,7 +130,14 @@ pub struct AgentConfig {
     /// The Unix socket of the control API (served unless actuation is off);
     /// the chart shares its directory with pods.
     pub control_socket: PathBuf,
+    /// The Unix socket (mode 0600, root's) of the query endpoints that list
+    /// the node's connections and traces: `vigil sockets`, `explain`,
+    /// `status`. Never in a directory shared with pods.
+    pub query_socket: PathBuf,
 }
+
+/// Where `agent.query_socket` is unless configured, and where the CLI looks.
+pub const DEFAULT_QUERY_SOCKET: &str = "/run/vigil-agent/query.sock";
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -140,6 +147,7 @@ impl Default for AgentConfig {
             shutdown_timeout_ms: 5_000,
             node_name: None,
             control_socket: PathBuf::from(vigil_control::DEFAULT_SOCKET),
+            query_socket: PathBuf::from(DEFAULT_QUERY_SOCKET),
         }
     }
 }
@@ -578,13 +586,22 @@ impl Config {
         if !(1..=10_000).contains(&a.max_registrations) {
             return invalid("actuation.max_registrations", "must be 1..=10000".into());
         }
-        if self.agent.control_socket.as_os_str().is_empty()
-            || self.agent.control_socket.as_os_str().len() > 100
-            || !self.agent.control_socket.is_absolute()
-        {
+        for (key, path) in [
+            ("agent.control_socket", &self.agent.control_socket),
+            ("agent.query_socket", &self.agent.query_socket),
+        ] {
+            if path.as_os_str().is_empty() || path.as_os_str().len() > 100 || !path.is_absolute() {
+                return invalid(
+                    key,
+                    "must be an absolute path of at most 100 bytes (a Unix socket's limit is 108)"
+                        .into(),
+                );
+            }
+        }
+        if self.agent.query_socket.parent() == self.agent.control_socket.parent() {
             return invalid(
-                "agent.control_socket",
-                "must be an absolute path of at most 100 bytes (a Unix socket's limit is 108)"
+                "agent.query_socket",
+                "must not be in agent.control_socket's directory: that one is shared with pods"
                     .into(),
             );
         }
@@ -691,6 +708,12 @@ mod tests {
             |c| c.agent.control_socket = "control.sock".into(),
             "agent.control_socket",
         );
+        rejected(|c| c.agent.query_socket = "".into(), "agent.query_socket");
+        let err = rejected(
+            |c| c.agent.query_socket = "/run/vigil/query.sock".into(),
+            "agent.query_socket",
+        );
+        assert!(err.contains("shared with pods"), "{err}");
         rejected(
             |c| c.actuation.queue_delay_target_ms = 0,
             "actuation.queue_delay_target_ms",

@@ -42,7 +42,9 @@ enum Command {
     /// Exit status: 0 healthy; 3 degraded (a signal is missing: usable as a
     /// readiness check); 1 the agent could not be asked.
     ///
-    /// Example: vigil status --agent 10.0.3.7:9464
+    /// Examples: vigil status (on the node, as root);
+    /// kubectl exec -n vigil ds/vigil -- vigil status;
+    /// vigil status --agent node-7:9464 (hooks and health, no acting)
     Status(AgentAddr),
     /// Show the running agent's latest socket sample: listeners by accept-queue
     /// fill, then connections by RTT (or retransmits).
@@ -89,9 +91,11 @@ struct HooksArgs {
 
 #[derive(clap::Args, Debug)]
 struct AgentAddr {
-    /// Address of the agent's HTTP endpoint (its --metrics-addr).
-    #[arg(long, env = "VIGIL_AGENT", default_value = "127.0.0.1:9464")]
-    agent: SocketAddr,
+    /// The agent's query socket (its agent.query_socket: root's, on the node
+    /// or through `kubectl exec`), or HOST:PORT of its metrics endpoint,
+    /// which answers /metrics and /healthz only.
+    #[arg(long, env = "VIGIL_AGENT", default_value = vigil::config::DEFAULT_QUERY_SOCKET)]
+    agent: vigil::query::Endpoint,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,6 +174,10 @@ struct AgentArgs {
     /// [default: /run/vigil/control.sock].
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// The query socket (mode 0600) of `vigil sockets`, `explain` and
+    /// `status`. Sets agent.query_socket [default: /run/vigil-agent/query.sock].
+    #[arg(long, value_name = "PATH")]
+    query_socket: Option<PathBuf>,
     /// Load the kernel programs from this eBPF object instead of the
     /// built-in one (tests of a probes build only).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -240,6 +248,9 @@ fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     }
     if let Some(path) = args.control_socket.clone() {
         config.agent.control_socket = path;
+    }
+    if let Some(path) = args.query_socket.clone() {
+        config.agent.query_socket = path;
     }
     if let Some(law) = args.admission_law {
         config.actuation.admission_law = law;
@@ -366,7 +377,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::DefaultConfig => print_or_fail(toml::to_string(&Config::default())),
-        Command::Status(args) => match vigil::triage::status(args.agent) {
+        Command::Status(args) => match vigil::triage::status(&args.agent) {
             Ok((text, health)) => {
                 print!("{text}");
                 if health.is_degraded() {
@@ -381,7 +392,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Sockets(args) => {
-            print_or_fail(vigil::triage::fetch(args.agent.agent).and_then(|table| {
+            print_or_fail(vigil::triage::fetch(&args.agent.agent).and_then(|table| {
                 if args.json {
                     Ok(serde_json::to_string_pretty(&table)? + "\n")
                 } else {
@@ -394,7 +405,7 @@ fn main() -> ExitCode {
             }))
         }
         Command::Explain(args) => print_or_fail(
-            vigil::triage::explain(args.agent.agent, &args.trace_id).and_then(|e| {
+            vigil::triage::explain(&args.agent.agent, &args.trace_id).and_then(|e| {
                 if args.json {
                     Ok(serde_json::to_string_pretty(&e)? + "\n")
                 } else {

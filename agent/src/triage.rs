@@ -1,13 +1,7 @@
-//! The CLI's view of a running agent, over its HTTP endpoint: `vigil status`
+//! The CLI's view of a running agent, over its query socket: `vigil status`
 //! (hooks, event flow, losses, caches, series budget) and `vigil sockets`
 //! (the latest socket sample as tables an SRE reads during an incident:
 //! fullest accept queues, slowest connections).
-
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
 
 use crate::{
     act::ActuationView,
@@ -15,30 +9,14 @@ use crate::{
     export::prometheus::ACTUATION_PATH,
     export::prometheus::{Explanation, TRACES_PATH},
     health::{Health, HEALTH_PATH},
+    query::{Endpoint, QueryError},
     socket_health::{ConnectionRow, ListenerRow, SocketTable},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_RESPONSE_BYTES: u64 = 64 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TriageError {
-    #[error(
-        "cannot reach the agent at {addr} (is `vigil agent` running there? see --agent): {source}"
-    )]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("reading from the agent at {addr}: {source}")]
-    Io {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the agent at {addr} answered `{status}`")]
-    Status { addr: SocketAddr, status: String },
+    #[error(transparent)]
+    Query(#[from] QueryError),
     #[error("the agent's answer is not what this CLI expects: {0}")]
     Body(#[from] serde_json::Error),
     #[error("`{0}` is not a trace id: give the 32 hex characters of the trace-id field of a traceparent")]
@@ -46,11 +24,11 @@ pub enum TriageError {
 }
 
 /// GETs what the agent's kernel probes saw of one trace.
-pub fn explain(addr: SocketAddr, trace_id: &str) -> Result<Explanation, TriageError> {
+pub fn explain(agent: &Endpoint, trace_id: &str) -> Result<Explanation, TriageError> {
     let id = TraceContext::parse_trace_id(trace_id)
         .map_err(|_| TriageError::TraceId(trace_id.trim().to_owned()))?;
     let path = format!("{TRACES_PATH}{}", hex::encode(id));
-    Ok(serde_json::from_slice(&get(addr, &path)?)?)
+    Ok(serde_json::from_slice(&agent.get_ok(&path)?)?)
 }
 
 fn ms_since(t: u64, origin: u64) -> String {
@@ -142,52 +120,8 @@ pub fn render_explanation(e: &Explanation) -> String {
 }
 
 /// GETs /v1/sockets from the agent.
-pub fn fetch(addr: SocketAddr) -> Result<SocketTable, TriageError> {
-    Ok(serde_json::from_slice(&get(addr, "/v1/sockets")?)?)
-}
-
-/// GETs `path` from the agent; the body of a 200 answer.
-/// One GET to the agent: the status line and the body, whatever the status.
-fn exchange(addr: SocketAddr, path: &str) -> Result<(String, Vec<u8>), TriageError> {
-    let io = |source| TriageError::Io { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .map_err(|source| TriageError::Connect { addr, source })?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .map_err(io)?;
-    let mut response = Vec::new();
-    stream
-        .take(MAX_RESPONSE_BYTES)
-        .read_to_end(&mut response)
-        .map_err(io)?;
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| TriageError::Status {
-            addr,
-            status: "no HTTP header".into(),
-        })?;
-    let head = String::from_utf8_lossy(&response[..split]);
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    response.drain(..split + 4);
-    Ok((status, response))
-}
-
-fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, TriageError> {
-    let (status, body) = exchange(addr, path)?;
-    if !status.contains(" 200 ") {
-        // The agent says why in the body (e.g. which trace it never saw).
-        let why = String::from_utf8_lossy(&body);
-        let status = match why.trim() {
-            "" => status,
-            why => format!("{status}: {why}"),
-        };
-        return Err(TriageError::Status { addr, status });
-    }
-    Ok(body)
+pub fn fetch(agent: &Endpoint) -> Result<SocketTable, TriageError> {
+    Ok(serde_json::from_slice(&agent.get_ok("/v1/sockets")?)?)
 }
 
 /// One sample of the exposition text: labels and value.
@@ -233,16 +167,30 @@ fn total(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
 
 /// `vigil status`: the agent's hooks and self-telemetry, from its /metrics,
 /// and the signals it cannot deliver, from /healthz (200 or 503, both JSON).
-pub fn status(addr: SocketAddr) -> Result<(String, Health), TriageError> {
-    let text = String::from_utf8_lossy(&get(addr, "/metrics")?).into_owned();
-    let (line, body) = exchange(addr, HEALTH_PATH)?;
+pub fn status(agent: &Endpoint) -> Result<(String, Health), TriageError> {
+    let text = String::from_utf8_lossy(&agent.get_ok("/metrics")?).into_owned();
+    let (line, body) = agent.get(HEALTH_PATH)?;
     if !(line.contains(" 200 ") || line.contains(" 503 ")) {
-        return Err(TriageError::Status { addr, status: line });
+        return Err(QueryError::Status {
+            endpoint: agent.clone(),
+            status: line,
+        }
+        .into());
     }
     let health: Health = serde_json::from_slice(&body)?;
-    let actuation: ActuationView = serde_json::from_slice(&get(addr, ACTUATION_PATH)?)?;
+    // Acting's view lists workloads: served on the query socket only.
+    let acting = match agent {
+        Endpoint::Socket(_) => {
+            let view: ActuationView = serde_json::from_slice(&agent.get_ok(ACTUATION_PATH)?)?;
+            render_actuation(&view)
+        }
+        Endpoint::Http(_) => {
+            "\nacting: shown on the node only (vigil status there reads the query socket)\n"
+                .to_owned()
+        }
+    };
     Ok((
-        render_status(addr, &text) + &render_health(&health) + &render_actuation(&actuation),
+        render_status(agent, &text) + &render_health(&health) + &acting,
         health,
     ))
 }
@@ -365,7 +313,7 @@ pub fn render_health(health: &Health) -> String {
     out
 }
 
-pub fn render_status(addr: SocketAddr, text: &str) -> String {
+pub fn render_status(agent: &Endpoint, text: &str) -> String {
     let label = |s: &Sample, k: &str| {
         s.labels
             .iter()
@@ -376,7 +324,7 @@ pub fn render_status(addr: SocketAddr, text: &str) -> String {
     let version = samples(text, "vigil_build_info")
         .first()
         .map_or_else(|| "?".to_owned(), |s| label(s, "version"));
-    let mut out = format!("vigil agent {version} at {addr}\n\nhooks\n");
+    let mut out = format!("vigil agent {version} at {agent}\n\nhooks\n");
     for s in samples(text, "vigil_hook_active") {
         let state = if s.value == 1.0 { "active" } else { "INACTIVE" };
         out.push_str(&format!(
@@ -584,7 +532,7 @@ vigil_series_limit 10
 vigil_cache_entries{cache=\"cgroup_paths\"} 5
 vigil_build_info{version=\"0.1.0\"} 1
 ";
-        let out = render_status("127.0.0.1:9464".parse().expect("addr"), text);
+        let out = render_status(&Endpoint::Http("127.0.0.1:9464".into()), text);
         assert!(out.contains("vigil agent 0.1.0"), "{out}");
         assert!(out.contains("active   tp_btf/kfree_skb"), "{out}");
         assert!(out.contains("INACTIVE iter/task_file"), "{out}");
@@ -594,15 +542,5 @@ vigil_build_info{version=\"0.1.0\"} 1
         );
         assert!(out.contains("3 of 10 in use"), "{out}");
         assert!(out.contains("cgroup_paths 5"), "{out}");
-    }
-
-    #[test]
-    fn unreachable_agent_is_explained() {
-        // Port 9 (discard) on loopback: nothing listens in the test environment.
-        let err = fetch("127.0.0.1:9".parse().expect("addr")).expect_err("refused");
-        assert!(
-            err.to_string().contains("is `vigil agent` running"),
-            "{err}"
-        );
     }
 }

@@ -371,6 +371,11 @@ class DaemonSetSecurity(unittest.TestCase):
                 if "control-socket" in host:
                     socket_dir = next(v for v in pod["volumes"] if v["name"] == "control-socket")
                     self.assertEqual(socket_dir["hostPath"]["type"], "DirectoryOrCreate")
+                # The query socket lists the node's connections: its directory
+                # is the agent's own memory, not a host path pods could mount.
+                query = next(v for v in pod["volumes"] if v["name"] == "query-socket")
+                self.assertIn("emptyDir", query)
+                self.assertEqual(mounts["query-socket"]["mountPath"], "/run/vigil-agent")
 
     def test_host_ports_only_for_a_running_span_receiver(self):
         for name, pod in self.daemonsets():

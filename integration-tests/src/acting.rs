@@ -13,10 +13,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use vigil_testbed::{
-    netns::{bin_path, in_cgroup, spawn_origin, ChildGuard},
-    prom::get,
-};
+use vigil_testbed::netns::{bin_path, in_cgroup, spawn_origin, ChildGuard};
 
 use crate::{tag, Agent, TestCgroup};
 
@@ -132,7 +129,7 @@ pub fn wait_until_released(objects: &[(String, u64, String)], what: &str) -> any
 
 /// `GET /v1/actuation`.
 pub fn actuation(agent: &Agent) -> anyhow::Result<Value> {
-    let (status, body) = get(agent.metrics_addr, "/v1/actuation")?;
+    let (status, body) = vigil_testbed::prom::query(&agent.query_socket, "/v1/actuation")?;
     anyhow::ensure!(status.contains(" 200 "), "{status}: {body}");
     Ok(serde_json::from_str(&body)?)
 }

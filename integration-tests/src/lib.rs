@@ -58,6 +58,9 @@ pub struct Agent {
     child: ChildGuard,
     log: Arc<Mutex<Vec<Value>>>,
     pub metrics_addr: SocketAddr,
+    /// Its query socket (`vigil sockets`, `explain`, `status`), one per agent.
+    pub query_socket: PathBuf,
+    _query_dir: TempPath,
 }
 
 impl Agent {
@@ -97,6 +100,10 @@ impl Agent {
     /// Runs `cmd` (the agent binary, or a wrapper that execs it) with the
     /// agent's arguments and waits until it reports it is running.
     fn spawn(mut cmd: Command, args: &[&str]) -> anyhow::Result<Agent> {
+        static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let query_dir = TempPath::new(&format!("query{n}"));
+        let query_socket = query_dir.0.join("query.sock");
         cmd.args([
             "agent",
             "--log-format",
@@ -104,6 +111,8 @@ impl Agent {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
+        .arg("--query-socket")
+        .arg(&query_socket)
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -124,6 +133,8 @@ impl Agent {
             child,
             log,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            query_socket,
+            _query_dir: query_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -240,7 +251,7 @@ impl Agent {
                 trace_id,
                 "--json",
                 "--agent",
-                &self.metrics_addr.to_string(),
+                &self.query_socket.to_string_lossy(),
             ])
             .output()
             .context("running vigil explain")?;
@@ -256,8 +267,8 @@ impl Agent {
 
     /// The agent's latest socket sample, through the CLI (`vigil sockets --json`).
     pub fn sockets(&self) -> anyhow::Result<Value> {
-        let addr = self.metrics_addr.to_string();
-        let out = vigil_cli(&["sockets", "--json", "--agent", &addr])?;
+        let socket = self.query_socket.to_string_lossy();
+        let out = vigil_cli(&["sockets", "--json", "--agent", &socket])?;
         serde_json::from_slice(&out).context("vigil sockets --json output")
     }
 
@@ -445,7 +456,10 @@ impl TempPath {
 
 impl Drop for TempPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if std::fs::remove_file(&self.0).is_err() {
+            // A directory (of sockets).
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -739,7 +753,7 @@ pub fn vigil_cli(args: &[&str]) -> anyhow::Result<Vec<u8>> {
 /// `vigil status` against `agent`: its exit code and standard output.
 pub fn vigil_status(agent: &Agent) -> anyhow::Result<(Option<i32>, String)> {
     let out = Command::new(bin_path("vigil")?)
-        .args(["status", "--agent", &agent.metrics_addr.to_string()])
+        .args(["status", "--agent", &agent.query_socket.to_string_lossy()])
         .output()
         .context("running vigil status")?;
     Ok((

@@ -1,8 +1,11 @@
-//! A Prometheus scrape client for tests and the demo: GET /metrics and sum samples.
+//! A Prometheus scrape client for tests and the demo: GET /metrics and sum
+//! samples; GET from the agent's query socket.
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
+    path::Path,
     time::Duration,
 };
 
@@ -10,8 +13,20 @@ use anyhow::{anyhow, bail};
 
 /// GET `path` over plain HTTP: the status line and the body, whatever the status.
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    exchange(s, path)
+}
+
+/// GET `path` from the agent's query socket (`agent.query_socket`).
+pub fn query(socket: &Path, path: &str) -> anyhow::Result<(String, String)> {
+    let s = UnixStream::connect(socket)
+        .map_err(|e| anyhow!("connecting to {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    exchange(s, path)
+}
+
+fn exchange(mut s: impl Read + Write, path: &str) -> anyhow::Result<(String, String)> {
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: vigil\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;

@@ -30,6 +30,8 @@ use crate::{bpf_attach::Attached, workspace_root};
 
 use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
 /// Subnet index of the benchmark's link pair (198.18.202.0/24).
+/// The query socket of the agents the benchmarks run (one at a time).
+pub(crate) const QUERY_SOCKET: &str = "/run/vigil-bench/query.sock";
 const BENCH_LINK_INDEX: u8 = 202;
 const METRICS_ADDR: &str = "127.0.0.1:19466";
 

@@ -12,6 +12,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -20,11 +21,11 @@ use std::{
 use vigil_testbed::{
     connload::{self, ConnLoadConfig, ConnSummary},
     netns::{spawn_origin, ChildGuard},
-    prom::get,
+    prom::query,
 };
 
 use crate::{
-    bench::{uname, wait_until, write_section, BenchArgs},
+    bench::{uname, wait_until, write_section, BenchArgs, QUERY_SOCKET},
     cgroup::OwnCgroup,
 };
 
@@ -67,13 +68,14 @@ fn overload_arm(
     let agent = ChildGuard::spawn(
         Command::new(bin.join("vigil"))
             .args(["agent", "--metrics-addr", METRICS_ADDR])
+            .args(["--query-socket", QUERY_SOCKET])
             .args(["--actuation", "enforce", "--act-on", &cgroup.selector()])
             .args(["--admission-law", law])
             .stderr(Stdio::null()),
     )?;
-    let metrics: SocketAddr = METRICS_ADDR.parse()?;
     wait_until("the agent's steering program", || {
-        get(metrics, "/v1/actuation").is_ok_and(|(_, body)| body.contains("\"enforced\""))
+        query(Path::new(QUERY_SOCKET), "/v1/actuation")
+            .is_ok_and(|(_, body)| body.contains("\"enforced\""))
     })?;
     let records = load(addr, rate, secs)?;
     drop(agent);

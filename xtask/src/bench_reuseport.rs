@@ -22,11 +22,11 @@ use std::{
 use anyhow::{bail, Context};
 use vigil_testbed::{
     netns::{in_cgroup, spawn_origin, ChildGuard},
-    prom::get,
+    prom::query,
 };
 
 use crate::{
-    bench::{all_programs, uname, wait_until, write_section, BenchArgs},
+    bench::{all_programs, uname, wait_until, write_section, BenchArgs, QUERY_SOCKET},
     bpf_attach::{load_empty, PROG_TYPE_SK_REUSEPORT},
 };
 
@@ -162,14 +162,15 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
                 METRICS_ADDR,
                 "--actuation",
                 "enforce",
+                "--query-socket",
+                QUERY_SOCKET,
             ])
             .args(["--act-on", &cgroup.selector()])
             .stderr(Stdio::null()),
     )?;
-    let metrics: SocketAddr = METRICS_ADDR.parse()?;
     let mut vigil_id = 0;
     wait_until("the agent's steering program", || {
-        let Ok((_, body)) = get(metrics, "/v1/actuation") else {
+        let Ok((_, body)) = query(Path::new(QUERY_SOCKET), "/v1/actuation") else {
             return false;
         };
         let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -205,7 +206,7 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     let steering = (|| -> anyhow::Result<_> {
         wait_until("steering away from the stopped worker", || {
             let _ = connect_many(&[PORT_STEERED], CLIENT_THREADS as u32 * 4);
-            get(metrics, "/v1/actuation")
+            query(Path::new(QUERY_SOCKET), "/v1/actuation")
                 .is_ok_and(|(_, body)| body.contains("\"takes_new_connections\":false"))
         })?;
         let before = costs(&ids)?;

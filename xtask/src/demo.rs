@@ -11,6 +11,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -23,10 +24,13 @@ use std::{
 use anyhow::Context;
 use vigil_testbed::{
     netns::{loadgen_command, spawn_origin, ChildGuard, LinkPair},
-    prom::{get, metric_sum, scrape},
+    prom::{metric_sum, query, scrape},
 };
 
 use vigil_testbed::origin::DEFAULT_PORT as ORIGIN_PORT;
+/// The agent's default agent.query_socket (the demo runs it with its
+/// embedded defaults).
+const AGENT_QUERY_SOCKET: &str = "/run/vigil-agent/query.sock";
 /// Subnet index of the demo's link pair (198.18.201.0/24), apart from the tests' indices.
 const DEMO_LINK_INDEX: u8 = 201;
 
@@ -139,7 +143,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     {
         thread::sleep(Duration::from_millis(200));
         stall.tick(started.elapsed());
-        decisions_shown = show_decisions(args.metrics_addr, decisions_shown);
+        decisions_shown = show_decisions(decisions_shown);
         if started.elapsed() >= next_report {
             next_report += Duration::from_secs(10);
             let kernel = retrans_segs(&link)?.saturating_sub(baseline);
@@ -259,8 +263,8 @@ fn viewers_joining(origin: SocketAddr, joins: &Joins, stop: &AtomicBool) {
 
 /// Prints the agent's acting decisions after the first `shown`; returns how
 /// many it has shown.
-fn show_decisions(metrics: SocketAddr, shown: usize) -> usize {
-    let Ok((_, body)) = get(metrics, "/v1/actuation") else {
+fn show_decisions(shown: usize) -> usize {
+    let Ok((_, body)) = query(Path::new(AGENT_QUERY_SOCKET), "/v1/actuation") else {
         return shown;
     };
     let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

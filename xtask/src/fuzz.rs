@@ -10,7 +10,6 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The targets in fuzz/Cargo.toml, one per parser family.
 const TARGETS: &[&str] = &[
-    "metrics_request",
     "ring_record",
     "kernel_btf",
     "text_formats",

@@ -8,18 +8,17 @@
 //! connection and per workload, registrations.
 
 use std::{
-    os::unix::fs::{FileTypeExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
-use tokio::{net::UnixListener, sync::watch};
+use tokio::sync::watch;
 use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{transport::server::UdsConnectInfo, Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::info;
 use vigil_control::v1::{
     self,
     control_server::{Control, ControlServer},
@@ -185,34 +184,11 @@ impl Control for ControlApi {
     }
 }
 
-/// Binds the socket, replacing a stale one a previous agent left. Mode 0666:
-/// pods run as any uid, and authorization is by peer credentials, not by
-/// who may connect.
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; not replacing it",
-                    path.display()
-                ),
-            ))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
-}
-
 /// Serves the API on `path` until `stop`, then removes the socket.
 pub async fn serve(path: PathBuf, api: ControlApi, stop: CancellationToken) -> std::io::Result<()> {
-    let listener = bind(&path)?;
+    // Mode 0666: pods run as any uid, and authorization is by peer
+    // credentials, not by who may connect.
+    let listener = crate::unix_socket::bind(&path, 0o666, 0o755)?;
     info!(socket = %path.display(), "control API listening");
     let service = ControlServer::new(api)
         .max_decoding_message_size(DECODE_LIMIT)
@@ -227,11 +203,7 @@ pub async fn serve(path: PathBuf, api: ControlApi, stop: CancellationToken) -> s
             stop.cancelled(),
         )
         .await;
-    if let Err(e) = std::fs::remove_file(&path) {
-        warn!(socket = %path.display(), error = %e, "cannot remove the control API socket");
-    } else {
-        info!(socket = %path.display(), "control API socket removed");
-    }
+    crate::unix_socket::remove(&path, "control API");
     result.map_err(std::io::Error::other)
 }
 
