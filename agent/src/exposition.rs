@@ -188,6 +188,88 @@ impl Exposition {
     }
 }
 
+impl Exposition {
+    /// OpenMetrics 1.0 text: counter families named without `_total` (their
+    /// samples keep it), exemplars on counter samples, `# EOF` at the end.
+    pub fn open_metrics(&self) -> String {
+        let mut out = String::new();
+        for f in &self.families {
+            let family = match f.kind {
+                Kind::Counter => f.name.strip_suffix("_total").unwrap_or(&f.name),
+                _ => &f.name,
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {family} {}\n# TYPE {family} {}",
+                f.help.replace('\\', "\\\\").replace('\n', "\\n"),
+                f.kind.prometheus()
+            );
+            for p in &f.points {
+                match &p.value {
+                    Value::Number(v) if f.kind == Kind::Counter => {
+                        line_open(&mut out, &format!("{family}_total"), &p.labels, None, *v);
+                        if let Some(e) = &p.exemplar {
+                            exemplar(&mut out, e);
+                        }
+                        out.push('\n');
+                    }
+                    Value::Number(v) => {
+                        line_open(&mut out, family, &p.labels, None, *v);
+                        out.push('\n');
+                    }
+                    Value::Histogram(h) => {
+                        let bucket = format!("{family}_bucket");
+                        let mut cumulative = 0;
+                        let les = h
+                            .bounds
+                            .iter()
+                            .map(|b| float(*b))
+                            .chain(std::iter::once("+Inf".to_owned()));
+                        for (le, n) in les.zip(&h.counts) {
+                            cumulative += n;
+                            line_open(&mut out, &bucket, &p.labels, Some(&le), cumulative as f64);
+                            out.push('\n');
+                        }
+                        for (suffix, v) in [("_count", h.count as f64), ("_sum", h.sum)] {
+                            line_open(&mut out, &format!("{family}{suffix}"), &p.labels, None, v);
+                            out.push('\n');
+                        }
+                    }
+                }
+            }
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// A float as OpenMetrics wants `le` values: always with a fraction.
+fn float(v: f64) -> String {
+    if v.fract() == 0.0 && v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// A sample line without its newline (an exemplar may follow).
+fn line_open(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&str>, v: f64) {
+    line(out, name, labels, le, v);
+    out.pop();
+}
+
+/// ` # {trace_id="…",span_id="…"} VALUE TIMESTAMP`.
+fn exemplar(out: &mut String, e: &Exemplar) {
+    let _ = write!(
+        out,
+        " # {{trace_id=\"{}\",span_id=\"{}\"}} {} {:.3}",
+        hex::encode(e.trace_id),
+        hex::encode(e.span_id),
+        e.value,
+        e.time_unix_nano as f64 / 1e9
+    );
+}
+
 fn line(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&str>, v: f64) {
     out.push_str(name);
     let mut pairs: Vec<String> = labels
@@ -251,5 +333,46 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("h_seconds_count{p=\"x\"} 6\n"), "{text}");
+    }
+
+    #[test]
+    fn writes_open_metrics_with_exemplars() {
+        let mut x = Exposition::default();
+        x.family("a_total", "counter", "A.");
+        x.sample("a_total", &[("k", "v".into())], 7u64);
+        x.exemplar(
+            "a_total",
+            Exemplar {
+                trace_id: [0xab; 16],
+                span_id: [0x01; 8],
+                time_unix_nano: 1_700_000_000_500_000_000,
+                value: 3.0,
+            },
+        );
+        x.family("g", "gauge", "G.");
+        x.sample("g", &[], 0.25);
+        x.family("h_seconds", "histogram", "H.");
+        x.histogram(
+            "h_seconds",
+            &[],
+            HistogramPoint {
+                bounds: vec![0.1, 1.0],
+                counts: vec![1, 2, 3],
+                sum: 9.5,
+                count: 6,
+            },
+        );
+        let text = x.open_metrics();
+        let trace = "ab".repeat(16);
+        assert!(
+            text.contains(&format!(
+                "# TYPE a counter\na_total{{k=\"v\"}} 7 # {{trace_id=\"{trace}\",span_id=\"0101010101010101\"}} 3 1700000000.500\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE g gauge\ng 0.25\n"), "{text}");
+        assert!(text.contains("h_seconds_bucket{le=\"1.0\"} 3\n"), "{text}");
+        assert!(text.contains("h_seconds_bucket{le=\"+Inf\"} 6\n"), "{text}");
+        assert!(text.ends_with("h_seconds_sum 9.5\n# EOF\n"), "{text}");
     }
 }

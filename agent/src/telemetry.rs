@@ -75,6 +75,11 @@ impl Telemetry {
         self.families(view).text()
     }
 
+    /// OpenMetrics 1.0 text, with exemplars.
+    pub fn render_open_metrics(&self, view: &View) -> String {
+        self.families(view).open_metrics()
+    }
+
     /// Kernel-side losses, summed over CPUs: [probe][reason] as in `loss_index`.
     fn lost_events(&self, slot: LossSlot, reason: LossReason) -> u64 {
         self.lost

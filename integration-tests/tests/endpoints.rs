@@ -2,8 +2,9 @@
 //! anyone, and refuses the query endpoints (they list the node's
 //! connections, traces and workloads), which the query socket serves to root
 //! only (mode 0600 in a directory of 0700), removed at exit. The metrics port
-//! keeps connections alive, compresses for clients that ask, and a flood of
-//! idle connections from one address does not keep the scrape out.
+//! keeps connections alive, compresses and writes OpenMetrics for clients
+//! that ask, and a flood of idle connections from one address does not keep
+//! the scrape out.
 
 use std::{
     io::{Read, Write},

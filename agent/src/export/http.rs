@@ -31,7 +31,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::prometheus::{route, Audience, MetricsSource};
+use super::prometheus::{route, Audience, Format, MetricsSource};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// hyper's smallest read buffer: a head that does not fit gets 431.
@@ -113,18 +113,38 @@ fn gzip(body: &[u8]) -> Option<Vec<u8>> {
     enc.finish().ok()
 }
 
-fn accepts_gzip<B>(req: &Request<B>) -> bool {
+/// Whether a comma-separated `header` lists `wanted` without `q=0`.
+fn lists<B>(req: &Request<B>, header: header::HeaderName, wanted: &str) -> bool {
     req.headers()
-        .get_all(header::ACCEPT_ENCODING)
+        .get_all(header)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|coding| {
-            let mut parts = coding.split(';');
+        .any(|item| {
+            let mut parts = item.split(';');
             let name = parts.next().unwrap_or_default().trim();
-            let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
-            name.eq_ignore_ascii_case("gzip") && !refused
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f64>().ok())
+                    == Some(0.0)
+            });
+            name.eq_ignore_ascii_case(wanted) && !refused
         })
+}
+
+fn accepts_gzip<B>(req: &Request<B>) -> bool {
+    lists(req, header::ACCEPT_ENCODING, "gzip")
+}
+
+/// OpenMetrics when the scraper lists it (Prometheus does first, for
+/// exemplars); else the 0.0.4 text format.
+fn format_for<B>(req: &Request<B>) -> Format {
+    if lists(req, header::ACCEPT, "application/openmetrics-text") {
+        Format::OpenMetrics
+    } else {
+        Format::PrometheusText
+    }
 }
 
 async fn answer(
@@ -135,7 +155,7 @@ async fn answer(
     let head_only = req.method() == Method::HEAD;
     let mut builder = Response::builder().header(header::VARY, "accept-encoding");
     let (status, content_type, body) = if req.method() == Method::GET || head_only {
-        let r = route(&source, req.uri().path(), audience).await;
+        let r = route(&source, req.uri().path(), audience, format_for(&req)).await;
         (r.status, r.content_type, r.body.into_bytes())
     } else {
         builder = builder.header(header::ALLOW, "GET, HEAD");
@@ -278,6 +298,26 @@ mod tests {
     }
 
     #[test]
+    fn open_metrics_when_listed() {
+        let req = |v: &str| {
+            Request::builder()
+                .header(header::ACCEPT, v)
+                .body(())
+                .expect("request")
+        };
+        // What Prometheus sends by default.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(format_for(&req(prometheus)), Format::OpenMetrics);
+        assert_eq!(format_for(&req("text/plain")), Format::PrometheusText);
+        assert_eq!(
+            format_for(&req("application/openmetrics-text;q=0")),
+            Format::PrometheusText
+        );
+        let none = Request::builder().body(()).expect("request");
+        assert_eq!(format_for(&none), Format::PrometheusText);
+    }
+
+    #[test]
     fn gzip_only_when_accepted() {
         let req = |v: &str| {
             Request::builder()
@@ -286,6 +326,7 @@ mod tests {
                 .expect("request")
         };
         assert!(accepts_gzip(&req("gzip")));
+        assert!(!accepts_gzip(&req("gzip; q=0.0")));
         assert!(accepts_gzip(&req("deflate, GZIP;q=0.5")));
         assert!(!accepts_gzip(&req("gzip;q=0")));
         assert!(!accepts_gzip(&req("identity")));

@@ -116,13 +116,32 @@ fn json(body: Result<String, serde_json::Error>) -> Reply {
     }
 }
 
+/// How /metrics is written: what the scraper's Accept header prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    PrometheusText,
+    OpenMetrics,
+}
+
 /// The answer to a GET of `path`.
-pub async fn route(source: &MetricsSource, path: &str, audience: Audience) -> Reply {
+pub async fn route(
+    source: &MetricsSource,
+    path: &str,
+    audience: Audience,
+    format: Format,
+) -> Reply {
     let operator = audience == Audience::Operator;
     match path {
         "/metrics" => {
             let view = source.view.borrow().clone();
-            reply(200, PROMETHEUS_TEXT, source.telemetry.render(&view))
+            match format {
+                Format::PrometheusText => reply(200, PROMETHEUS_TEXT, source.telemetry.render(&view)),
+                Format::OpenMetrics => reply(
+                    200,
+                    OPEN_METRICS_TEXT,
+                    source.telemetry.render_open_metrics(&view),
+                ),
+            }
         }
         crate::health::HEALTH_PATH => {
             let health = source.telemetry.health_report();
@@ -168,3 +187,5 @@ pub async fn route(source: &MetricsSource, path: &str, audience: Audience) -> Re
 
 /// The Prometheus text format, version 0.0.4.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// OpenMetrics 1.0 (exemplars: the trace of the latest traced retransmit).
+pub const OPEN_METRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
