@@ -45,7 +45,7 @@ enum Command {
     /// Examples: vigil status (on the node, as root);
     /// kubectl exec -n vigil ds/vigil -- vigil status;
     /// vigil status --agent node-7:9464 (hooks and health, no acting)
-    Status(AgentAddr),
+    Status(StatusArgs),
     /// Show the running agent's latest socket sample: listeners by accept-queue
     /// fill, then connections by RTT (or retransmits).
     ///
@@ -96,6 +96,15 @@ struct AgentAddr {
     /// which answers /metrics and /healthz only.
     #[arg(long, env = "VIGIL_AGENT", default_value = vigil::config::DEFAULT_QUERY_SOCKET)]
     agent: vigil::query::Endpoint,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentAddr,
+    /// Print health and acting as JSON (the exit status is the same).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -377,10 +386,20 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::DefaultConfig => print_or_fail(toml::to_string(&Config::default())),
-        Command::Status(args) => match vigil::triage::status(&args.agent) {
-            Ok((text, health)) => {
-                print!("{text}");
-                if health.is_degraded() {
+        Command::Status(args) => match vigil::triage::status(&args.agent.agent) {
+            Ok(status) => {
+                if args.json {
+                    match serde_json::to_string_pretty(&status) {
+                        Ok(json) => println!("{json}"),
+                        Err(e) => {
+                            eprintln!("vigil: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    print!("{}", status.render());
+                }
+                if status.health.is_degraded() {
                     ExitCode::from(STATUS_DEGRADED)
                 } else {
                     ExitCode::SUCCESS

@@ -167,8 +167,20 @@ fn total(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
 
 /// `vigil status`: the agent's hooks and self-telemetry, from its /metrics,
 /// and the signals it cannot deliver, from /healthz (200 or 503, both JSON).
-pub fn status(agent: &Endpoint) -> Result<(String, Health), TriageError> {
-    let text = String::from_utf8_lossy(&agent.get_ok("/metrics")?).into_owned();
+/// What `vigil status` reads of a running agent.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub agent: String,
+    pub health: Health,
+    /// Acting's view: None over HOST:PORT (it is on the query socket only).
+    pub actuation: Option<ActuationView>,
+    /// The agent's /metrics, rendered as the status text.
+    #[serde(skip)]
+    metrics: String,
+}
+
+pub fn status(agent: &Endpoint) -> Result<Status, TriageError> {
+    let metrics = String::from_utf8_lossy(&agent.get_ok("/metrics")?).into_owned();
     let (line, body) = agent.get(HEALTH_PATH)?;
     if !(line.contains(" 200 ") || line.contains(" 503 ")) {
         return Err(QueryError::Status {
@@ -178,21 +190,30 @@ pub fn status(agent: &Endpoint) -> Result<(String, Health), TriageError> {
         .into());
     }
     let health: Health = serde_json::from_slice(&body)?;
-    // Acting's view lists workloads: served on the query socket only.
-    let acting = match agent {
-        Endpoint::Socket(_) => {
-            let view: ActuationView = serde_json::from_slice(&agent.get_ok(ACTUATION_PATH)?)?;
-            render_actuation(&view)
-        }
-        Endpoint::Http(_) => {
-            "\nacting: shown on the node only (vigil status there reads the query socket)\n"
-                .to_owned()
-        }
+    let actuation = match agent {
+        Endpoint::Socket(_) => Some(serde_json::from_slice(&agent.get_ok(ACTUATION_PATH)?)?),
+        Endpoint::Http(_) => None,
     };
-    Ok((
-        render_status(agent, &text) + &render_health(&health) + &acting,
+    Ok(Status {
+        agent: agent.to_string(),
         health,
-    ))
+        actuation,
+        metrics,
+    })
+}
+
+impl Status {
+    /// The tables an SRE reads.
+    pub fn render(&self) -> String {
+        let acting = match &self.actuation {
+            Some(view) => render_actuation(view),
+            None => {
+                "\nacting: shown on the node only (vigil status there reads the query socket)\n"
+                    .to_owned()
+            }
+        };
+        render_status(&self.agent, &self.metrics) + &render_health(&self.health) + &acting
+    }
 }
 
 /// Decisions `vigil status` shows, newest last.
@@ -313,7 +334,7 @@ pub fn render_health(health: &Health) -> String {
     out
 }
 
-pub fn render_status(agent: &Endpoint, text: &str) -> String {
+pub fn render_status(agent: &str, text: &str) -> String {
     let label = |s: &Sample, k: &str| {
         s.labels
             .iter()
@@ -532,7 +553,7 @@ vigil_series_limit 10
 vigil_cache_entries{cache=\"cgroup_paths\"} 5
 vigil_build_info{version=\"0.1.0\"} 1
 ";
-        let out = render_status(&Endpoint::Http("127.0.0.1:9464".into()), text);
+        let out = render_status("127.0.0.1:9464", text);
         assert!(out.contains("vigil agent 0.1.0"), "{out}");
         assert!(out.contains("active   tp_btf/kfree_skb"), "{out}");
         assert!(out.contains("INACTIVE iter/task_file"), "{out}");

@@ -7,8 +7,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = vigil::loader::tracefs::field_offset(text, "skaddr");
     let _ = vigil::enrich::cgroups::cgroup2_mount(text);
     let _ = vigil::enrich::workload::parse(text);
-    let agent = vigil::query::Endpoint::Http("127.0.0.1:9464".into());
-    let _ = vigil::triage::render_status(&agent, text);
+    let _ = vigil::triage::render_status("127.0.0.1:9464", text);
     if let Ok(endpoint) = text.parse::<vigil::query::Endpoint>() {
         assert!(!endpoint.to_string().is_empty());
     }

@@ -139,6 +139,26 @@ fn query_endpoints_only_on_the_root_socket_and_the_scrape_port_holds_up() -> any
         "all but the address's 16 are closed at once"
     );
 
+    // `vigil status --json`: health and acting over the socket; over the
+    // metrics port health only. The exit status follows health either way.
+    for (endpoint, acting) in [
+        (socket.to_string_lossy().into_owned(), true),
+        (port.to_string(), false),
+    ] {
+        let out = std::process::Command::new(vigil_testbed::netns::bin_path("vigil")?)
+            .args(["status", "--json", "--agent", &endpoint])
+            .output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let degraded = status["health"]["status"] == "degraded";
+        assert_eq!(
+            out.status.code(),
+            Some(if degraded { 3 } else { 0 }),
+            "{status}"
+        );
+        assert_eq!(status["agent"], endpoint.as_str());
+        assert_eq!(status["actuation"].is_object(), acting, "{status}");
+    }
+
     assert!(agent.terminate()?.success());
     assert!(!socket.exists(), "the query socket is removed at exit");
     Ok(())

@@ -17,7 +17,8 @@
 //! `securityContext.sysctls` only on nodes whose kubelet allows it with
 //! `--allowed-unsafe-sysctls`, which is why the agent can do it from outside.
 //! Entering a namespace needs CAP_SYS_ADMIN; without it the advisor records
-//! the refusal.
+//! the refusal. The node's own namespace (hostNetwork pods) is only advised
+//! on, never written.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -87,6 +88,9 @@ pub struct SysctlAdvisor {
     /// Workloads that asked for their values back: advised, never written
     /// again until the agent restarts.
     held_back: HashSet<String>,
+    /// The node's network namespace (init's, seen through hostPID) and the
+    /// agent's own: only advised on.
+    node_netns: Vec<u32>,
 }
 
 impl SysctlAdvisor {
@@ -104,6 +108,11 @@ impl SysctlAdvisor {
             netns: HashMap::new(),
             changed: HashMap::new(),
             held_back: HashSet::new(),
+            node_netns: ["/proc/1/ns/net", "/proc/self/ns/net"]
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .filter_map(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok())
+                .collect(),
         }
     }
 
@@ -225,7 +234,10 @@ impl SysctlAdvisor {
         let selected = self.mode == ActuationMode::Enforce
             && self.selectors.iter().any(|s| s.matches(&workload));
         let held_back = self.held_back.contains(&workload.key());
-        let enforce = selected && !held_back;
+        // A write in the node's namespace (hostNetwork pods share it) would
+        // change every host-network process.
+        let node = self.node_netns.contains(&netns);
+        let enforce = selected && !held_back && !node;
         for a in advice {
             let state = self.netns.entry(netns).or_default();
             if state
@@ -239,6 +251,8 @@ impl SysctlAdvisor {
             let mut signal = format!("{} ({})", a.signal, workload.key());
             if selected && held_back {
                 signal.push_str("; not written: the workload asked for its values back");
+            } else if selected && node {
+                signal.push_str("; not written: the node's own network namespace");
             }
             if !enforce {
                 self.audit(
