@@ -148,54 +148,21 @@ impl Exposition {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn text(&self) -> String {
-        let mut out = String::new();
-        for f in &self.families {
-            let name = &f.name;
-            let _ = writeln!(
-                out,
-                "# HELP {name} {}\n# TYPE {name} {}",
-                f.help,
-                f.kind.prometheus()
-            );
-            for p in &f.points {
-                match &p.value {
-                    Value::Number(v) => line(&mut out, name, &p.labels, None, *v),
-                    Value::Histogram(h) => {
-                        let bucket = format!("{name}_bucket");
-                        let mut cumulative = 0;
-                        let les = h
-                            .bounds
-                            .iter()
-                            .map(f64::to_string)
-                            .chain(std::iter::once("+Inf".to_owned()));
-                        for (le, n) in les.zip(&h.counts) {
-                            cumulative += n;
-                            line(&mut out, &bucket, &p.labels, Some(&le), cumulative as f64);
-                        }
-                        line(&mut out, &format!("{name}_sum"), &p.labels, None, h.sum);
-                        line(
-                            &mut out,
-                            &format!("{name}_count"),
-                            &p.labels,
-                            None,
-                            h.count as f64,
-                        );
-                    }
-                }
-            }
-        }
-        out
+        self.write(false)
     }
-}
 
-impl Exposition {
     /// OpenMetrics 1.0 text: counter families named without `_total` (their
     /// samples keep it), exemplars on counter samples, `# EOF` at the end.
     pub fn open_metrics(&self) -> String {
+        self.write(true)
+    }
+
+    fn write(&self, open_metrics: bool) -> String {
         let mut out = String::new();
         for f in &self.families {
-            let family = match f.kind {
-                Kind::Counter => f.name.strip_suffix("_total").unwrap_or(&f.name),
+            let counter = f.kind == Kind::Counter;
+            let family = match f.name.strip_suffix("_total") {
+                Some(stem) if open_metrics && counter => stem,
                 _ => &f.name,
             };
             let _ = writeln!(
@@ -206,56 +173,49 @@ impl Exposition {
             );
             for p in &f.points {
                 match &p.value {
-                    Value::Number(v) if f.kind == Kind::Counter => {
-                        line_open(&mut out, &format!("{family}_total"), &p.labels, None, *v);
-                        if let Some(e) = &p.exemplar {
+                    Value::Number(v) => {
+                        let name = if open_metrics && counter {
+                            format!("{family}_total")
+                        } else {
+                            f.name.clone()
+                        };
+                        line(&mut out, &name, &p.labels, None, *v);
+                        if let Some(e) = p.exemplar.as_ref().filter(|_| open_metrics && counter) {
                             exemplar(&mut out, e);
                         }
-                        out.push('\n');
-                    }
-                    Value::Number(v) => {
-                        line_open(&mut out, family, &p.labels, None, *v);
                         out.push('\n');
                     }
                     Value::Histogram(h) => {
                         let bucket = format!("{family}_bucket");
                         let mut cumulative = 0;
+                        // OpenMetrics wants `le` with a fraction ("1.0").
+                        let le = |b: &f64| match open_metrics && b.fract() == 0.0 {
+                            true => format!("{b:.1}"),
+                            false => b.to_string(),
+                        };
                         let les = h
                             .bounds
                             .iter()
-                            .map(|b| float(*b))
-                            .chain(std::iter::once("+Inf".to_owned()));
+                            .map(le)
+                            .chain(std::iter::once("+Inf".into()));
                         for (le, n) in les.zip(&h.counts) {
                             cumulative += n;
-                            line_open(&mut out, &bucket, &p.labels, Some(&le), cumulative as f64);
+                            line(&mut out, &bucket, &p.labels, Some(&le), cumulative as f64);
                             out.push('\n');
                         }
                         for (suffix, v) in [("_count", h.count as f64), ("_sum", h.sum)] {
-                            line_open(&mut out, &format!("{family}{suffix}"), &p.labels, None, v);
+                            line(&mut out, &format!("{family}{suffix}"), &p.labels, None, v);
                             out.push('\n');
                         }
                     }
                 }
             }
         }
-        out.push_str("# EOF\n");
+        if open_metrics {
+            out.push_str("# EOF\n");
+        }
         out
     }
-}
-
-/// A float as OpenMetrics wants `le` values: always with a fraction.
-fn float(v: f64) -> String {
-    if v.fract() == 0.0 && v.is_finite() {
-        format!("{v:.1}")
-    } else {
-        v.to_string()
-    }
-}
-
-/// A sample line without its newline (an exemplar may follow).
-fn line_open(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&str>, v: f64) {
-    line(out, name, labels, le, v);
-    out.pop();
 }
 
 /// ` # {trace_id="…",span_id="…"} VALUE TIMESTAMP`.
@@ -270,6 +230,7 @@ fn exemplar(out: &mut String, e: &Exemplar) {
     );
 }
 
+/// A sample line without its newline (an exemplar may follow).
 fn line(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&str>, v: f64) {
     out.push_str(name);
     let mut pairs: Vec<String> = labels
@@ -282,7 +243,7 @@ fn line(out: &mut String, name: &str, labels: &[(String, String)], le: Option<&s
     if !pairs.is_empty() {
         let _ = write!(out, "{{{}}}", pairs.join(","));
     }
-    let _ = writeln!(out, " {v}");
+    let _ = write!(out, " {v}");
 }
 
 /// Label value escaping per the exposition format.

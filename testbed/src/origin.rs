@@ -296,6 +296,48 @@ pub struct OriginPeriod {
     pub shed: u64,
 }
 
+/// An origin serving on a thread of its own (in-process tests): stopped and
+/// joined when dropped, or by `finish`, which also says whether it ran well.
+pub struct RunningOrigin {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Origin {
+    /// Runs the origin on a new thread.
+    pub fn spawn(self) -> RunningOrigin {
+        let addr = self.local_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let run_stop = Arc::clone(&stop);
+        let thread = Some(thread::spawn(move || self.run(run_stop)));
+        RunningOrigin { addr, stop, thread }
+    }
+}
+
+impl RunningOrigin {
+    /// Stops it; the result of its run.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the origin thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningOrigin {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
 /// The running origin's settings and load (cheap to clone).
 #[derive(Clone)]
 pub struct OriginHandle(Arc<Shared>);

@@ -474,51 +474,29 @@ fn read_head(reader: &mut BufReader<TcpStream>, got_bytes: &mut bool) -> io::Res
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use std::thread::{self, JoinHandle};
+    use std::thread;
 
     use super::*;
-    use crate::origin::{segment_byte, Origin, OriginConfig};
+    use crate::origin::{segment_byte, Origin, OriginConfig, RunningOrigin};
 
     const SEGMENT_BYTES: usize = 10_000;
 
     /// An origin on loopback, stopped and joined on drop.
-    struct Upstream {
-        addr: SocketAddr,
-        stop: Arc<AtomicBool>,
-        thread: Option<JoinHandle<anyhow::Result<()>>>,
+    fn upstream_on(listen: SocketAddr) -> RunningOrigin {
+        Origin::bind(OriginConfig {
+            listen,
+            workers: 1,
+            segment_bytes: SEGMENT_BYTES,
+            segments: 4,
+            ..OriginConfig::default()
+        })
+        .expect("bind upstream origin")
+        .spawn()
     }
 
-    impl Upstream {
-        fn start() -> Upstream {
-            Upstream::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
-        }
-
-        fn start_on(listen: SocketAddr) -> Upstream {
-            let origin = Origin::bind(OriginConfig {
-                listen,
-                workers: 1,
-                segment_bytes: SEGMENT_BYTES,
-                segments: 4,
-                ..OriginConfig::default()
-            })
-            .expect("bind upstream origin");
-            let addr = origin.local_addr();
-            let stop = Arc::new(AtomicBool::new(false));
-            let run_stop = Arc::clone(&stop);
-            let thread = Some(thread::spawn(move || origin.run(run_stop)));
-            Upstream { addr, stop, thread }
-        }
-    }
-
-    impl Drop for Upstream {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::SeqCst);
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
+    fn upstream() -> RunningOrigin {
+        upstream_on(SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     fn pool(addr: SocketAddr, max_idle: u32, max_open: u32) -> Pool {
@@ -548,7 +526,7 @@ mod tests {
 
     #[test]
     fn reuses_idle_connections() {
-        let up = Upstream::start();
+        let up = upstream();
         let pool = pool(up.addr, 2, 0);
         for i in 0..5 {
             fetch_segment(&pool, i % 4);
@@ -561,7 +539,7 @@ mod tests {
 
     #[test]
     fn max_open_makes_callers_wait_then_time_out() {
-        let up = Upstream::start();
+        let up = upstream();
         let pool = Arc::new(pool(up.addr, 4, 2));
         let a = pool.checkout().expect("first");
         let b = pool.checkout().expect("second");
@@ -587,7 +565,7 @@ mod tests {
 
     #[test]
     fn max_open_respected_under_concurrent_callers() {
-        let up = Upstream::start();
+        let up = upstream();
         let pool = Arc::new(Pool::new(
             up.addr,
             PoolConfig {
@@ -619,7 +597,7 @@ mod tests {
 
     #[test]
     fn resize_closes_surplus_idle_at_once_and_busy_on_return() {
-        let up = Upstream::start();
+        let up = upstream();
         let pool = pool(up.addr, 4, 0);
         let leases: Vec<_> = (0..4).map(|_| pool.checkout().expect("lease")).collect();
         for l in leases {
@@ -642,7 +620,7 @@ mod tests {
 
     #[test]
     fn period_statistics_are_exact() {
-        let up = Upstream::start();
+        let up = upstream();
         let pool = pool(up.addr, 1, 0);
         fetch_segment(&pool, 0);
         fetch_segment(&pool, 1);
@@ -675,14 +653,14 @@ mod tests {
 
     #[test]
     fn idle_connection_closed_by_upstream_is_replaced() {
-        let up = Upstream::start();
+        let up = upstream();
         let addr = up.addr;
         let pool = pool(addr, 1, 0);
         fetch_segment(&pool, 0);
         // A restarted upstream: the idle connection to the old one is closed
         // and must be detected as such, not handed out.
         drop(up);
-        let _up = Upstream::start_on(addr);
+        let _up = upstream_on(addr);
         fetch_segment(&pool, 1);
         let p = pool.take_period();
         assert_eq!((p.requests, p.errors, p.opened, p.closed), (2, 0, 2, 1));

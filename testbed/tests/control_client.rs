@@ -10,9 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
@@ -24,7 +23,7 @@ use vigil_control::v1::{
 };
 use vigil_testbed::http;
 use vigil_testbed::netns::ChildGuard;
-use vigil_testbed::origin::{segment_byte, Origin, OriginConfig};
+use vigil_testbed::origin::{segment_byte, Origin, OriginConfig, RunningOrigin};
 
 const SEGMENT_BYTES: usize = 50_000;
 const CONTROL_PERIOD_MS: u32 = 200;
@@ -160,39 +159,19 @@ impl Agent {
     }
 }
 
-/// The upstream origin in-process, stopped on drop.
-struct Upstream {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Upstream {
-    fn start() -> Upstream {
-        let origin = Origin::bind(OriginConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            workers: 1,
-            segment_bytes: SEGMENT_BYTES,
-            segments: 4,
-            service: UPSTREAM_SERVICE,
-            ..OriginConfig::default()
-        })
-        .expect("bind upstream");
-        let addr = origin.local_addr();
-        let stop = Arc::new(AtomicBool::new(false));
-        let run_stop = Arc::clone(&stop);
-        let thread = Some(thread::spawn(move || origin.run(run_stop)));
-        Upstream { addr, stop, thread }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The upstream the origin's pool fetches from: every request takes
+/// `UPSTREAM_SERVICE`.
+fn upstream() -> RunningOrigin {
+    Origin::bind(OriginConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        workers: 1,
+        segment_bytes: SEGMENT_BYTES,
+        segments: 4,
+        service: UPSTREAM_SERVICE,
+        ..OriginConfig::default()
+    })
+    .expect("bind upstream")
+    .spawn()
 }
 
 /// One GET on a fresh connection: status and body.
@@ -273,7 +252,7 @@ fn count(value: u32, reason: &str) -> Option<CountTarget> {
 fn origin_registers_reports_and_applies_targets() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("control.sock");
-    let upstream = Upstream::start();
+    let upstream = upstream();
     let agent = Agent::start(&socket);
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil-origin"));

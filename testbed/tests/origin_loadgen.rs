@@ -3,28 +3,26 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
 
 use vigil_testbed::http::{self, ResponseHead};
 use vigil_testbed::loadgen::{self, LoadConfig};
-use vigil_testbed::origin::{self, Origin, OriginConfig};
+use vigil_testbed::origin::{self, Origin, OriginConfig, RunningOrigin};
 use vigil_testbed::tracecontext::TraceParent;
 
 const SEGMENT_BYTES: usize = 200_000;
 const SEGMENTS: u32 = 4;
 
-/// Stops and joins the origin even when an assertion fails.
-struct RunningOrigin {
+/// Stops and joins the origin even when an assertion fails, and fails the
+/// test if its run failed.
+struct CheckedOrigin {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    origin: Option<RunningOrigin>,
 }
 
-impl RunningOrigin {
-    fn start() -> RunningOrigin {
+impl CheckedOrigin {
+    fn start() -> CheckedOrigin {
         let origin = Origin::bind(OriginConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             workers: 2,
@@ -34,23 +32,18 @@ impl RunningOrigin {
             ..OriginConfig::default()
         })
         .expect("bind origin on loopback");
-        let addr = origin.local_addr();
-        let stop = Arc::new(AtomicBool::new(false));
-        let run_stop = Arc::clone(&stop);
-        let thread = thread::spawn(move || origin.run(run_stop));
-        RunningOrigin {
-            addr,
-            stop,
-            thread: Some(thread),
+        let origin = origin.spawn();
+        CheckedOrigin {
+            addr: origin.addr,
+            origin: Some(origin),
         }
     }
 }
 
-impl Drop for RunningOrigin {
+impl Drop for CheckedOrigin {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let result = t.join().expect("origin thread panicked");
+        if let Some(origin) = self.origin.take() {
+            let result = origin.finish();
             if !thread::panicking() {
                 result.expect("origin run failed");
             }
@@ -77,7 +70,7 @@ fn get(addr: SocketAddr, path: &str, extra_headers: &str) -> (ResponseHead, Vec<
 
 #[test]
 fn loadgen_fetches_playlist_and_segments() {
-    let origin = RunningOrigin::start();
+    let origin = CheckedOrigin::start();
     let cfg = LoadConfig {
         target: origin.addr,
         connections: 3,
@@ -124,7 +117,7 @@ fn loadgen_fetches_playlist_and_segments() {
 /// a busy machine; unpaced, the same run makes thousands.
 #[test]
 fn a_paced_run_keeps_its_rate() {
-    let origin = RunningOrigin::start();
+    let origin = CheckedOrigin::start();
     let cfg = LoadConfig {
         target: origin.addr,
         connections: 2,
@@ -142,7 +135,7 @@ fn a_paced_run_keeps_its_rate() {
 
 #[test]
 fn origin_serves_deterministic_segments() {
-    let origin = RunningOrigin::start();
+    let origin = CheckedOrigin::start();
     let (head, body) = get(origin.addr, "/live/itest/seg3.ts", "");
     assert_eq!(head.status, 200);
     assert_eq!(head.headers.get("content-type"), Some("video/mp2t"));
@@ -165,7 +158,7 @@ fn origin_serves_deterministic_segments() {
 
 #[test]
 fn origin_continues_the_callers_trace() {
-    let origin = RunningOrigin::start();
+    let origin = CheckedOrigin::start();
     let sent = TraceParent::new_random();
     let (head, _) = get(
         origin.addr,
